@@ -1,0 +1,18 @@
+"""Model families keyed by the config's `model.family` name; the generic loop only talks to these objects."""
+from __future__ import annotations
+
+from modules.model.families.base import ModelFamily
+from modules.model.families.sd15 import SD2Family, SD15Family
+from modules.model.families.sdxl import SDXLFamily
+
+FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in (SD15Family, SD2Family, SDXLFamily)}
+
+
+def get_family(name: str) -> ModelFamily:
+    try:
+        return FAMILIES[name]()
+    except KeyError:
+        raise ValueError(f"model.family: unknown family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
+
+
+__all__ = ["FAMILIES", "ModelFamily", "get_family"]

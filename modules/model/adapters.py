@@ -1,0 +1,91 @@
+"""PEFT LoRA / DoRA on the backbone and optionally the text encoders, the layer filter, gradient checkpointing.
+
+Adapters are injected in place (`add_adapter`, the diffusers/transformers PEFT integration), so the UNet stays a
+UNet2DConditionModel and the sampling pipeline, the savers and `load_lora_weights` see the classes they expect.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SPECTRAL_OPTIMIZERS = ("muon_adv", "adamuon_adv", "lora_muon")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    dora: bool = False
+    targets: tuple[str, ...] = ()
+    layer_filter: str | tuple[str, ...] | None = None  # regex, or substrings any of which must occur in the name
+
+
+def check_dora_compatible(*, dora: bool, optimizer_type: str, spectral_scaling: bool, force: bool) -> None:
+    """DoRA's magnitude vector rescales each column after the update, which undoes the spectral step size."""
+    if dora and spectral_scaling and optimizer_type in SPECTRAL_OPTIMIZERS and not force:
+        raise ValueError(
+            f"lora.dora: DoRA is incompatible with optimizer.spectral_scaling of {optimizer_type} (its magnitude vector "
+            "undoes the spectral step size); set optimizer.spectral_scaling: false or lora.force_dora_with_spectral: true"
+        )
+
+
+def _matches_filter(name: str, layer_filter: str | Sequence[str] | None) -> bool:
+    if layer_filter is None or layer_filter == "" or layer_filter == ():
+        return True
+    if isinstance(layer_filter, str):
+        return re.search(layer_filter, name) is not None
+    return any(part in name for part in layer_filter)
+
+
+def lora_target_names(module: nn.Module, targets: Sequence[str], layer_filter: str | Sequence[str] | None = None) -> list[str]:
+    """Full names of the Linear/Conv2d modules whose name ends with one of `targets` and passes the layer filter."""
+    found = []
+    for name, sub in module.named_modules():
+        if not isinstance(sub, (nn.Linear, nn.Conv2d)):
+            continue
+        if any(name == t or name.endswith("." + t) for t in targets) and _matches_filter(name, layer_filter):
+            found.append(name)
+    return found
+
+
+def add_lora(module: nn.Module, settings: LoraSettings, *, component: str, adapter_name: str = "default") -> list[str]:
+    """Freeze `module`, inject a LoRA (or DoRA) adapter on the selected layers; returns the adapted layer names."""
+    from peft import LoraConfig
+
+    names = lora_target_names(module, settings.targets, settings.layer_filter)
+    if not names:
+        raise ValueError(
+            f"lora.targets: no layer of {component} matches targets {list(settings.targets)}"
+            + (f" with layer_filter {settings.layer_filter!r}" if settings.layer_filter else "")
+        )
+    module.requires_grad_(False)
+    # Exact names as a regex: PEFT full-matches a string target, so the filter cannot catch extra layers.
+    pattern = "|".join(re.escape(n) for n in names)
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        use_dora=settings.dora,
+        init_lora_weights=True,
+        target_modules=f"^(?:{pattern})$",
+    )
+    module.add_adapter(config, adapter_name=adapter_name)
+    return names
+
+
+def enable_gradient_checkpointing(module: nn.Module) -> None:
+    if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
+        module.enable_gradient_checkpointing()
+    elif hasattr(module, "gradient_checkpointing_enable"):  # transformers models
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ValueError(f"training.gradient_checkpointing: {type(module).__name__} does not support it")
+
+
+def trainable_parameters(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]

@@ -1,0 +1,23 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, last hidden state as context."""
+from __future__ import annotations
+
+from typing import Any
+
+from modules.model.families.base import ModelFamily, TextEmbeddings
+
+
+class SD15Family(ModelFamily):
+    name = "sd15"
+    pipeline_class_name = "StableDiffusionPipeline"
+
+    def encode_text(self, components: dict[str, Any], captions: list[str]) -> TextEmbeddings:
+        encoder = components["text_encoder"]
+        (ids,) = self.tokenize(components, captions)
+        hidden = encoder(ids.to(encoder.device), return_dict=False)[0]
+        return {"encoder_hidden_states": hidden}
+
+
+class SD2Family(SD15Family):
+    """SD 2.x differs only in its text encoder (OpenCLIP-H) and default v-prediction, both read from the folder."""
+
+    name = "sd2"

@@ -1,0 +1,57 @@
+"""Where numbers go: a tqdm bar (loss, lr, it/s, ETA), TensorBoard and a JSONL file (one JSON object per line).
+
+The JSONL file is `<log_dir>/metrics.jsonl`; every record has "step" plus the logged scalars (e.g. "loss", "lr",
+"val_loss"). The GUI and the LR-sweep tooling read it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    def __init__(self, log_dir: str | Path, *, tensorboard: bool = True, jsonl: bool = True) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.log_dir / METRICS_FILE, "a", encoding="utf-8") if jsonl else None
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported only when used: it is slow to import
+
+            self._writer = SummaryWriter(log_dir=str(self.log_dir / "tensorboard"))
+
+    @property
+    def jsonl_path(self) -> Path:
+        return self.log_dir / METRICS_FILE
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self._jsonl is not None:
+            record = {"step": step, "time": round(time.time(), 3), **values}
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a metrics.jsonl file, in order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress_bar(total: int, initial: int = 0, disable: bool = False) -> tqdm:
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=disable)
