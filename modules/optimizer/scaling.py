@@ -1,0 +1,81 @@
+"""Depth- and width-aware numbers of the tuneonce recipe (REFERENCE §2–§3), as small pure functions.
+
+Notation: a matrix W of shape (fan_out, fan_in) in a residual network of depth L. For LoRA factors,
+A is (r, base_fan_in) and B is (base_fan_out, r).
+"""
+from __future__ import annotations
+
+import math
+
+
+def _check_fans(fan_in: int, fan_out: int, depth: int = 1) -> None:
+    if fan_in < 1 or fan_out < 1:
+        raise ValueError(f"fan_in and fan_out must be >= 1, got fan_in={fan_in}, fan_out={fan_out}")
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+
+
+def spectral_target(fan_in: int, fan_out: int) -> float:
+    """Spectral norm of a unit-lr update: √(fan_out/fan_in) (spectral μP; Qiu et al. arXiv 2512.05620)."""
+    _check_fans(fan_in, fan_out)
+    return math.sqrt(fan_out / fan_in)
+
+
+def keller_jordan_scale(fan_in: int, fan_out: int) -> float:
+    """The update scale without spectral scaling: √max(1, rows/cols) (KellerJordan/Muon, torch.optim.Muon)."""
+    _check_fans(fan_in, fan_out)
+    return math.sqrt(max(1.0, fan_out / fan_in))
+
+
+def ns_damping(fan_in: int, fan_out: int, depth: int) -> float:
+    """Additive Newton–Schulz damping √(fan_in/fan_out)/L (REFERENCE §3).
+
+    It shrinks as 1/L (tracking gradients that shrink with depth); the seed's prose says it "grows
+    with the model", which its own formula does not do: we follow the formula.
+    """
+    _check_fans(fan_in, fan_out, depth)
+    return math.sqrt(fan_in / fan_out) / depth
+
+
+def adamuon_eps(fan_in: int, fan_out: int, depth: int) -> float:
+    """AdaMuon second-moment eps 1/(L·√(fan_in·fan_out)) (REFERENCE §3)."""
+    _check_fans(fan_in, fan_out, depth)
+    return 1.0 / (depth * math.sqrt(fan_in * fan_out))
+
+
+def aux_adam_matrix_eps(numel: int, depth: int) -> float:
+    """AuxAdam eps on a matrix-shaped tensor: 1/(L·√numel); 1-D tensors keep the ordinary adam_eps."""
+    _check_fans(numel, 1, depth)
+    return 1.0 / (depth * math.sqrt(numel))
+
+
+def schedule_factor(lr: float, initial_lr: float) -> float:
+    """lr_t / lr_peak: how far the scheduler has scaled the group's lr (0 when the peak lr is 0)."""
+    if lr < 0 or initial_lr < 0:
+        raise ValueError(f"learning rates must be >= 0, got lr={lr}, initial_lr={initial_lr}")
+    return lr / initial_lr if initial_lr > 0 else 0.0
+
+
+def width_decay(weight_decay: float, fan_in: int, schedule_factor: float) -> float:
+    """Fraction of a dense matrix removed per step: s_t·wd/fan_in (W ← (1 − that)·W).
+
+    "Truly decoupled": multiplied by the schedule factor lr_t/lr_peak, never by lr itself, so it does
+    not change when the peak lr is tuned (REFERENCE §2–§3).
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    _check_fans(fan_in, 1)
+    fraction = schedule_factor * weight_decay / fan_in
+    if fraction >= 1:
+        raise ValueError(f"weight decay fraction per step {fraction} >= 1 (weight_decay={weight_decay}, fan_in={fan_in})")
+    return fraction
+
+
+def lora_pair_decay_multiplier(weight_decay: float, base_fan_in: int, schedule_factor: float) -> float:
+    """Multiplier applied to EACH factor of a LoRA pair so that the product decays like a dense matrix.
+
+    The adapted weight's delta is s·B·A. Decaying B ← c·B and A ← c·A decays the product by c², and the
+    dense rule for the base layer asks for (1 − λ) with λ = s_t·wd/base_fan_in (the BASE layer's fan_in,
+    not the factor's r). So c = √(1 − λ): the split of LoRA-Muon (REFERENCE §5), applied to the 1/width rule.
+    """
+    return math.sqrt(1.0 - width_decay(weight_decay, base_fan_in, schedule_factor))
