@@ -126,14 +126,26 @@ def gram_factor(X: Tensor, *, method: str, steps: int, eps: float | Tensor) -> t
     """
     wide = X.shape[-2] <= X.shape[-1]
     work = X if X.dtype in (torch.float32, torch.float64) else X.float()
-    scale = frobenius_scale(work, method, eps)  # (..., 1, 1)
     gram = work @ work.mT if wide else work.mT @ work  # r×r
+    factor, sigma_max = gram_factor_from_gram(gram, method=method, steps=steps, eps=eps)
+    return factor, sigma_max, wide
+
+
+def gram_factor_from_gram(gram: Tensor, *, method: str, steps: int, eps: float | Tensor) -> tuple[Tensor, Tensor]:
+    """gram_factor when only the small Gram matrix G (X·Xᵀ for wide X, Xᵀ·X for tall) is known.
+
+    ‖X‖_F² = tr G, so the normalization needs nothing else. LoRAMuon uses this to orthogonalize
+    products like m·R (R an r×r matrix) from Rᵀ·(mᵀm)·R without forming the tall product.
+    """
+    _check(method, steps, "gram")
+    norm = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()[..., None, None]
+    scale = 1.0 / (norm * normalization_safety(method) + _as_batched_eps(eps, gram))  # (..., 1, 1)
     gram = gram * (scale * scale)  # Gram of the normalized matrix
     lam, vecs = torch.linalg.eigh(gram)
     ratio = _ratio_of_squares(lam, method, steps)  # f(σ̂)/σ̂
     sigma_max = (ratio * lam.clamp_min(0).sqrt()).amax(dim=-1)
     factor = (vecs * (ratio * scale[..., 0]).unsqueeze(-2)) @ vecs.mT
-    return factor, sigma_max, wide
+    return factor, sigma_max
 
 
 def _gram_route(X: Tensor, method: str, steps: int, eps: float | Tensor) -> tuple[Tensor, Tensor]:
