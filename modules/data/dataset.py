@@ -1,0 +1,498 @@
+"""Image-folder training data: scanning, bucketing, seeded augmentation, caches, batching.
+
+The training loop uses::
+
+    train_set, val_set = build_datasets(cfg.data, cfg.validation, seed=cfg.training.seed)
+    train_set.cache_latents(vae_encode, encoder_id=..., cache_dir=...)          # optional
+    train_set.cache_text_embeddings(encode_prompts, encoder_id=..., cache_dir=...)  # optional
+    loader = train_set.dataloader(batch_size=cfg.training.batch_size)
+    for batch in loader: ...   # see collate_batch for the keys
+    checkpoint["data"] = batch["sampler_state"]   # resume: loader.batch_sampler.load_state_dict(...)
+
+Augmentation and caching rules (kohya users' expectations):
+
+- Random flip with cached latents: both flip states of each image are encoded and cached; the
+  seeded flip of (seed, epoch, index) picks one.
+- Random crop cannot be combined with cached latents (every epoch would crop differently):
+  rejected with a clear error. Center crop is deterministic and cached.
+- Cached text embeddings: captions of the folder are encoded once; caption dropout uses the cached
+  embedding of the empty caption. Tag shuffling is rejected (each shuffle is a new text), as is
+  training a text encoder (the embeddings would go stale) — turn the text cache off for either.
+- Validation sets never augment: no flip, no dropout, no shuffle, center crop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from modules.data.buckets import CropPlan, Size, apply_crop, assign_bucket, make_buckets, plan_crop
+from modules.data.cache import CacheStats, DiskCache, content_hash, dtype_name, settings_key
+from modules.data.captions import Stream, item_rng, process_caption, read_caption
+from modules.data.sampler import BucketBatchSampler, SampleKey
+
+logger = logging.getLogger("tuneonce.data")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_EXIF_ORIENTATION = 0x0112
+_ROTATED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+EncodeImages = Callable[[torch.Tensor], torch.Tensor]
+EncodeCaptions = Callable[[list[str]], Mapping[str, torch.Tensor]]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class FolderSpec:
+    path: Path
+    repeats: int = 1
+    default_caption: str = ""  # caption of images without a caption file
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What the pipeline needs from the config's ``data:`` section (see :meth:`from_config`)."""
+
+    folders: tuple[FolderSpec, ...]
+    resolution: int = 1024
+    bucketing: bool = True
+    bucket_step: int = 64
+    bucket_min: int = 256
+    bucket_max: int = 2048
+    random_flip: float = 0.0  # probability
+    random_crop: bool = False
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    caption_extension: str = ".txt"
+    cache_latents: bool = False
+    cache_text_embeddings: bool = False
+    num_workers: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> DataSettings:
+        """From the pydantic ``DataConfig`` (or a mapping / object with the same field names).
+
+        ``random_flip`` may be a bool (True = 0.5) or a probability; a folder may be a path string.
+        """
+        if isinstance(cfg, DataSettings):
+            return cfg
+        get = (lambda name, default: cfg.get(name, default)) if isinstance(cfg, Mapping) else (
+            lambda name, default: getattr(cfg, name, default)
+        )
+        folders = tuple(_folder_spec(f) for f in get("folders", ()))
+        flip = get("random_flip", 0.0)
+        defaults = cls(folders=folders)
+        values = {name: get(name, getattr(defaults, name)) for name in cls.__dataclass_fields__ if name != "folders"}
+        values["random_flip"] = 0.5 if flip is True else float(flip or 0.0)
+        return cls(folders=folders, **values)
+
+
+def _folder_spec(folder: Any) -> FolderSpec:
+    if isinstance(folder, (str, Path)):
+        return FolderSpec(Path(folder))
+    get = folder.get if isinstance(folder, Mapping) else (lambda name, default: getattr(folder, name, default))
+    return FolderSpec(Path(get("path", "")), int(get("repeats", 1)), str(get("default_caption", "") or ""))
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: Path
+    size: Size  # (width, height) after EXIF rotation
+    caption: str
+    repeats: int = 1
+
+
+def scan_folders(folders: Sequence[FolderSpec], caption_extension: str = ".txt") -> list[ImageRecord]:
+    """Every readable image of ``folders`` (not recursive, sorted by name) with its caption.
+
+    Unsupported or unreadable files are skipped with one warning each naming the file; caption
+    files and hidden files are skipped silently. A missing folder or no image at all is an error.
+    """
+    records: list[ImageRecord] = []
+    for folder in folders:
+        if not folder.path.is_dir():
+            raise FileNotFoundError(f"data folder not found: {folder.path}")
+        for path in sorted(folder.path.iterdir()):
+            if path.name.startswith(".") or path.is_dir() or path.suffix.lower() == caption_extension.lower():
+                continue
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                logger.warning("skipping unsupported file %s (supported: %s)", path, ", ".join(IMAGE_EXTENSIONS))
+                continue
+            try:
+                size = _probe_image(path)
+            except Exception as err:  # PIL raises many types for broken files
+                logger.warning("skipping unreadable image %s: %s", path, err)
+                continue
+            caption = read_caption(path, caption_extension, folder.default_caption)
+            records.append(ImageRecord(path, size, caption, folder.repeats))
+    if not records:
+        names = ", ".join(str(f.path) for f in folders)
+        raise ValueError(f"no usable images in data folder(s) {names} (supported: {', '.join(IMAGE_EXTENSIONS)})")
+    return records
+
+
+def _probe_image(path: Path) -> Size:
+    with Image.open(path) as image:
+        image.verify()  # checks the structure (PNG CRCs etc.) without decoding all pixels
+    with Image.open(path) as image:  # verify() leaves the image unusable: reopen for size and EXIF
+        width, height = image.size
+        orientation = image.getexif().get(_EXIF_ORIENTATION)
+    if width < 1 or height < 1:
+        raise ValueError("empty image")
+    return (height, width) if orientation in _ROTATED_ORIENTATIONS else (width, height)
+
+
+def load_image(path: Path) -> Image.Image:
+    """RGB image with EXIF rotation applied and transparency composited onto white."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
+    except Exception as err:
+        raise RuntimeError(f"cannot load image {path}: {err}") from err
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """(C, H, W) float32 in [-1, 1]."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def split_records(records: Sequence[ImageRecord], fraction: float, seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Deterministic (train, held-out) split: ``fraction`` of the images (at least one) held out."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation split fraction must be in (0, 1), got {fraction}")
+    if len(records) < 2:
+        raise ValueError(f"cannot hold out a validation split from {len(records)} image(s)")
+    ordered = sorted(records, key=lambda r: str(r.path))
+    held = min(len(ordered) - 1, max(1, round(fraction * len(ordered))))
+    order = item_rng(seed, 0, 0, Stream.SPLIT).permutation(len(ordered))
+    held_out = {int(i) for i in order[:held]}
+    train = [r for i, r in enumerate(ordered) if i not in held_out]
+    val = [r for i, r in enumerate(ordered) if i in held_out]
+    return train, val
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class TrainDataset(Dataset):
+    """Items of the image records, each image ``repeats`` times, fitted into aspect buckets.
+
+    Index with a :class:`SampleKey` (what :class:`BucketBatchSampler` yields, carrying the epoch
+    for the seeded augmentations) or with a plain int (epoch 0). An item is a dict:
+    ``pixel_values`` (C,H,W) in [-1,1] — or ``latents`` once latents are cached —, ``caption``,
+    ``text_embeddings`` (dict, once cached), ``original_size`` (h, w), ``crop_top_left``
+    (top, left), ``target_size`` (h, w), ``flipped``, ``path``, ``index``, ``epoch``, ``position``.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], settings: DataSettings, *, seed: int, augment: bool = True) -> None:
+        if not records:
+            raise ValueError("a dataset needs at least one image")
+        self.records = list(records)
+        self.settings = settings
+        self.seed = seed
+        self.augment = augment
+        if settings.bucketing:
+            self.buckets = make_buckets(
+                settings.resolution, step=settings.bucket_step, min_side=settings.bucket_min, max_side=settings.bucket_max
+            )
+        else:
+            self.buckets = [(settings.resolution, settings.resolution)]
+        self.record_buckets = [assign_bucket(*r.size, self.buckets) for r in self.records]
+        self.item_records = [i for i, r in enumerate(self.records) for _ in range(r.repeats)]
+        self.bucket_ids = [self.record_buckets[i] for i in self.item_records]
+        self.flip_probability = settings.random_flip if augment else 0.0
+        self.random_crop = settings.random_crop and augment
+        self._latent_cache: DiskCache | None = None
+        self._latent_keys: dict[tuple[int, bool], str] = {}
+        self._text_cache: DiskCache | None = None
+        self._text_keys: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.item_records)
+
+    def bucket_size(self, record_index: int) -> Size:
+        return self.buckets[self.record_buckets[record_index]]
+
+    def __getitem__(self, key: SampleKey | int) -> dict[str, Any]:
+        epoch, position, index = key if isinstance(key, tuple) else (0, -1, int(key))
+        record_index = self.item_records[index]
+        record = self.records[record_index]
+        target = self.bucket_size(record_index)
+        if self.random_crop:
+            plan = plan_crop(record.size, target, random_crop=True, rng=item_rng(self.seed, epoch, index, Stream.CROP))
+        else:
+            plan = plan_crop(record.size, target)
+        flipped = self.flip_probability > 0 and item_rng(self.seed, epoch, index, Stream.FLIP).random() < self.flip_probability
+        caption = record.caption
+        if self.augment:
+            caption = process_caption(
+                caption,
+                item_rng(self.seed, epoch, index, Stream.CAPTION),
+                dropout=self.settings.caption_dropout,
+                shuffle=self.settings.shuffle_tags,
+                keep_tokens=self.settings.keep_tokens,
+            )
+        item: dict[str, Any] = {
+            "caption": caption,
+            "original_size": (record.size[1], record.size[0]),
+            "crop_top_left": plan.crop_top_left,
+            "target_size": (target[1], target[0]),
+            "flipped": flipped,
+            "path": str(record.path),
+            "index": index,
+            "epoch": epoch,
+            "position": position,
+        }
+        if self._latent_cache is not None:
+            item["latents"] = self._latent_cache.get(self._latent_keys[(record_index, flipped)])["latents"]
+        else:
+            item["pixel_values"] = self._pixels(record, plan, flipped)
+        if self._text_cache is not None:
+            item["text_embeddings"] = self._text_cache.get(self._text_keys[caption])
+        return item
+
+    def _pixels(self, record: ImageRecord, plan: CropPlan, flipped: bool) -> torch.Tensor:
+        image = apply_crop(load_image(record.path), plan)
+        if flipped:
+            image = ImageOps.mirror(image)
+        return to_tensor(image)
+
+    # ----------------------------------------------------------------------- caches
+
+    def cache_latents(
+        self,
+        encode_images: EncodeImages,
+        *,
+        encoder_id: str,
+        cache_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 8,
+        in_memory: bool = False,
+    ) -> CacheStats:
+        """Encode every image (both flip states when flipping) once, reusing entries already on disk.
+
+        ``encode_images`` gets (B, C, H, W) float32 pixels in [-1, 1] of one bucket and returns
+        (B, c, h, w) latents (already scaled as the loop wants them). From now on items carry
+        ``latents`` instead of ``pixel_values``. A fully cached dataset never calls the encoder.
+        """
+        if self.random_crop:
+            raise ValueError("data.cache_latents cannot be combined with random crop (every epoch crops differently)")
+        cache = DiskCache(cache_dir, "latents", in_memory=in_memory)
+        flips = (False, True) if self.flip_probability > 0 else (False,)
+        stats = CacheStats()
+        missing: dict[int, list[tuple[int, bool, str]]] = {}
+        for record_index, record in enumerate(self.records):
+            plan = plan_crop(record.size, self.bucket_size(record_index))
+            for flip in flips:
+                key = settings_key(
+                    kind="latents",
+                    content=content_hash(record.path),
+                    resized=plan.resized,
+                    target=plan.target,
+                    crop_top_left=plan.crop_top_left,
+                    flip=flip,
+                    encoder=encoder_id,
+                    dtype=dtype_name(dtype),
+                )
+                self._latent_keys[(record_index, flip)] = key
+                if cache.has(key):
+                    stats.hits += 1
+                    if in_memory:
+                        cache.get(key)
+                else:
+                    missing.setdefault(self.record_buckets[record_index], []).append((record_index, flip, key))
+        for jobs in missing.values():
+            for start in range(0, len(jobs), batch_size):
+                chunk = jobs[start : start + batch_size]
+                pixels = torch.stack([
+                    self._pixels(self.records[r], plan_crop(self.records[r].size, self.bucket_size(r)), flip)
+                    for r, flip, _ in chunk
+                ])
+                with torch.no_grad():
+                    latents = encode_images(pixels)
+                if not isinstance(latents, torch.Tensor) or latents.shape[0] != len(chunk):
+                    raise ValueError(f"encode_images must return a tensor with {len(chunk)} rows, got {_describe(latents)}")
+                for row, (r, flip, key) in enumerate(chunk):
+                    cache.put(key, {"latents": latents[row].to(dtype)}, {"path": str(self.records[r].path), "flip": str(flip)})
+                stats.encoded += len(chunk)
+        self._latent_cache = cache
+        return stats
+
+    def cache_text_embeddings(
+        self,
+        encode_captions: EncodeCaptions,
+        *,
+        encoder_id: str,
+        cache_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 32,
+        in_memory: bool = False,
+        train_text_encoders: bool = False,
+    ) -> CacheStats:
+        """Encode every distinct caption (and the empty one when caption dropout is on) once.
+
+        ``encode_captions`` gets a list of captions and returns a dict of tensors whose first
+        dimension is the number of captions (e.g. SDXL's ``prompt_embeds`` and ``pooled``). From
+        now on items carry ``text_embeddings``: that dict for their (possibly dropped) caption.
+        """
+        if train_text_encoders:
+            raise ValueError("data.cache_text_embeddings cannot be used while training a text encoder (they would go stale)")
+        if self.augment and self.settings.shuffle_tags:
+            raise ValueError(
+                "data.cache_text_embeddings cannot follow data.shuffle_tags (each shuffle is a new caption); turn one off"
+            )
+        cache = DiskCache(cache_dir, "text", in_memory=in_memory)
+        captions = {r.caption for r in self.records}
+        if self.augment and self.settings.caption_dropout > 0:
+            captions.add("")
+        stats = CacheStats()
+        missing: list[tuple[str, str]] = []
+        for caption in sorted(captions):
+            key = settings_key(kind="text", caption=caption, encoder=encoder_id, dtype=dtype_name(dtype))
+            self._text_keys[caption] = key
+            if cache.has(key):
+                stats.hits += 1
+                if in_memory:
+                    cache.get(key)
+            else:
+                missing.append((caption, key))
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            with torch.no_grad():
+                outputs = encode_captions([caption for caption, _ in chunk])
+            if not isinstance(outputs, Mapping) or not all(
+                isinstance(v, torch.Tensor) and v.shape[0] == len(chunk) for v in outputs.values()
+            ):
+                raise ValueError(
+                    f"encode_captions must return a dict of tensors with {len(chunk)} rows, got {_describe(outputs)}"
+                )
+            for row, (caption, key) in enumerate(chunk):
+                cache.put(key, {name: value[row].to(dtype) for name, value in outputs.items()}, {"caption": caption})
+            stats.encoded += len(chunk)
+        self._text_cache = cache
+        return stats
+
+    # ----------------------------------------------------------------------- loading
+
+    def batch_sampler(
+        self, batch_size: int, *, shuffle: bool = True, drop_last: bool = False, num_replicas: int = 1, rank: int = 0
+    ) -> BucketBatchSampler:
+        return BucketBatchSampler(
+            self.bucket_ids, batch_size, seed=self.seed, shuffle=shuffle, drop_last=drop_last, num_replicas=num_replicas, rank=rank
+        )
+
+    def dataloader(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        num_workers: int | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> DataLoader:
+        """A DataLoader of same-bucket batches; its ``batch_sampler`` has state_dict()/load_state_dict()."""
+        workers = self.settings.num_workers if num_workers is None else num_workers
+        sampler = self.batch_sampler(batch_size, shuffle=shuffle, drop_last=drop_last, num_replicas=num_replicas, rank=rank)
+        return DataLoader(self, batch_sampler=sampler, collate_fn=collate_batch, num_workers=workers, persistent_workers=False)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in value.items()) + "}"
+    return type(value).__name__
+
+
+def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items of one bucket: tensors batched, sizes as (B, 2) int64, captions/paths as lists.
+
+    ``sampler_state`` (when the items came from a BucketBatchSampler) is the sampler state right
+    after this batch: store it with a checkpoint to resume with the next batch.
+    """
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    first = items[0]
+    batch: dict[str, Any] = {
+        "caption": [item["caption"] for item in items],
+        "path": [item["path"] for item in items],
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "flipped": torch.tensor([item["flipped"] for item in items], dtype=torch.bool),
+    }
+    for name in ("original_size", "crop_top_left", "target_size"):
+        batch[name] = torch.tensor([item[name] for item in items], dtype=torch.long)
+    for name in ("pixel_values", "latents"):
+        if name in first:
+            batch[name] = torch.stack([item[name] for item in items])
+    if "text_embeddings" in first:
+        batch["text_embeddings"] = {k: torch.stack([item["text_embeddings"][k] for item in items]) for k in first["text_embeddings"]}
+    if first["position"] >= 0:
+        batch["sampler_state"] = {"epoch": first["epoch"], "position": first["position"] + 1}
+    return batch
+
+
+# --------------------------------------------------------------------------- building from config
+
+
+def build_dataset(data_cfg: Any, *, seed: int, exclude: Collection[Path] = ()) -> TrainDataset:
+    """The training dataset of the config's ``data:`` section (images in ``exclude`` left out)."""
+    settings = DataSettings.from_config(data_cfg)
+    records = scan_folders(settings.folders, settings.caption_extension)
+    if exclude:
+        excluded = {Path(p).resolve() for p in exclude}
+        records = [r for r in records if r.path.resolve() not in excluded]
+    return TrainDataset(records, settings, seed=seed)
+
+
+def build_datasets(data_cfg: Any, validation_cfg: Any = None, *, seed: int) -> tuple[TrainDataset, TrainDataset | None]:
+    """(train, validation) datasets; validation from ``validation.folder``, ``validation.split_fraction`` or none.
+
+    A split holds out a deterministic fraction of the training folders' images (chosen by
+    ``validation.seed``) and removes them from training. Validation items are never augmented.
+    """
+    settings = DataSettings.from_config(data_cfg)
+    folder = _get(validation_cfg, "folder")
+    fraction = _get(validation_cfg, "split_fraction")
+    if folder is not None and fraction is not None:
+        raise ValueError("validation: set only one of folder and split_fraction")
+    records = scan_folders(settings.folders, settings.caption_extension)
+    val_records: list[ImageRecord] | None = None
+    if folder is not None:
+        val_records = scan_folders([FolderSpec(Path(folder))], settings.caption_extension)
+    elif fraction is not None:
+        unique = list({r.path: r for r in records}.values())
+        _, val_records = split_records(unique, float(fraction), int(_get(validation_cfg, "seed") or 0))
+        held = {r.path for r in val_records}
+        records = [r for r in records if r.path not in held]
+        val_records = [ImageRecord(r.path, r.size, r.caption, 1) for r in val_records]
+    train = TrainDataset(records, settings, seed=seed)
+    val = TrainDataset(val_records, settings, seed=seed, augment=False) if val_records else None
+    return train, val
+
+
+def _get(cfg: Any, name: str) -> Any:
+    if cfg is None:
+        return None
+    return cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
