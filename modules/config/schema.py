@@ -1,0 +1,496 @@
+"""The typed training config: one pydantic model per YAML section, every field described.
+
+Rules that span several fields live in ``check_rules`` (one place, shared by the CLI, the
+GUI and ``validate_dict``). Paths in a config are used as written: relative paths resolve
+against the current working directory (run presets from the repository root); only
+``base:`` (handled by the loader) resolves relative to the file that names it.
+
+Field names mirror the optimizer constructors 1:1 (``optimizer:`` section), so
+``OptimizerConfig.constructor_kwargs()`` can be passed straight to Muon_adv & co.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+CONFIG_VERSION = 2  # bump together with a step in migrations.py
+
+Family = Literal["sd15", "sd2", "sdxl"]  # flow-matching families (flux, chroma, sd3) join here
+Method = Literal["lora", "finetune"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+OptimizerType = Literal["muon_adv", "adamuon_adv", "lora_muon", "adamw", "torch_muon"]
+LoraTargetPreset = Literal["attn", "attn_ff", "attn_ff_proj", "all_linear", "all"]
+Depth = Annotated[int, Field(ge=1)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+TextEncoderName = Literal["text_encoder", "text_encoder_2", "text_encoder_3"]
+
+# Text encoders each family has (diffusers component names).
+FAMILY_TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
+    "sd15": ("text_encoder",),
+    "sd2": ("text_encoder",),
+    "sdxl": ("text_encoder", "text_encoder_2"),
+}
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RuleViolation(ValueError):
+    """Rules spanning several fields were broken; ``problems`` lists (dotted_key, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        key, message = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(f"{key}: {message}{more}")
+        self.problems = problems
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    family: Family = Field(description="Model family: selects loading, LoRA targets and the training objective.")
+    base_model: str = Field(
+        min_length=1,
+        description="Local diffusers folder of the base model (relative paths resolve against the working directory).",
+    )
+    variant: str | None = Field(
+        default=None, description="diffusers weight variant to load (e.g. 'fp16'); null loads the default files."
+    )
+    train_dtype: Dtype = Field(
+        default="float32", description="dtype the denoiser and text encoders are loaded in for training."
+    )
+    vae_dtype: Dtype = Field(default="float32", description="dtype of the VAE (encodes images to latents).")
+    depth: Depth | dict[str, Depth] | None = Field(
+        default=None,
+        description=(
+            "Residual depth L override: one int for every component, or a mapping component -> int "
+            "(e.g. {unet: 87}); null counts it from the model."
+        ),
+    )
+    depth_source: Literal["model", "trained"] = Field(
+        default="model",
+        description=(
+            "How depth is counted when not overridden: 'model' = all residual blocks of the component; "
+            "'trained' = only blocks holding trained modules (the rule of OneTrainer PR #1263)."
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- lora
+
+
+class TextEncoderFlags(Section):
+    text_encoder: bool = Field(default=False, description="Train a LoRA on the first text encoder (CLIP-L).")
+    text_encoder_2: bool = Field(default=False, description="Train a LoRA on the second text encoder (SDXL: CLIP-G).")
+    text_encoder_3: bool = Field(default=False, description="Train a LoRA on the third text encoder (SD3: T5).")
+
+    def enabled(self) -> list[str]:
+        return [name for name, on in self.model_dump().items() if on]
+
+
+class LoraConfig(Section):
+    rank: int = Field(default=16, ge=1, le=4096, description="LoRA rank r (inner dimension of the two factors).")
+    alpha: float | None = Field(
+        default=None,
+        gt=0,
+        description="LoRA alpha (scale alpha/r); null means alpha = rank, which spectral scaling wants.",
+    )
+    targets: LoraTargetPreset | list[str] = Field(
+        default="attn_ff",
+        description=(
+            "Modules that get a LoRA: a preset of the family (attn, attn_ff, attn_ff_proj, all_linear, all) "
+            "or a list of module-name suffixes (e.g. [to_q, to_k, to_v, to_out.0])."
+        ),
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch input.")
+    layer_filter: str | list[str] | None = Field(
+        default=None,
+        description="Regex (or list of regexes) on full module names; only matching target modules get a LoRA.",
+    )
+    train_text_encoders: TextEncoderFlags = Field(
+        default_factory=TextEncoderFlags, description="Per text encoder: train a LoRA on it too."
+    )
+    dora: bool = Field(default=False, description="Use DoRA (weight-decomposed LoRA) instead of plain LoRA.")
+    force_dora_with_spectral: bool = Field(
+        default=False,
+        description="Allow DoRA together with optimizer.spectral_scaling (they fight; only for experiments).",
+    )
+    init_lora: str | None = Field(
+        default=None, description="LoRA .safetensors file to start from (kohya or diffusers layout); null starts fresh."
+    )
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataFolder(Section):
+    path: str = Field(min_length=1, description="Folder of images with same-name caption files.")
+    repeats: int = Field(default=1, ge=1, description="How many times each image of this folder counts per epoch.")
+    default_caption: str = Field(default="", description="Caption of images in this folder without a caption file.")
+
+
+class DataConfig(Section):
+    folders: list[DataFolder] = Field(min_length=1, description="Image folders to train on, each with its repeats.")
+    resolution: int = Field(
+        default=1024, ge=16, le=8192, description="Training side length in pixels (bucket area = resolution^2)."
+    )
+    bucketing: bool = Field(
+        default=True, description="Aspect-ratio bucketing; off center-crops every image to a square."
+    )
+    bucket_step: int = Field(default=64, ge=8, description="Bucket side lengths are multiples of this (pixels).")
+    bucket_min: int = Field(default=256, ge=8, description="Smallest bucket side length (pixels).")
+    bucket_max: int = Field(default=2048, ge=8, description="Largest bucket side length (pixels).")
+    random_flip: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Probability of a horizontal flip (true means 0.5)."
+    )
+    random_crop: bool = Field(
+        default=False, description="Random instead of center crop to the bucket (not with cache_latents)."
+    )
+    caption_dropout: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Probability of training a sample with an empty caption."
+    )
+    shuffle_tags: bool = Field(default=False, description="Shuffle comma-separated caption tags every time.")
+    keep_tokens: int = Field(default=0, ge=0, description="Number of leading tags kept in place when shuffling.")
+    caption_extension: str = Field(
+        default=".txt", pattern=r"^\.[A-Za-z0-9_.-]+$", description="Extension of caption files, with the dot."
+    )
+    cache_latents: bool = Field(default=True, description="Encode images once and cache the latents on disk.")
+    cache_text_embeddings: bool = Field(
+        default=True, description="Encode captions once and cache the embeddings on disk (frozen text encoders only)."
+    )
+    cache_dir: str | None = Field(
+        default=None, description="Folder for the caches; null uses <saving.output_dir>/cache."
+    )
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes (0 = load in the main process).")
+
+    @field_validator("random_flip", mode="before")
+    @classmethod
+    def _flip_bool(cls, value: object) -> object:
+        return {True: 0.5, False: 0.0}[value] if isinstance(value, bool) else value
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+class TextEncoderLR(Section):
+    text_encoder: float | None = Field(default=None, ge=0, description="LR of the first text encoder; null = lr.")
+    text_encoder_2: float | None = Field(default=None, ge=0, description="LR of the second text encoder; null = lr.")
+    text_encoder_3: float | None = Field(default=None, ge=0, description="LR of the third text encoder; null = lr.")
+
+
+# Constructor keywords of each optimizer class (modules/optimizer), in signature order.
+MUON_KEYS = (
+    "lr", "beta1", "nesterov", "weight_decay", "ns_steps", "ns_eps", "orthogonalizer", "ortho_route",
+    "spectral_scaling", "lora_spectral_target", "depth_scaled_eps", "width_scaled_weight_decay",
+    "lora_b_orthogonalize", "lora_a_optimizer", "state_dtype",
+    "adam_lr", "adam_betas", "adam_eps", "adam_weight_decay",
+)  # fmt: skip
+ADAMUON_KEYS = MUON_KEYS + ("beta2", "eps")
+LORA_MUON_KEYS = (
+    "lr", "beta1", "weight_decay", "spectral_scaling", "width_scaled_weight_decay",
+    "rebalance_every", "rebalance_power", "state_dtype",
+    "adam_lr", "adam_betas", "adam_eps", "adam_weight_decay",
+)  # fmt: skip
+CONSTRUCTOR_KEYS: dict[str, tuple[str, ...]] = {
+    "muon_adv": MUON_KEYS,
+    "adamuon_adv": ADAMUON_KEYS,
+    "lora_muon": LORA_MUON_KEYS,
+}
+
+
+class OptimizerConfig(Section):
+    type: OptimizerType = Field(
+        default="muon_adv",
+        description=(
+            "muon_adv / adamuon_adv / lora_muon: tuneonce's depth- and width-aware optimizers; "
+            "adamw: torch.optim.AdamW (lr, weight_decay, adam_betas, adam_eps); "
+            "torch_muon: torch.optim.Muon on matrices (lr, weight_decay, beta1, nesterov, ns_steps) + AdamW on the rest."
+        ),
+    )
+    lr: float = Field(default=1e-3, ge=0, description="Peak learning rate (Muon family: the transferable 1e-3).")
+    beta1: float = Field(default=0.95, ge=0, lt=1, description="Momentum coefficient.")
+    nesterov: bool = Field(default=True, description="Nesterov momentum (muon_adv, adamuon_adv, torch_muon).")
+    weight_decay: float = Field(
+        default=0.1, ge=0, description="Decoupled weight decay (scaled by 1/fan_in when width_scaled_weight_decay)."
+    )
+    ns_steps: int = Field(default=5, ge=1, le=50, description="Orthogonalization iterations (Newton-Schulz steps).")
+    ns_eps: float = Field(
+        default=1e-7, ge=0, description="Base damping of the Frobenius normalization; used when depth_scaled_eps is off."
+    )
+    orthogonalizer: Literal["newton_schulz", "polar_express", "exact"] = Field(
+        default="newton_schulz",
+        description="newton_schulz (quintic 3.4445,-4.7750,2.0315) | polar_express | exact (SVD polar factor).",
+    )
+    ortho_route: Literal["auto", "iterative", "gram"] = Field(
+        default="auto", description="auto | iterative | gram (r x r Gram eigendecomposition route for low-rank factors)."
+    )
+    spectral_scaling: bool = Field(
+        default=True, description="Scale each update to spectral norm lr*sqrt(fan_out/fan_in) (spectral/muP step)."
+    )
+    lora_spectral_target: Literal["factor", "product"] = Field(
+        default="factor", description="Spectral target per LoRA factor's own shape, or for the product B*A's shape."
+    )
+    depth_scaled_eps: bool = Field(
+        default=True, description="Damping/eps from depth and width: ns_eps = sqrt(fan_in/fan_out)/L (REFERENCE 3)."
+    )
+    width_scaled_weight_decay: bool = Field(default=True, description="Weight decay divided by fan_in (1/width).")
+    lora_b_orthogonalize: bool = Field(default=True, description="Orthogonalize LoRA B (up) factors with Muon.")
+    lora_a_optimizer: Literal["muon", "adam", "signsgd"] = Field(
+        default="muon", description="How LoRA A (down) factors are trained: muon | adam (auxiliary Adam) | signsgd."
+    )
+    state_dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of optimizer state.")
+    adam_lr: float = Field(default=1e-4, ge=0, description="LR of the auxiliary Adam (biases, norms, embeddings).")
+    adam_betas: tuple[Beta, Beta] = Field(default=(0.9, 0.999), description="Betas of the auxiliary Adam.")
+    adam_eps: float = Field(default=1e-8, gt=0, description="eps of the auxiliary Adam.")
+    adam_weight_decay: float = Field(default=0.0, ge=0, description="Weight decay of the auxiliary Adam.")
+    beta2: float = Field(default=0.95, ge=0, lt=1, description="AdaMuon second-moment coefficient (adamuon_adv).")
+    eps: float = Field(
+        default=1e-8, gt=0, description="AdaMuon second-moment eps (depth-scaled when depth_scaled_eps; adamuon_adv)."
+    )
+    rebalance_every: int = Field(
+        default=0, ge=0, description="LoRA-Muon gauge rebalancing every N steps (0 = never; lora_muon)."
+    )
+    rebalance_power: float = Field(default=1.0, ge=0, description="LoRA-Muon rebalancing exponent alpha (lora_muon).")
+    text_encoder_lr: TextEncoderLR = Field(
+        default_factory=TextEncoderLR, description="Separate peak LR per text encoder (null = optimizer.lr)."
+    )
+
+    def constructor_kwargs(self) -> dict:
+        """Keyword arguments for the tuneonce optimizer class of ``type`` (empty for adamw/torch_muon)."""
+        keys = CONSTRUCTOR_KEYS.get(self.type, ())
+        return {k: getattr(self, k) for k in keys}
+
+
+# --------------------------------------------------------------------------- schedule / training
+
+
+class ScheduleConfig(Section):
+    scheduler: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="LR schedule after warm-up: constant, linear decay to 0, or cosine to 0."
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps from 0 to the peak LR.")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to train; set this or epochs.")
+    epochs: int | None = Field(default=None, ge=1, description="Epochs to train; set this or max_steps.")
+
+
+class TrainingConfig(Section):
+    batch_size: int = Field(default=1, ge=1, description="Images per micro-batch.")
+    gradient_accumulation: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float | None = Field(
+        default=1.0, gt=0, description="Clip the gradient norm to this; null disables clipping."
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="accelerate autocast mode.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    seed: int = Field(default=42, ge=0, description="Seed of everything random in the run (data order, noise, init).")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        default="auto", description="Training target; auto reads it from the model's scheduler config."
+    )
+    timestep_sampling: Literal["uniform", "logit_normal"] = Field(
+        default="uniform", description="Distribution of training timesteps."
+    )
+    logit_mean: float = Field(default=0.0, description="Mean of the logit-normal timestep distribution.")
+    logit_std: float = Field(default=1.0, gt=0, description="Std of the logit-normal timestep distribution.")
+    min_snr_gamma: float | None = Field(
+        default=None, gt=0, description="Min-SNR loss weighting gamma (5 is common); null disables it."
+    )
+    noise_offset: float = Field(default=0.0, ge=0, description="Noise offset (per-channel constant added to noise).")
+
+
+# --------------------------------------------------------------------------- sampling / validation
+
+
+class SamplePrompt(Section):
+    prompt: str = Field(description="Prompt text.")
+    negative_prompt: str = Field(default="", description="Negative prompt.")
+    seed: int = Field(default=0, ge=0, description="Seed of the initial noise (same seed = comparable images).")
+    cfg: float = Field(default=7.0, ge=0, description="Classifier-free guidance scale (1 disables CFG).")
+    steps: int = Field(default=30, ge=1, le=1000, description="Inference steps.")
+    width: int | None = Field(default=None, ge=16, description="Image width in pixels; null = data.resolution.")
+    height: int | None = Field(default=None, ge=16, description="Image height in pixels; null = data.resolution.")
+
+
+class SamplingConfig(Section):
+    every_n_steps: int = Field(default=0, ge=0, description="Sample images every N optimizer steps (0 = never).")
+    sampler: Literal["default", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "unipc"] = Field(
+        default="default", description="Inference scheduler; default = the one saved with the base model."
+    )
+    prompts: list[SamplePrompt] = Field(default_factory=list, description="Prompts to sample, each with its settings.")
+
+
+class ValidationConfig(Section):
+    every_n_steps: int = Field(
+        default=0, ge=0, description="Held-out validation loss every N optimizer steps (0 = never)."
+    )
+    folder: str | None = Field(default=None, description="Folder of held-out images with captions.")
+    split_fraction: float | None = Field(
+        default=None, gt=0, lt=1, description="Hold out this fraction of the training images instead of a folder."
+    )
+    num_timesteps: int = Field(
+        default=4, ge=1, le=1000, description="Fixed, evenly spaced timesteps each validation image is scored at."
+    )
+    seed: int = Field(default=1234, ge=0, description="Seed of the fixed validation noise (and of the split).")
+
+
+# --------------------------------------------------------------------------- saving / logging
+
+
+class SavingConfig(Section):
+    output_dir: str = Field(default="output", min_length=1, description="Folder for the trained files.")
+    name: str = Field(
+        default="tuneonce",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Base name of saved files (letters, digits, _ . -).",
+    )
+    format: Literal["kohya", "diffusers"] = Field(
+        default="kohya",
+        description="LoRA file layout: kohya/ComfyUI (lora_unet_...) or diffusers/PEFT. Finetunes save a diffusers folder.",
+    )
+    save_every_n_steps: int | None = Field(default=None, ge=1, description="Intermediate save every N steps.")
+    save_every_n_epochs: int | None = Field(default=None, ge=1, description="Intermediate save every N epochs.")
+    dtype: Dtype = Field(default="float32", description="dtype of the saved weights.")
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = Field(default=True, description="Write TensorBoard event files.")
+    jsonl: bool = Field(default=True, description="Write metrics as one JSON object per line (metrics.jsonl).")
+    log_dir: str | None = Field(default=None, description="Folder for logs; null uses <saving.output_dir>/logs.")
+    every_n_steps: int = Field(default=1, ge=1, description="Log metrics every N optimizer steps.")
+
+
+# --------------------------------------------------------------------------- the whole config
+
+
+class TrainConfig(Section):
+    config_version: int = Field(
+        default=CONFIG_VERSION, ge=1, description="Schema version of this file; older versions are migrated on load."
+    )
+    model: ModelConfig = Field(description="The base model.")
+    method: Method = Field(default="lora", description="lora: train adapters; finetune: train the full denoiser.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings (method: lora).")
+    data: DataConfig = Field(description="Training images and their processing.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer and its switches.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Run length and LR schedule.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Loop settings.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sample images during training.")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Held-out validation loss.")
+    saving: SavingConfig = Field(default_factory=SavingConfig, description="Where and how results are saved.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics logging.")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "TrainConfig":
+        problems = check_rules(self)
+        if problems:
+            raise RuleViolation(problems)
+        return self
+
+
+MUON_FAMILY = ("muon_adv", "adamuon_adv", "lora_muon")
+
+
+def check_rules(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """Rules spanning several fields, as (dotted_key, message); empty when the config is consistent."""
+    problems: list[tuple[str, str]] = []
+    if cfg.config_version != CONFIG_VERSION:
+        problems.append(("config_version", f"must be {CONFIG_VERSION} (load older files through load_config)"))
+    opt, lora, data = cfg.optimizer, cfg.lora, cfg.data
+    is_lora = cfg.method == "lora"
+
+    if is_lora and lora.dora and opt.spectral_scaling and opt.type in MUON_FAMILY and not lora.force_dora_with_spectral:
+        problems.append((
+            "lora.dora",
+            "DoRA's magnitude scaling fights optimizer.spectral_scaling; set optimizer.spectral_scaling: false "
+            "or lora.force_dora_with_spectral: true",
+        ))
+    if opt.type == "lora_muon" and not is_lora:
+        problems.append(("optimizer.type", "lora_muon trains LoRA factors only; use it with method: lora"))
+    if opt.type == "lora_muon" and is_lora and lora.dora:
+        problems.append(("optimizer.type", "lora_muon does not train DoRA adapters; set lora.dora: false"))
+
+    encoders = FAMILY_TEXT_ENCODERS.get(cfg.model.family, ())
+    for name in lora.train_text_encoders.enabled():
+        if name not in encoders:
+            problems.append((
+                f"lora.train_text_encoders.{name}",
+                f"family {cfg.model.family} has no {name} (it has: {', '.join(encoders) or 'none'})",
+            ))
+    trains_text_encoder = is_lora and bool(lora.train_text_encoders.enabled())
+    if data.cache_text_embeddings and trains_text_encoder:
+        problems.append((
+            "data.cache_text_embeddings",
+            "cannot cache text embeddings while training a text encoder; set it false",
+        ))
+    if data.cache_text_embeddings and data.shuffle_tags:
+        problems.append((
+            "data.cache_text_embeddings",
+            "cached embeddings cannot follow shuffled tags; set data.shuffle_tags: false or this false",
+        ))
+    if data.random_crop and data.cache_latents:
+        problems.append(("data.random_crop", "cached latents cannot be cropped anew each epoch; set data.cache_latents: false"))
+    if data.resolution % 8:
+        problems.append(("data.resolution", f"must be a multiple of 8 (the VAE factor), got {data.resolution}"))
+    if data.bucketing:
+        if data.bucket_step % 8:
+            problems.append(("data.bucket_step", f"must be a multiple of 8, got {data.bucket_step}"))
+        if data.bucket_min > data.bucket_max:
+            problems.append((
+                "data.bucket_min",
+                f"bucket_min {data.bucket_min} is larger than bucket_max {data.bucket_max}",
+            ))
+
+    schedule = cfg.schedule
+    if schedule.max_steps is None and schedule.epochs is None:
+        problems.append(("schedule.max_steps", "set schedule.max_steps or schedule.epochs"))
+    elif schedule.max_steps is not None and schedule.epochs is not None:
+        problems.append((
+            "schedule.epochs",
+            "set only one of schedule.max_steps and schedule.epochs (the other to null)",
+        ))
+    elif schedule.max_steps is not None and schedule.warmup_steps > schedule.max_steps:
+        problems.append((
+            "schedule.warmup_steps",
+            f"warmup_steps {schedule.warmup_steps} is longer than max_steps {schedule.max_steps}",
+        ))
+
+    if cfg.sampling.every_n_steps and not cfg.sampling.prompts:
+        problems.append(("sampling.prompts", "sampling.every_n_steps is set but there are no prompts"))
+
+    val = cfg.validation
+    if val.folder is not None and val.split_fraction is not None:
+        problems.append(("validation.split_fraction", "set only one of validation.folder and validation.split_fraction"))
+    if val.every_n_steps and val.folder is None and val.split_fraction is None:
+        problems.append(("validation.folder", "validation.every_n_steps is set: give a folder or a split_fraction"))
+
+    if cfg.method == "lora" and lora.init_lora is not None and not lora.init_lora.endswith(".safetensors"):
+        problems.append(("lora.init_lora", f"must be a .safetensors file, got {lora.init_lora!r}"))
+    return problems
+
+
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Legal but probably unintended settings, printed by the CLI (never fatal)."""
+    out: list[str] = []
+    if (
+        cfg.method == "lora"
+        and cfg.optimizer.type in MUON_FAMILY
+        and cfg.optimizer.spectral_scaling
+        and cfg.lora.effective_alpha != cfg.lora.rank
+    ):
+        out.append(
+            f"lora.alpha {cfg.lora.alpha:g} != rank {cfg.lora.rank}: with spectral scaling the alpha/rank factor "
+            "fights the scaling (set alpha: null or equal to rank)"
+        )
+    if cfg.data.keep_tokens and not cfg.data.shuffle_tags:
+        out.append("data.keep_tokens only applies with data.shuffle_tags: true")
+    if cfg.training.timestep_sampling != "logit_normal" and (cfg.training.logit_mean, cfg.training.logit_std) != (0, 1):
+        out.append("training.logit_mean/logit_std are set but training.timestep_sampling is not logit_normal")
+    if cfg.training.mixed_precision == "fp16" and cfg.model.train_dtype == "bfloat16":
+        out.append("training.mixed_precision fp16 with model.train_dtype bfloat16: pick one half type")
+    return out

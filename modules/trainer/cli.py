@@ -1,0 +1,82 @@
+"""``tuneonce-train`` / ``python scripts/train.py``: load and validate a config, then train.
+
+Config errors print one line and exit with code 2 before anything heavy (torch, diffusers) is
+imported; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from modules.config.loading import ConfigError, dump_config, load_config
+from modules.config.schema import TrainConfig, config_warnings
+
+EXIT_CONFIG_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuneonce-train",
+        description="Train a LoRA or finetune a diffusion model from a YAML config (see configs/SCHEMA.md).",
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML config or preset (training_presets/).")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set optimizer.lr=2e-3 (value parsed as YAML; repeatable)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return parser
+
+
+def summary(cfg: TrainConfig) -> str:
+    """One line saying what this run will do."""
+    opt = cfg.optimizer
+    what = f"{cfg.model.family} {cfg.method}"
+    if cfg.method == "lora":
+        what += f" r{cfg.lora.rank} alpha {cfg.lora.effective_alpha:g}" + (" dora" if cfg.lora.dora else "")
+    length = f"{cfg.schedule.max_steps} steps" if cfg.schedule.max_steps else f"{cfg.schedule.epochs} epochs"
+    batch = f"batch {cfg.training.batch_size}x{cfg.training.gradient_accumulation}"
+    return (
+        f"tuneonce: {what} | {opt.type} lr {opt.lr:g} wd {opt.weight_decay:g} | {length}, {batch}, "
+        f"{cfg.schedule.scheduler} | {cfg.model.base_model} -> {cfg.saving.output_dir}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    for warning in config_warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    print(summary(cfg), flush=True)
+
+    # Imported here so that config errors never pay for torch/diffusers imports.
+    from modules.trainer.train import run_training
+
+    try:
+        result = run_training(cfg)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
