@@ -1,0 +1,227 @@
+"""tuneonce's browser GUI: a small JSON API over the standard library's HTTP server, and one static page.
+
+Why not Gradio: the page needs a dozen widgets generated from the config schema, a form-wide
+validation round-trip and a live plot; Gradio would add a large dependency tree (and CDN-hosted
+assets that cannot load offline) for that. The stdlib server has no dependencies, starts in
+milliseconds, and the page is plain HTML/JS that a headless browser drives with stable ids.
+
+Run: `python scripts/train_ui.py` or `tuneonce-ui` (127.0.0.1:7861 by default).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mimetypes
+import sys
+import threading
+import traceback
+import webbrowser
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from modules.ui.backend import Backend, UserError
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7861
+MAX_BODY = 4 * 1024 * 1024
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: "UiServer"
+    server_version = "tuneonce-ui"
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, payload, status: int = HTTPStatus.OK) -> None:
+        self._send(status, json.dumps(payload).encode("utf-8"), "application/json")
+
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise UserError(f"request body too large ({length} bytes)")
+        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            data = json.loads(raw or b"{}")
+        except json.JSONDecodeError as exc:
+            raise UserError(f"request body is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserError("request body must be a JSON object")
+        return data
+
+    def _file(self, path: Path) -> None:
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        self._send(HTTPStatus.OK, path.read_bytes(), content_type)
+
+    def _dispatch(self, routes: dict) -> None:
+        url = urlparse(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        route = routes.get(url.path)
+        try:
+            if route is not None:
+                route(self, query)
+            elif self.command == "GET":
+                self._static(url.path)
+            else:
+                self._json({"error": f"no such endpoint: {url.path}"}, HTTPStatus.NOT_FOUND)
+        except UserError as exc:
+            self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
+        except Exception as exc:  # the page shows it; the server keeps serving
+            if self.server.verbose:
+                traceback.print_exc()
+            self._json({"error": f"{type(exc).__name__}: {exc}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        self._dispatch(GET_ROUTES)
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        self._dispatch(POST_ROUTES)
+
+    def _static(self, path: str) -> None:
+        name = "index.html" if path in ("", "/") else path.lstrip("/").removeprefix("static/")
+        target = (STATIC_DIR / name).resolve()
+        if STATIC_DIR not in target.parents or not target.is_file():
+            self._json({"error": f"not found: {path}"}, HTTPStatus.NOT_FOUND)
+            return
+        self._file(target)
+
+    # -- API ------------------------------------------------------------------------------------
+    def get_schema(self, query: dict) -> None:
+        self._json(self.server.backend.schema())
+
+    def get_presets(self, query: dict) -> None:
+        self._json({"presets": self.server.backend.list_presets()})
+
+    def get_preset(self, query: dict) -> None:
+        self._json(self.server.backend.open_preset(query.get("name", "")))
+
+    def _config_and_texts(self) -> tuple[dict, dict, dict]:
+        body = self._body()
+        config, texts = body.get("config") or {}, body.get("texts") or {}
+        if not isinstance(config, dict) or not isinstance(texts, dict):
+            raise UserError("config and texts must be JSON objects")
+        return config, texts, body
+
+    def post_check(self, query: dict) -> None:
+        config, texts, _ = self._config_and_texts()
+        self._json(self.server.backend.check(config, texts))
+
+    def post_depth(self, query: dict) -> None:
+        config, texts, _ = self._config_and_texts()
+        self._json(self.server.backend.depth(config, texts))
+
+    def post_save(self, query: dict) -> None:
+        config, texts, body = self._config_and_texts()
+        self._json(self.server.backend.save(config, str(body.get("path") or ""), texts))
+
+    def post_run_start(self, query: dict) -> None:
+        config, texts, _ = self._config_and_texts()
+        self._json(self.server.backend.start_run(config, texts))
+
+    def post_run_stop(self, query: dict) -> None:
+        self._json({"stopped": self.server.backend.runs.stop()})
+
+    def get_run_status(self, query: dict) -> None:
+        since = int(query.get("since") or 0)
+        self._json(self.server.backend.runs.status(since=since))
+
+    def get_run_sample(self, query: dict) -> None:
+        path = self.server.backend.runs.sample_file(query.get("name", ""))
+        if path is None:
+            self._json({"error": "no such sample image"}, HTTPStatus.NOT_FOUND)
+        else:
+            self._file(path)
+
+
+GET_ROUTES = {
+    "/api/schema": Handler.get_schema,
+    "/api/presets": Handler.get_presets,
+    "/api/preset": Handler.get_preset,
+    "/api/run/status": Handler.get_run_status,
+    "/api/run/sample": Handler.get_run_sample,
+}
+POST_ROUTES = {
+    "/api/check": Handler.post_check,
+    "/api/depth": Handler.post_depth,
+    "/api/save": Handler.post_save,
+    "/api/run/start": Handler.post_run_start,
+    "/api/run/stop": Handler.post_run_stop,
+}
+
+
+class UiServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], backend: Backend, verbose: bool = False) -> None:
+        super().__init__(address, Handler)
+        self.backend = backend
+        self.verbose = verbose
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def start_in_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, name="tuneonce-ui", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        """Stop serving and stop a training run this server started."""
+        self.shutdown()
+        self.server_close()
+        self.backend.runs.shutdown()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneonce-ui", description="Browser GUI for tuneonce training.")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to bind (default {DEFAULT_HOST}; anything else exposes the GUI, which can "
+                             "start processes and write files, to your network)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
+    parser.add_argument("--presets", type=Path, default=None, help="preset folder (default: training_presets/)")
+    parser.add_argument("--open", action="store_true", help="open the page in the default browser")
+    parser.add_argument("--verbose", action="store_true", help="log every request and print server tracebacks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding to {args.host}: anyone who can reach this port can edit files and start training "
+              "runs on this machine (there is no login). Prefer an SSH tunnel to 127.0.0.1.", file=sys.stderr)
+    backend = Backend(presets_dir=args.presets)
+    try:
+        server = UiServer((args.host, args.port), backend, verbose=args.verbose)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    print(f"tuneonce GUI on {server.url}  (Ctrl+C to stop)", flush=True)
+    if args.open:
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nstopping", file=sys.stderr)
+    finally:
+        server.server_close()
+        backend.runs.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
