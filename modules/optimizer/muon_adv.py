@@ -1,0 +1,604 @@
+"""Muon_adv and AdaMuon_adv: Muon that knows each model's residual depth and each matrix's width.
+
+One step, for the tensors on the orthogonalized ("Muon") path, batched per bucket of equal shape:
+
+    g ← grad / s                    (LoRA B only: s = alpha/r is divided out, see _lora_scale_note)
+    m ← β₁·m + (1−β₁)·g             (u = g + β₁·(m − g) with Nesterov, else u = m)
+    O = f(u / (‖u‖_F + damping))    (orthogonalize.py; damping √(fan_in/fan_out)/L when depth_scaled_eps)
+    AdaMuon: v ← β₂·v + (1−β₂)·O²;  O ← O / (√v̂ + eps)
+    Δ = lr·target·O/σ_max(O)        (spectral_scaling; else lr·√max(1, fan_out/fan_in)·O)
+    W ← decay·W − Δ                 (decay = 1 − s_t·wd/fan_in when width_scaled_weight_decay)
+
+Everything else (vectors, embeddings, DoRA magnitudes, factors routed away from Muon) takes the
+auxiliary AdamW (or sign-SGD for LoRA A) of aux_adam.py with its own adam_* settings.
+
+_lora_scale_note: the adapted weight is W₀ + s·B·A with PEFT's A initialised independently of alpha
+and B = 0. Training with scale s is then equivalent to training with scale 1 on B̃ = s·B: the
+gradient of B̃ is grad_B/s, the gradient of A is unchanged, and the step of B is the step of B̃
+divided by s. So the update of s·B·A (and the damping's regime) does not depend on alpha.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from modules.optimizer import aux_adam, scaling
+from modules.optimizer.orthogonalize import METHODS, ROUTES, choose_route, gram_factor, orthogonalize
+from modules.optimizer.param_spec import Role, infer_spec
+
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_LORA_A_OPTIMIZERS = ("muon", "adam", "signsgd")
+_LORA_TARGETS = ("factor", "product")
+# Group keys whose change requires rebuilding the bucketing plan (everything but the learning rate).
+_PLAN_KEYS = (
+    "beta1", "beta2", "nesterov", "weight_decay", "ns_steps", "ns_eps", "orthogonalizer", "ortho_route",
+    "spectral_scaling", "lora_spectral_target", "depth_scaled_eps", "width_scaled_weight_decay",
+    "lora_b_orthogonalize", "lora_a_optimizer", "state_dtype", "adam_betas", "adam_eps", "adam_weight_decay", "eps",
+    "role", "fan_in", "fan_out", "base_fan_in", "base_fan_out", "lora_scale", "depth",
+)  # fmt: skip
+
+
+@dataclass
+class _Member:
+    """One parameter with everything the step needs to know about it (built once per plan)."""
+
+    param: Tensor
+    name: str
+    group: int
+    role: Role
+    fan_in: int
+    fan_out: int
+    depth: int
+    path: str  # "muon" | "adam" | "signsgd"
+    base_fan_in: int | None = None
+    base_fan_out: int | None = None
+    lora_scale: float = 1.0
+    pair: str | None = None
+
+    @property
+    def inv_scale(self) -> float:
+        """Gradient and step multiplier: 1/s for LoRA B, else 1 (see the module docstring)."""
+        return 1.0 / self.lora_scale if self.role is Role.LORA_B else 1.0
+
+
+@dataclass
+class _Bucket:
+    """Muon-path tensors of one 2-D shape and equal batched hyperparameters, stepped in one batched call."""
+
+    members: list[_Member]
+    shape: tuple[int, int]
+    group: dict  # the hyperparameters of the batched call (taken from the first member's group)
+    momentum: Tensor  # (B, m, n) in the state dtype; state[p]["momentum_buffer"] are views of it
+    exp_avg_sq: Tensor | None  # AdaMuon
+    scratch: Tensor  # (B, m, n) float32 working buffer (not state)
+    damping: Tensor  # (B,) additive damping per matrix
+    target: Tensor  # (B,) update size per unit lr (spectral target or Keller Jordan scale), incl. 1/s
+    spectral: Tensor  # (B,) bool: scale by the exact σ_max
+    adam_eps: Tensor | None = None  # (B,) AdaMuon second-moment eps
+    index: dict = field(default_factory=dict)  # id(param) -> row
+
+
+@dataclass
+class _Plan:
+    signature: tuple
+    buckets: list[_Bucket]
+    aux: list[_Member]
+    members: dict[int, _Member]  # id(param) -> member
+    pairs: list[tuple[_Member, _Member]]  # (A, B) pairs with both factors on the Muon path (product target)
+
+
+class Muon_adv(torch.optim.Optimizer):
+    """Muon with depth-scaled damping/eps, spectral update scaling and 1/width decoupled weight decay.
+
+    Args:
+        params: parameters or param groups; groups may carry the keys of modules/optimizer/param_spec.py
+            (role, fan_in, fan_out, base fans, lora_scale, depth, names, pairs). Without ``role`` each
+            tensor's role comes from its shape (``infer_spec``, depth 1 unless the group gives one).
+        lr: Muon learning rate (peak; the schedule factor lr_t/lr_peak uses group["initial_lr"]).
+        beta1: momentum coefficient (m ← β₁·m + (1−β₁)·g). nesterov: use g + β₁·(m − g).
+        weight_decay: decoupled decay; with width_scaled_weight_decay it is wd/fan_in per step times
+            the schedule factor (LoRA pairs: the base layer's fan_in, split between the factors),
+            otherwise lr·wd per step as in torch.
+        ns_steps: iterations of the polynomial orthogonalizers. ns_eps: the additive damping when
+            depth_scaled_eps is off. orthogonalizer: "newton_schulz" | "polar_express" | "exact".
+        ortho_route: "auto" (Gram route for low-rank matrices) | "iterative" | "gram".
+        spectral_scaling: set the update's spectral norm to lr·√(fan_out/fan_in) exactly.
+        lora_spectral_target: "factor" (each factor its own target) or "product" (the pair's first-order
+            change s·(ΔB·A + B·ΔA) gets the base layer's target lr·√(base_fan_out/base_fan_in)).
+        depth_scaled_eps: damping √(fan_in/fan_out)/L, AdaMuon eps 1/(L·√(fan_in·fan_out)), aux-Adam eps
+            on matrices 1/(L·√numel) (1-D tensors keep adam_eps).
+        lora_b_orthogonalize: LoRA B through Muon (else the auxiliary Adam).
+        lora_a_optimizer: "muon" | "adam" | "signsgd" (signum with momentum adam_betas[0]).
+        state_dtype: "float32" | "bfloat16" for the momentum (and second-moment) buffers.
+        adam_lr, adam_betas, adam_eps, adam_weight_decay: the auxiliary AdamW (its lr follows the
+            group's schedule factor; adam_weight_decay is torch-style lr·wd).
+    """
+
+    _adaptive = False
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        beta1: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.1,
+        ns_steps: int = 5,
+        ns_eps: float = 1e-7,
+        orthogonalizer: str = "newton_schulz",
+        ortho_route: str = "auto",
+        spectral_scaling: bool = True,
+        lora_spectral_target: str = "factor",
+        depth_scaled_eps: bool = True,
+        width_scaled_weight_decay: bool = True,
+        lora_b_orthogonalize: bool = True,
+        lora_a_optimizer: str = "muon",
+        state_dtype: str = "float32",
+        adam_lr: float = 1e-4,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        adam_weight_decay: float = 0.0,
+        **extra: float,
+    ) -> None:
+        defaults = dict(
+            lr=lr, beta1=beta1, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps, ns_eps=ns_eps,
+            orthogonalizer=orthogonalizer, ortho_route=ortho_route, spectral_scaling=spectral_scaling,
+            lora_spectral_target=lora_spectral_target, depth_scaled_eps=depth_scaled_eps,
+            width_scaled_weight_decay=width_scaled_weight_decay, lora_b_orthogonalize=lora_b_orthogonalize,
+            lora_a_optimizer=lora_a_optimizer, state_dtype=state_dtype, adam_lr=adam_lr,
+            adam_betas=tuple(adam_betas), adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, **extra,
+        )  # fmt: skip
+        self._plan: _Plan | None = None
+        super().__init__(params, defaults)
+        self._build_members()  # validate roles and pairs now, not at the first step
+
+    # ----------------------------------------------------------------------------------------- setup
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group, len(self.param_groups) - 1)
+        group.setdefault("initial_lr", group["lr"])
+        self._plan = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._plan = None  # loaded state tensors are not views of our buckets: re-stack them
+
+    def _signature(self) -> tuple:
+        return tuple(
+            (tuple(id(p) for p in g["params"]), tuple(_freeze(g.get(k)) for k in _PLAN_KEYS)) for g in self.param_groups
+        )
+
+    def _build_members(self) -> list[_Member]:
+        members = []
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("names") or [None] * len(group["params"])
+            pairs = group.get("pairs") or [None] * len(group["params"])
+            for i, p in enumerate(group["params"]):
+                members.append(_make_member(p, names[i] or f"param {i} of group {gi}", gi, group, pairs[i]))
+        _check_pairs(members)
+        return members
+
+    def _get_plan(self) -> _Plan:
+        signature = self._signature()
+        if self._plan is not None and self._plan.signature == signature:
+            return self._plan
+        members = self._build_members()
+        muon = [m for m in members if m.path == "muon"]
+        keyed: dict[tuple, list[_Member]] = {}
+        for m in muon:
+            g = self.param_groups[m.group]
+            p = m.param
+            key = (_matrix_shape(p), p.device, g["state_dtype"], g["orthogonalizer"], g["ns_steps"],
+                   choose_route(_matrix_shape(p), g["ortho_route"]), g["beta1"], g["nesterov"], g.get("beta2"))  # fmt: skip
+            keyed.setdefault(key, []).append(m)
+        buckets = [self._make_bucket(ms) for ms in keyed.values()]
+        by_id = {id(m.param): m for m in members}
+        pairs = []
+        for a in muon:
+            g = self.param_groups[a.group]
+            if a.role is Role.LORA_A and g["spectral_scaling"] and g["lora_spectral_target"] == "product":
+                b = next((m for m in muon if m.role is Role.LORA_B and m.pair == a.pair), None)
+                if b is not None:
+                    pairs.append((a, b))
+        self._plan = _Plan(signature, buckets, [m for m in members if m.path != "muon"], by_id, pairs)
+        return self._plan
+
+    def _make_bucket(self, members: list[_Member]) -> _Bucket:
+        group = self.param_groups[members[0].group]
+        shape = _matrix_shape(members[0].param)
+        device = members[0].param.device
+        dtype = _STATE_DTYPES[group["state_dtype"]]
+        n = len(members)
+
+        def stacked(key: str) -> Tensor:
+            buf = torch.zeros((n, *shape), dtype=dtype, device=device)
+            for i, m in enumerate(members):
+                old = self.state[m.param].get(key)
+                if old is not None:
+                    buf[i].copy_(old.reshape(shape))
+                self.state[m.param][key] = buf[i].view(m.param.shape)
+            return buf
+
+        for m in members:
+            self.state[m.param].setdefault("step", 0)
+        damping, target, spectral, eps = [], [], [], []
+        for m in members:
+            g = self.param_groups[m.group]
+            damping.append(scaling.ns_damping(m.fan_in, m.fan_out, m.depth) if g["depth_scaled_eps"] else g["ns_eps"])
+            if g["spectral_scaling"]:
+                target.append(scaling.spectral_target(m.fan_in, m.fan_out) * m.inv_scale)
+            else:
+                target.append(scaling.keller_jordan_scale(m.fan_in, m.fan_out) * m.inv_scale)
+            spectral.append(bool(g["spectral_scaling"]))
+            if self._adaptive:
+                eps.append(scaling.adamuon_eps(m.fan_in, m.fan_out, m.depth) if g["depth_scaled_eps"] else g["eps"])
+        f32 = dict(dtype=torch.float32, device=device)
+        return _Bucket(
+            members=members,
+            shape=shape,
+            group=group,
+            momentum=stacked("momentum_buffer"),
+            exp_avg_sq=stacked("exp_avg_sq") if self._adaptive else None,
+            scratch=torch.empty((n, *shape), **f32),
+            damping=torch.tensor(damping, **f32),
+            target=torch.tensor(target, **f32),
+            spectral=torch.tensor(spectral, dtype=torch.bool, device=device),
+            adam_eps=torch.tensor(eps, **f32) if self._adaptive else None,
+            index={id(m.param): i for i, m in enumerate(members)},
+        )
+
+    # ------------------------------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._get_plan()
+        live = [m for m in plan.members.values() if m.param.grad is not None]
+        if not live or not self._grads_finite(live):
+            return loss
+        schedule = [_schedule_factor(g) for g in self.param_groups]
+
+        updates: dict[int, Tensor] = {}  # id(param) -> update to subtract (param-shaped view)
+        for bucket in plan.buckets:
+            updates.update(self._muon_bucket(bucket, schedule))
+        if plan.pairs:
+            self._rescale_pairs(plan.pairs, updates)
+        self._apply_muon(plan, updates, schedule)
+        self._aux_step([m for m in plan.aux if m.param.grad is not None], schedule)
+        return loss
+
+    def _grads_finite(self, live: list[_Member]) -> bool:
+        grads = [m.param.grad for m in live]
+        norms = torch.stack(torch._foreach_norm(grads, ord=math.inf))
+        if bool(torch.isfinite(norms).all()):
+            return True
+        bad = [m.name for m, ok in zip(live, torch.isfinite(norms).tolist()) if not ok]
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warnings.warn(f"{type(self).__name__}: non-finite gradient in {shown}; step skipped, state unchanged", stacklevel=3)
+        return False
+
+    def _muon_bucket(self, bucket: _Bucket, schedule: list[float]) -> dict[int, Tensor]:
+        rows = [i for i, m in enumerate(bucket.members) if m.param.grad is not None]
+        if not rows:
+            return {}
+        members = [bucket.members[i] for i in rows]
+        full = len(rows) == len(bucket.members)
+        g = bucket.group
+        shape = bucket.shape
+        # Gradients into one float32 stack (persistent scratch: no allocation per step).
+        u = bucket.scratch if full else bucket.scratch[: len(rows)]
+        torch._foreach_copy_(list(u.unbind(0)), [m.param.grad.reshape(shape) for m in members])
+        index = None if full else torch.tensor(rows, device=u.device)
+        inv_scale = torch.tensor([m.inv_scale for m in members], device=u.device)
+        if bool((inv_scale != 1).any()):
+            u.mul_(inv_scale[:, None, None])
+
+        momentum = bucket.momentum if full else bucket.momentum[index]
+        m32 = momentum if momentum.dtype == torch.float32 else momentum.float()
+        m32.lerp_(u, 1.0 - g["beta1"])
+        if g["nesterov"]:
+            u.lerp_(m32, g["beta1"])
+        else:
+            u.copy_(m32)
+        _write_back(bucket.momentum, m32, index)
+
+        damping = _rows(bucket.damping, index)
+        lr = torch.tensor([self.param_groups[m.group]["lr"] for m in members], device=u.device)
+        scale = lr * _rows(bucket.target, index)  # size per unit spectral norm (or per KJ-scaled O)
+        spectral = _rows(bucket.spectral, index)
+        method, steps = g["orthogonalizer"], g["ns_steps"]
+        route = choose_route(shape, g["ortho_route"])
+
+        if route == "gram" and not self._adaptive:
+            # Fold normalization, spectral scale and lr into the small factor: one big product per matrix.
+            factor, sigma, _ = gram_factor(u, method=method, steps=steps, eps=damping)
+            coef = torch.where(spectral, scale / sigma.clamp_min(1e-30), scale) * (sigma > 0)
+            factor = factor * coef[:, None, None]
+            out = factor @ u if shape[0] <= shape[1] else u @ factor
+        else:
+            out, sigma = orthogonalize(u, method=method, steps=steps, eps=damping, route=route, compute_sigma=not self._adaptive)
+            if self._adaptive:
+                out, sigma = self._second_moment(bucket, out, members, index)
+            coef = torch.where(spectral, scale / sigma.clamp_min(1e-30), scale) * (sigma > 0)
+            out.mul_(coef[:, None, None])
+        for m in members:
+            self.state[m.param]["step"] += 1
+        return {id(m.param): out[i].view(m.param.shape) for i, m in enumerate(members)}
+
+    def _second_moment(self, bucket: _Bucket, out: Tensor, members: list[_Member], index: Tensor | None):
+        return out, torch.ones(out.shape[0], device=out.device)  # Muon_adv has none (see AdaMuon_adv)
+
+    def _rescale_pairs(self, pairs: list[tuple[_Member, _Member]], updates: dict[int, Tensor]) -> None:
+        """lora_spectral_target='product': scale each pair so that ‖s·(ΔB·A + B·ΔA)‖₂ = lr·√(base_out/base_in).
+
+        The first-order change is s·[ΔB B]·[A; ΔA], rank ≤ 2r: its σ_max² is the largest eigenvalue of
+        S·(PᵀP)·S with P = [ΔB B], S = (Q·Qᵀ)^{1/2}, Q = [A; ΔA] — two 2r×2r eigenproblems, batched per shape.
+        """
+        by_shape: dict[tuple, list[tuple[_Member, _Member]]] = {}
+        for a, b in pairs:
+            if id(a.param) in updates and id(b.param) in updates:
+                by_shape.setdefault((tuple(a.param.shape), tuple(b.param.shape)), []).append((a, b))
+        for group_pairs in by_shape.values():
+            A = torch.stack([a.param.reshape(a.param.shape[0], -1) for a, _ in group_pairs]).float()
+            dA = torch.stack([updates[id(a.param)].reshape(A.shape[1:]) for a, _ in group_pairs]).float()
+            B = torch.stack([b.param.reshape(b.param.shape[0], -1) for _, b in group_pairs]).float()
+            dB = torch.stack([updates[id(b.param)].reshape(B.shape[1:]) for _, b in group_pairs]).float()
+            P = torch.cat([dB, B], dim=-1)  # (n, out, 2r)
+            Q = torch.cat([A, dA], dim=-2)  # (n, 2r, in)
+            lam_q, vec_q = torch.linalg.eigh(Q @ Q.mT)
+            root = (vec_q * lam_q.clamp_min(0).sqrt().unsqueeze(-2)) @ vec_q.mT
+            s = torch.tensor([a.lora_scale for a, _ in group_pairs], device=A.device)
+            sigma = torch.linalg.eigvalsh(root @ (P.mT @ P) @ root)[..., -1].clamp_min(0).sqrt() * s
+            lr = torch.tensor([self.param_groups[a.group]["lr"] for a, _ in group_pairs], device=A.device)
+            target = lr * torch.tensor([scaling.spectral_target(a.base_fan_in, a.base_fan_out) for a, _ in group_pairs])
+            kappa = torch.where(sigma > 0, target / sigma.clamp_min(1e-30), torch.ones_like(sigma)).tolist()
+            for (a, b), k in zip(group_pairs, kappa):
+                updates[id(a.param)].mul_(k)
+                updates[id(b.param)].mul_(k)
+
+    def _decay_multiplier(self, m: _Member, schedule: list[float]) -> float:
+        g = self.param_groups[m.group]
+        wd = g["weight_decay"]
+        if wd == 0:
+            return 1.0
+        if not g["width_scaled_weight_decay"]:
+            return 1.0 - g["lr"] * wd
+        if m.role.is_lora_factor:
+            return scaling.lora_pair_decay_multiplier(wd, m.base_fan_in, schedule[m.group])
+        return 1.0 - scaling.width_decay(wd, m.fan_in, schedule[m.group])
+
+    def _apply_muon(self, plan: _Plan, updates: dict[int, Tensor], schedule: list[float]) -> None:
+        if not updates:
+            return
+        params = [plan.members[k].param for k in updates]
+        mults = [self._decay_multiplier(plan.members[k], schedule) for k in updates]
+        if any(x != 1.0 for x in mults):
+            torch._foreach_mul_(params, mults)
+        steps = [u if u.dtype == p.dtype else u.to(p.dtype) for u, p in zip(updates.values(), params)]
+        torch._foreach_sub_(params, steps)
+
+    def _aux_step(self, members: list[_Member], schedule: list[float]) -> None:
+        """The auxiliary AdamW (and sign-SGD for LoRA A): one foreach call per kind and state dtype."""
+        kinds: dict[tuple, list[_Member]] = {}
+        for m in members:
+            kinds.setdefault((m.path, self.param_groups[m.group]["state_dtype"]), []).append(m)
+        for (path, state_dtype), ms in kinds.items():
+            dtype = _STATE_DTYPES[state_dtype]
+            params = [m.param for m in ms]
+            grads = [m.param.grad if m.inv_scale == 1 else m.param.grad * m.inv_scale for m in ms]
+            groups = [self.param_groups[m.group] for m in ms]
+            lrs = [g["adam_lr"] * schedule[m.group] * m.inv_scale for g, m in zip(groups, ms)]
+            # Decay: LoRA factors keep the pair rule of the Muon path (with the group's weight_decay) when
+            # width-scaled; everything else is torch-style adam_lr·adam_weight_decay.
+            mults = []
+            for g, m, lr in zip(groups, ms, lrs):
+                if m.role.is_lora_factor and g["width_scaled_weight_decay"]:
+                    mults.append(self._decay_multiplier(m, schedule))
+                else:
+                    mults.append(1.0 - lr / m.inv_scale * g["adam_weight_decay"])
+            if any(x != 1.0 for x in mults):
+                torch._foreach_mul_(params, mults)
+            for m in ms:
+                st = self.state[m.param]
+                st["step"] = st.get("step", 0) + 1
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(m.param, dtype=dtype)
+                    if path == "adam":
+                        st["exp_avg_sq"] = torch.zeros_like(m.param, dtype=dtype)
+            exp_avgs = [self.state[m.param]["exp_avg"] for m in ms]
+            if path == "signsgd":
+                betas = {g["adam_betas"][0] for g in groups}
+                for beta in betas:
+                    sel = [i for i, g in enumerate(groups) if g["adam_betas"][0] == beta]
+                    aux_adam.signsgd_step([params[i] for i in sel], [grads[i] for i in sel], [exp_avgs[i] for i in sel],
+                                          lr=[lrs[i] for i in sel], beta=beta)  # fmt: skip
+                continue
+            eps = []
+            for g, m in zip(groups, ms):
+                if g["depth_scaled_eps"] and m.param.ndim >= 2:
+                    eps.append(scaling.aux_adam_matrix_eps(m.param.numel(), m.depth))
+                else:
+                    eps.append(g["adam_eps"])
+            by_betas: dict[tuple, list[int]] = {}
+            for i, g in enumerate(groups):
+                by_betas.setdefault(tuple(g["adam_betas"]), []).append(i)
+            for betas, sel in by_betas.items():
+                aux_adam.adamw_step(
+                    [params[i] for i in sel], [grads[i] for i in sel], [exp_avgs[i] for i in sel],
+                    [self.state[ms[i].param]["exp_avg_sq"] for i in sel], [self.state[ms[i].param]["step"] for i in sel],
+                    lr=[lrs[i] for i in sel], betas=betas, eps=[eps[i] for i in sel],
+                )  # fmt: skip
+
+
+class AdaMuon_adv(Muon_adv):
+    """Muon_adv plus an element-wise second moment of the orthogonalized update (AdaMuon).
+
+    v ← β₂·v + (1−β₂)·O², O ← O/(√v̂ + eps) with bias correction v̂ = v/(1−β₂ᵗ), then the same spectral
+    scaling as Muon_adv (σ_max measured exactly on the preconditioned O). Without spectral scaling the
+    preconditioned O is rescaled to the Frobenius norm of the orthogonalized one, then Keller Jordan's scale.
+    eps is depth-scaled (1/(L·√(fan_in·fan_out))) when depth_scaled_eps, else used as given.
+    """
+
+    _adaptive = True
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, *args, beta2: float = 0.95, eps: float = 1e-8, **kwargs) -> None:
+        super().__init__(params, lr, *args, beta2=beta2, eps=eps, **kwargs)
+
+    def _second_moment(self, bucket: _Bucket, out: Tensor, members: list[_Member], index: Tensor | None):
+        g = bucket.group
+        beta2 = g["beta2"]
+        v = bucket.exp_avg_sq if index is None else bucket.exp_avg_sq[index]
+        v32 = v if v.dtype == torch.float32 else v.float()
+        out32 = out.float()
+        v32.mul_(beta2).addcmul_(out32, out32, value=1.0 - beta2)
+        _write_back(bucket.exp_avg_sq, v32, index)
+        steps = torch.tensor([self.state[m.param]["step"] + 1 for m in members], dtype=torch.float32, device=out.device)
+        correction = (1.0 - beta2**steps).sqrt()[:, None, None]
+        denom = (v32.sqrt() / correction).add_(_rows(bucket.adam_eps, index)[:, None, None])
+        frob = torch.linalg.vector_norm(out32, dim=(-2, -1))
+        out32 = out32 / denom
+        wide = out32.shape[-2] <= out32.shape[-1]
+        gram = out32 @ out32.mT if wide else out32.mT @ out32
+        sigma = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+        spectral = _rows(bucket.spectral, index)
+        # Without spectral scaling the coefficient divides by 1 (not σ): restore O's Frobenius norm first.
+        new_frob = torch.linalg.vector_norm(out32, dim=(-2, -1))
+        restore = torch.where(new_frob > 0, frob / new_frob.clamp_min(1e-30), torch.zeros_like(frob))
+        out32 = torch.where(spectral[:, None, None], out32, out32 * restore[:, None, None])
+        sigma = torch.where(spectral, sigma, torch.ones_like(sigma))
+        return out32.to(out.dtype), sigma
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _freeze(value):
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _matrix_shape(p: Tensor) -> tuple[int, int]:
+    return (p.shape[0], p[0].numel()) if p.ndim >= 2 else (1, p.numel())
+
+
+def _rows(t: Tensor, index: Tensor | None) -> Tensor:
+    return t if index is None else t[index]
+
+
+def _write_back(buffer: Tensor, computed: Tensor, index: Tensor | None) -> None:
+    if index is None:
+        if computed is not buffer:
+            buffer.copy_(computed)
+    else:
+        buffer[index] = computed.to(buffer.dtype)
+
+
+def _schedule_factor(group: dict) -> float:
+    return scaling.schedule_factor(group["lr"], group.get("initial_lr", group["lr"]))
+
+
+def _validate_group(group: dict, index: int) -> None:
+    where = f"param group {index}"
+    if group["lr"] < 0:
+        raise ValueError(f"{where}: lr must be >= 0, got {group['lr']}")
+    if not 0 <= group["beta1"] < 1:
+        raise ValueError(f"{where}: beta1 must be in [0, 1), got {group['beta1']}")
+    if "beta2" in group and not 0 <= group["beta2"] < 1:
+        raise ValueError(f"{where}: beta2 must be in [0, 1), got {group['beta2']}")
+    if group["weight_decay"] < 0 or group["adam_weight_decay"] < 0:
+        raise ValueError(f"{where}: weight_decay and adam_weight_decay must be >= 0")
+    if group["orthogonalizer"] not in METHODS:
+        raise ValueError(f"{where}: orthogonalizer must be one of {METHODS}, got {group['orthogonalizer']!r}")
+    if group["ortho_route"] not in ROUTES:
+        raise ValueError(f"{where}: ortho_route must be one of {ROUTES}, got {group['ortho_route']!r}")
+    if not isinstance(group["ns_steps"], int) or group["ns_steps"] < 1:
+        raise ValueError(f"{where}: ns_steps must be an integer >= 1, got {group['ns_steps']!r}")
+    if group["lora_a_optimizer"] not in _LORA_A_OPTIMIZERS:
+        raise ValueError(f"{where}: lora_a_optimizer must be one of {_LORA_A_OPTIMIZERS}, got {group['lora_a_optimizer']!r}")
+    if group["lora_spectral_target"] not in _LORA_TARGETS:
+        raise ValueError(f"{where}: lora_spectral_target must be one of {_LORA_TARGETS}, got {group['lora_spectral_target']!r}")
+    if group["state_dtype"] not in _STATE_DTYPES:
+        raise ValueError(f"{where}: state_dtype must be one of {tuple(_STATE_DTYPES)}, got {group['state_dtype']!r}")
+    if len(group["adam_betas"]) != 2 or not all(0 <= b < 1 for b in group["adam_betas"]):
+        raise ValueError(f"{where}: adam_betas must be two numbers in [0, 1), got {group['adam_betas']!r}")
+
+
+def _make_member(p: Tensor, name: str, gi: int, group: dict, pair: str | None) -> _Member:
+    depth = int(group.get("depth", 1))
+    if "role" in group:
+        try:
+            role = Role(group["role"])
+        except ValueError:
+            raise ValueError(f"parameter {name!r}: unknown role {group['role']!r}; known: {[r.value for r in Role]}") from None
+        spec = None
+    else:
+        spec = infer_spec(p, depth) if p.numel() > 0 else None
+        role = spec.role if spec is not None else Role.MATRIX
+    if p.numel() == 0:
+        raise ValueError(f"parameter {name!r}: zero-size tensor of shape {tuple(p.shape)} cannot be optimized")
+    rows, cols = _matrix_shape(p)
+    if spec is not None:
+        fan_in, fan_out = spec.fan_in, spec.fan_out
+    else:
+        fan_in, fan_out = int(group.get("fan_in", cols)), int(group.get("fan_out", rows))
+    if depth < 1:
+        raise ValueError(f"parameter {name!r}: depth must be >= 1, got {depth}")
+    path = _route(role, p, group, name)
+    if path == "muon" and (fan_out, fan_in) != _matrix_shape(p):
+        raise ValueError(
+            f"parameter {name!r}: group says fan_out x fan_in = {fan_out} x {fan_in} but the tensor's matrix view is "
+            f"{_matrix_shape(p)[0]} x {_matrix_shape(p)[1]}"
+        )
+    member = _Member(p, name, gi, role, fan_in, fan_out, depth, path)
+    if role.is_lora_factor:
+        if group.get("base_fan_in") is None or group.get("base_fan_out") is None:
+            raise ValueError(f"LoRA factor {name!r}: its group needs base_fan_in and base_fan_out")
+        if pair is None:
+            raise ValueError(f"LoRA factor {name!r} has no pair id (group key 'pairs')")
+        member.base_fan_in, member.base_fan_out = int(group["base_fan_in"]), int(group["base_fan_out"])
+        member.lora_scale = float(group.get("lora_scale", 1.0))
+        if not member.lora_scale > 0:
+            raise ValueError(f"LoRA factor {name!r}: lora_scale must be > 0, got {member.lora_scale}")
+        member.pair = pair
+    return member
+
+
+def _route(role: Role, p: Tensor, group: dict, name: str) -> str:
+    """Which update a tensor takes: "muon", "adam" or "signsgd" (the toggles of issue 3)."""
+    if role in (Role.VECTOR, Role.EMBEDDING, Role.DORA_MAGNITUDE):
+        return "adam"
+    if role is Role.OFT:
+        return "muon" if p.ndim == 2 else "adam"
+    if role is Role.LORA_B and not group["lora_b_orthogonalize"]:
+        return "adam"
+    if role is Role.LORA_A and group["lora_a_optimizer"] != "muon":
+        return group["lora_a_optimizer"]
+    if p.ndim < 2:
+        raise ValueError(f"parameter {name!r}: role {role.value} asks Muon for a {p.ndim}-D tensor of shape {tuple(p.shape)}")
+    return "muon"
+
+
+def _check_pairs(members: list[_Member]) -> None:
+    """Every LoRA factor needs its partner in the same optimizer (the pair rules act on both)."""
+    factors: dict[str, dict[Role, _Member]] = {}
+    for m in members:
+        if m.role.is_lora_factor:
+            slot = factors.setdefault(m.pair, {})
+            if m.role in slot:
+                raise ValueError(f"LoRA pair {m.pair!r} has two {m.role.value} factors: {slot[m.role].name!r} and {m.name!r}")
+            slot[m.role] = m
+    for pair, slot in factors.items():
+        if len(slot) == 1:
+            (m,) = slot.values()
+            raise ValueError(f"LoRA factor {m.name!r} (pair {pair!r}): its partner is not in this optimizer")
