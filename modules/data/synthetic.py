@@ -135,16 +135,15 @@ def render_sample(concept: Concept, rng: np.random.Generator, size: tuple[int, i
     else:
         draw.polygon([(x * s, y * s) for x, y in _shape_polygon(shape, cx, cy, radius, angle)], fill=255)
 
-    fill = Image.new("RGB", big, COLORS[color])
-    if concept.texture == "stripes":
-        stripe_color = tuple(c // 3 for c in COLORS[color])
-        stripes = ImageDraw.Draw(fill)
-        period = max(4, int(short * s / 8))
-        for offset in range(-big[1], big[0], period):  # diagonal stripes, half the period wide
-            stripes.line([(offset, 0), (offset + big[1], big[1])], fill=stripe_color, width=max(1, period // 2))
+    fill = np.empty((big[1], big[0], 3), dtype=np.uint8)
+    fill[:] = COLORS[color]
+    if concept.texture == "stripes":  # horizontal bands, at least 2 output pixels each, on the supersample grid
+        band = s * max(2, short // 16)
+        dark = (np.arange(big[1]) // band) % 2 == 1
+        fill[dark] = [c // 3 for c in COLORS[color]]
     image = Image.new("RGB", big, BACKGROUNDS[background])
-    image.paste(fill, (0, 0), mask)
-    image = image.resize((width, height), Image.Resampling.LANCZOS)
+    image.paste(Image.fromarray(fill), (0, 0), mask)
+    image = image.resize((width, height), Image.Resampling.BOX)  # area average: anti-aliased, no ringing
     return image, _caption(concept, shape, color, background)
 
 
