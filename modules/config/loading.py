@@ -183,8 +183,12 @@ def apply_override(d: dict, key: str, value: Any) -> None:
 
 
 def _closest(word: str, options: Sequence[str]) -> str | None:
+    """The most similar option, or the only one that starts with ``word`` (``polar`` -> ``polar_express``)."""
     match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return match[0] if match else None
+    if match:
+        return match[0]
+    prefixed = [o for o in options if word and o.startswith(word)]
+    return prefixed[0] if len(prefixed) == 1 else None
 
 
 def _unknown_key_hint(parent_cls: type[BaseModel] | None, parent_key: str, name: str) -> str:

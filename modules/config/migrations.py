@@ -45,6 +45,9 @@ def _move(d: dict, src: str, dst: str) -> None:
 
 
 def _v1_to_v2(d: dict) -> dict:
+    """optimizer.name → type, optimizer.learning_rate → lr; training.lr_scheduler / lr_warmup_steps / max_steps /
+    epochs → the schedule section (scheduler, warmup_steps, max_steps, epochs); data.folders path strings →
+    {path: ...} items."""
     _move(d, "optimizer.name", "optimizer.type")
     _move(d, "optimizer.learning_rate", "optimizer.lr")
     _move(d, "training.lr_scheduler", "schedule.scheduler")

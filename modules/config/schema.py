@@ -1,6 +1,6 @@
 """The typed training config: one pydantic model per YAML section, every field described.
 
-Rules that span several fields live in ``check_rules`` (one place, shared by the CLI, the
+Rules that span several fields live in rules.py (one place, shared by the CLI, the
 GUI and ``validate_dict``). Paths in a config are used as written: relative paths resolve
 against the current working directory (run presets from the repository root); only
 ``base:`` (handled by the loader) resolves relative to the file that names it.
@@ -14,23 +14,21 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from modules.config.rules import FAMILY_TEXT_ENCODERS, MUON_FAMILY, check_rules, config_warnings  # noqa: F401 (re-exported)
+
 CONFIG_VERSION = 2  # bump together with a step in migrations.py
 
 Family = Literal["sd15", "sd2", "sdxl"]  # flow-matching families (flux, chroma, sd3) join here
 Method = Literal["lora", "finetune"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 OptimizerType = Literal["muon_adv", "adamuon_adv", "lora_muon", "adamw", "torch_muon"]
-LoraTargetPreset = Literal["attn", "attn_ff", "attn_ff_proj", "all_linear", "all"]
+# default: the architecture's attention + feed-forward + projection layers (modules/model/architectures);
+# attn: attention projections only; all_linear: every nn.Linear inside the residual blocks.
+LoraTargetPreset = Literal["default", "attn", "all_linear"]
 Depth = Annotated[int, Field(ge=1)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 TextEncoderName = Literal["text_encoder", "text_encoder_2", "text_encoder_3"]
 
-# Text encoders each family has (diffusers component names).
-FAMILY_TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
-    "sd15": ("text_encoder",),
-    "sd2": ("text_encoder",),
-    "sdxl": ("text_encoder", "text_encoder_2"),
-}
 
 
 class Section(BaseModel):
@@ -101,10 +99,11 @@ class LoraConfig(Section):
         description="LoRA alpha (scale alpha/r); null means alpha = rank, which spectral scaling wants.",
     )
     targets: LoraTargetPreset | list[str] = Field(
-        default="attn_ff",
+        default="default",
         description=(
-            "Modules that get a LoRA: a preset of the family (attn, attn_ff, attn_ff_proj, all_linear, all) "
-            "or a list of module-name suffixes (e.g. [to_q, to_k, to_v, to_out.0])."
+            "Modules that get a LoRA: 'default' (the architecture's attention + feed-forward + projection layers), "
+            "'attn' (attention only), 'all_linear' (every Linear in the residual blocks), or a list of module-name "
+            "suffixes (e.g. [to_q, to_k, to_v, to_out.0])."
         ),
     )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch input.")
@@ -213,7 +212,8 @@ class OptimizerConfig(Section):
         description=(
             "muon_adv / adamuon_adv / lora_muon: tuneonce's depth- and width-aware optimizers; "
             "adamw: torch.optim.AdamW (lr, weight_decay, adam_betas, adam_eps); "
-            "torch_muon: torch.optim.Muon on matrices (lr, weight_decay, beta1, nesterov, ns_steps) + AdamW on the rest."
+            "torch_muon: torch.optim.Muon on matrices (lr, weight_decay, beta1, nesterov, ns_steps, ns_eps) "
+            "+ AdamW on the rest (adam_lr, adam_betas, adam_eps, adam_weight_decay)."
         ),
     )
     lr: float = Field(default=1e-3, ge=0, description="Peak learning rate (Muon family: the transferable 1e-3).")
@@ -388,109 +388,8 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "TrainConfig":
         problems = check_rules(self)
+        if self.config_version != CONFIG_VERSION:
+            problems.insert(0, ("config_version", f"must be {CONFIG_VERSION}; older files load through load_config"))
         if problems:
             raise RuleViolation(problems)
         return self
-
-
-MUON_FAMILY = ("muon_adv", "adamuon_adv", "lora_muon")
-
-
-def check_rules(cfg: TrainConfig) -> list[tuple[str, str]]:
-    """Rules spanning several fields, as (dotted_key, message); empty when the config is consistent."""
-    problems: list[tuple[str, str]] = []
-    if cfg.config_version != CONFIG_VERSION:
-        problems.append(("config_version", f"must be {CONFIG_VERSION} (load older files through load_config)"))
-    opt, lora, data = cfg.optimizer, cfg.lora, cfg.data
-    is_lora = cfg.method == "lora"
-
-    if is_lora and lora.dora and opt.spectral_scaling and opt.type in MUON_FAMILY and not lora.force_dora_with_spectral:
-        problems.append((
-            "lora.dora",
-            "DoRA's magnitude scaling fights optimizer.spectral_scaling; set optimizer.spectral_scaling: false "
-            "or lora.force_dora_with_spectral: true",
-        ))
-    if opt.type == "lora_muon" and not is_lora:
-        problems.append(("optimizer.type", "lora_muon trains LoRA factors only; use it with method: lora"))
-    if opt.type == "lora_muon" and is_lora and lora.dora:
-        problems.append(("optimizer.type", "lora_muon does not train DoRA adapters; set lora.dora: false"))
-
-    encoders = FAMILY_TEXT_ENCODERS.get(cfg.model.family, ())
-    for name in lora.train_text_encoders.enabled():
-        if name not in encoders:
-            problems.append((
-                f"lora.train_text_encoders.{name}",
-                f"family {cfg.model.family} has no {name} (it has: {', '.join(encoders) or 'none'})",
-            ))
-    trains_text_encoder = is_lora and bool(lora.train_text_encoders.enabled())
-    if data.cache_text_embeddings and trains_text_encoder:
-        problems.append((
-            "data.cache_text_embeddings",
-            "cannot cache text embeddings while training a text encoder; set it false",
-        ))
-    if data.cache_text_embeddings and data.shuffle_tags:
-        problems.append((
-            "data.cache_text_embeddings",
-            "cached embeddings cannot follow shuffled tags; set data.shuffle_tags: false or this false",
-        ))
-    if data.random_crop and data.cache_latents:
-        problems.append(("data.random_crop", "cached latents cannot be cropped anew each epoch; set data.cache_latents: false"))
-    if data.resolution % 8:
-        problems.append(("data.resolution", f"must be a multiple of 8 (the VAE factor), got {data.resolution}"))
-    if data.bucketing:
-        if data.bucket_step % 8:
-            problems.append(("data.bucket_step", f"must be a multiple of 8, got {data.bucket_step}"))
-        if data.bucket_min > data.bucket_max:
-            problems.append((
-                "data.bucket_min",
-                f"bucket_min {data.bucket_min} is larger than bucket_max {data.bucket_max}",
-            ))
-
-    schedule = cfg.schedule
-    if schedule.max_steps is None and schedule.epochs is None:
-        problems.append(("schedule.max_steps", "set schedule.max_steps or schedule.epochs"))
-    elif schedule.max_steps is not None and schedule.epochs is not None:
-        problems.append((
-            "schedule.epochs",
-            "set only one of schedule.max_steps and schedule.epochs (the other to null)",
-        ))
-    elif schedule.max_steps is not None and schedule.warmup_steps > schedule.max_steps:
-        problems.append((
-            "schedule.warmup_steps",
-            f"warmup_steps {schedule.warmup_steps} is longer than max_steps {schedule.max_steps}",
-        ))
-
-    if cfg.sampling.every_n_steps and not cfg.sampling.prompts:
-        problems.append(("sampling.prompts", "sampling.every_n_steps is set but there are no prompts"))
-
-    val = cfg.validation
-    if val.folder is not None and val.split_fraction is not None:
-        problems.append(("validation.split_fraction", "set only one of validation.folder and validation.split_fraction"))
-    if val.every_n_steps and val.folder is None and val.split_fraction is None:
-        problems.append(("validation.folder", "validation.every_n_steps is set: give a folder or a split_fraction"))
-
-    if cfg.method == "lora" and lora.init_lora is not None and not lora.init_lora.endswith(".safetensors"):
-        problems.append(("lora.init_lora", f"must be a .safetensors file, got {lora.init_lora!r}"))
-    return problems
-
-
-def config_warnings(cfg: TrainConfig) -> list[str]:
-    """Legal but probably unintended settings, printed by the CLI (never fatal)."""
-    out: list[str] = []
-    if (
-        cfg.method == "lora"
-        and cfg.optimizer.type in MUON_FAMILY
-        and cfg.optimizer.spectral_scaling
-        and cfg.lora.effective_alpha != cfg.lora.rank
-    ):
-        out.append(
-            f"lora.alpha {cfg.lora.alpha:g} != rank {cfg.lora.rank}: with spectral scaling the alpha/rank factor "
-            "fights the scaling (set alpha: null or equal to rank)"
-        )
-    if cfg.data.keep_tokens and not cfg.data.shuffle_tags:
-        out.append("data.keep_tokens only applies with data.shuffle_tags: true")
-    if cfg.training.timestep_sampling != "logit_normal" and (cfg.training.logit_mean, cfg.training.logit_std) != (0, 1):
-        out.append("training.logit_mean/logit_std are set but training.timestep_sampling is not logit_normal")
-    if cfg.training.mixed_precision == "fp16" and cfg.model.train_dtype == "bfloat16":
-        out.append("training.mixed_precision fp16 with model.train_dtype bfloat16: pick one half type")
-    return out

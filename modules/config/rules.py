@@ -1,0 +1,179 @@
+"""Rules spanning several fields. Each rule is a small function whose docstring is its one-line summary
+(listed in configs/SCHEMA.md); it returns (dotted_key, message) for each violation.
+
+Shared by validation (TrainConfig), the CLI and the GUI (through ``validate_dict``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modules.config.schema import TrainConfig
+
+Problem = tuple[str, str]
+MUON_FAMILY = ("muon_adv", "adamuon_adv", "lora_muon")
+
+# Text encoders of each family (diffusers component names).
+FAMILY_TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
+    "sd15": ("text_encoder",),
+    "sd2": ("text_encoder",),
+    "sdxl": ("text_encoder", "text_encoder_2"),
+}
+
+
+def dora_vs_spectral(cfg: TrainConfig) -> list[Problem]:
+    """DoRA with spectral scaling (Muon family) is an error unless lora.force_dora_with_spectral."""
+    lora, opt = cfg.lora, cfg.optimizer
+    if (
+        cfg.method == "lora"
+        and lora.dora
+        and opt.spectral_scaling
+        and opt.type in MUON_FAMILY
+        and not lora.force_dora_with_spectral
+    ):
+        return [(
+            "lora.dora",
+            "DoRA's magnitude scaling fights optimizer.spectral_scaling; set optimizer.spectral_scaling: false "
+            "or lora.force_dora_with_spectral: true",
+        )]
+    return []
+
+
+def lora_muon_needs_lora(cfg: TrainConfig) -> list[Problem]:
+    """optimizer.type lora_muon needs method lora and plain (non-DoRA) adapters."""
+    if cfg.optimizer.type != "lora_muon":
+        return []
+    if cfg.method != "lora":
+        return [("optimizer.type", "lora_muon trains LoRA factors only; use it with method: lora")]
+    if cfg.lora.dora:
+        return [("optimizer.type", "lora_muon does not train DoRA adapters; set lora.dora: false")]
+    return []
+
+
+def text_encoders_exist(cfg: TrainConfig) -> list[Problem]:
+    """lora.train_text_encoders may only name encoders the family has (sd15/sd2: one, sdxl: two)."""
+    if cfg.method != "lora":
+        return []
+    encoders = FAMILY_TEXT_ENCODERS.get(cfg.model.family, ())
+    return [
+        (
+            f"lora.train_text_encoders.{name}",
+            f"family {cfg.model.family} has no {name} (it has: {', '.join(encoders) or 'none'})",
+        )
+        for name in cfg.lora.train_text_encoders.enabled()
+        if name not in encoders
+    ]
+
+
+def text_cache_is_static(cfg: TrainConfig) -> list[Problem]:
+    """data.cache_text_embeddings needs frozen text encoders and no tag shuffling."""
+    if not cfg.data.cache_text_embeddings:
+        return []
+    out = []
+    if cfg.method == "lora" and cfg.lora.train_text_encoders.enabled():
+        out.append((
+            "data.cache_text_embeddings",
+            "cannot cache text embeddings while training a text encoder; set it false",
+        ))
+    if cfg.data.shuffle_tags:
+        out.append((
+            "data.cache_text_embeddings",
+            "cached embeddings cannot follow shuffled tags; set data.shuffle_tags: false or this false",
+        ))
+    return out
+
+
+def latent_cache_is_static(cfg: TrainConfig) -> list[Problem]:
+    """data.random_crop cannot be combined with data.cache_latents."""
+    if cfg.data.random_crop and cfg.data.cache_latents:
+        return [("data.random_crop", "cached latents cannot be cropped anew each epoch; set data.cache_latents: false")]
+    return []
+
+
+def sizes_fit(cfg: TrainConfig) -> list[Problem]:
+    """data.resolution and data.bucket_step are multiples of 8; bucket_min <= bucket_max."""
+    data = cfg.data
+    out = []
+    if data.resolution % 8:
+        out.append(("data.resolution", f"must be a multiple of 8, got {data.resolution}"))
+    if data.bucketing:
+        if data.bucket_step % 8:
+            out.append(("data.bucket_step", f"must be a multiple of 8, got {data.bucket_step}"))
+        if data.bucket_min > data.bucket_max:
+            out.append(("data.bucket_min", f"{data.bucket_min} is larger than data.bucket_max {data.bucket_max}"))
+    return out
+
+
+def run_length(cfg: TrainConfig) -> list[Problem]:
+    """Exactly one of schedule.max_steps and schedule.epochs; warm-up no longer than max_steps."""
+    s = cfg.schedule
+    if s.max_steps is None and s.epochs is None:
+        return [("schedule.max_steps", "set schedule.max_steps or schedule.epochs")]
+    if s.max_steps is not None and s.epochs is not None:
+        return [("schedule.epochs", "set only one of schedule.max_steps and schedule.epochs (the other to null)")]
+    if s.max_steps is not None and s.warmup_steps > s.max_steps:
+        return [("schedule.warmup_steps", f"{s.warmup_steps} is longer than schedule.max_steps {s.max_steps}")]
+    return []
+
+
+def sampling_has_prompts(cfg: TrainConfig) -> list[Problem]:
+    """sampling.every_n_steps > 0 needs at least one prompt."""
+    if cfg.sampling.every_n_steps and not cfg.sampling.prompts:
+        return [("sampling.prompts", "sampling.every_n_steps is set but there are no prompts")]
+    return []
+
+
+def validation_has_data(cfg: TrainConfig) -> list[Problem]:
+    """validation: at most one of folder and split_fraction; one of them when every_n_steps > 0."""
+    v = cfg.validation
+    if v.folder is not None and v.split_fraction is not None:
+        return [("validation.split_fraction", "set only one of validation.folder and validation.split_fraction")]
+    if v.every_n_steps and v.folder is None and v.split_fraction is None:
+        return [("validation.folder", "validation.every_n_steps is set: give a folder or a split_fraction")]
+    return []
+
+
+def init_lora_is_safetensors(cfg: TrainConfig) -> list[Problem]:
+    """lora.init_lora must be a .safetensors file."""
+    path = cfg.lora.init_lora
+    if cfg.method == "lora" and path is not None and not path.endswith(".safetensors"):
+        return [("lora.init_lora", f"must be a .safetensors file, got {path!r}")]
+    return []
+
+
+RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
+    dora_vs_spectral,
+    lora_muon_needs_lora,
+    text_encoders_exist,
+    text_cache_is_static,
+    latent_cache_is_static,
+    sizes_fit,
+    run_length,
+    sampling_has_prompts,
+    validation_has_data,
+    init_lora_is_safetensors,
+)
+
+
+def check_rules(cfg: TrainConfig) -> list[Problem]:
+    """Every cross-field violation of ``cfg``; empty when it is consistent."""
+    return [problem for rule in RULES for problem in rule(cfg)]
+
+
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Legal but probably unintended settings, printed by the CLI (never fatal)."""
+    out: list[str] = []
+    lora, opt = cfg.lora, cfg.optimizer
+    if cfg.method == "lora" and opt.type in MUON_FAMILY and opt.spectral_scaling and lora.effective_alpha != lora.rank:
+        out.append(
+            f"lora.alpha {lora.effective_alpha:g} != rank {lora.rank}: with spectral scaling the alpha/rank factor "
+            "fights the scaling (set alpha: null or equal to rank)"
+        )
+    if cfg.data.keep_tokens and not cfg.data.shuffle_tags:
+        out.append("data.keep_tokens only applies with data.shuffle_tags: true")
+    if cfg.training.timestep_sampling != "logit_normal" and (cfg.training.logit_mean, cfg.training.logit_std) != (0, 1):
+        out.append("training.logit_mean/logit_std are set but training.timestep_sampling is not logit_normal")
+    if cfg.training.mixed_precision == "fp16" and cfg.model.train_dtype == "bfloat16":
+        out.append("training.mixed_precision fp16 with model.train_dtype bfloat16: pick one half type")
+    return out
