@@ -128,6 +128,7 @@ def test_items_fit_their_bucket_and_record_sdxl_conditioning(images):
     assert item["original_size"] == (32, 64) and item["target_size"] == (24, 40)
     assert item["crop_top_left"] == (0, 4)  # 64x32 scaled to 48x24, 8 spare columns centered
     assert -1.0 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1.0
+    assert dataset.summary() == "12 items from 12 images in 2 buckets: 32x32 ×9, 40x24 ×3"
     off = _dataset(images, bucketing=False)
     assert {off.bucket_size(i) for i in range(len(off.records))} == {(32, 32)}
     assert off[wide[0]]["crop_top_left"] == (0, 16)
@@ -222,7 +223,7 @@ def test_dataset_augmentation_reproducible_per_seed_and_epoch(tmp_path):
     def items(seed: int, epoch: int) -> list[tuple[str, bool]]:
         dataset = TrainDataset(scan_folders([folder]), _settings(folder, **kwargs), seed=seed)
         sampler = dataset.batch_sampler(1, shuffle=False)
-        sampler.set_epoch(epoch)
+        sampler.start_epoch(epoch)
         return [(dataset[b[0]]["caption"], dataset[b[0]]["flipped"]) for b in sampler]
 
     first = items(0, 0)

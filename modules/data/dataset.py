@@ -231,6 +231,14 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.item_records)
 
+    def summary(self) -> str:
+        """One line for the log, e.g. ``24 items from 12 images in 2 buckets: 64x64 ×20, 80x48 ×4``."""
+        counts: dict[int, int] = {}
+        for bucket in self.bucket_ids:
+            counts[bucket] = counts.get(bucket, 0) + 1
+        buckets = ", ".join(f"{self.buckets[b][0]}x{self.buckets[b][1]} ×{n}" for b, n in sorted(counts.items()))
+        return f"{len(self)} items from {len(self.records)} images in {len(counts)} buckets: {buckets}"
+
     def bucket_size(self, record_index: int) -> Size:
         return self.buckets[self.record_buckets[record_index]]
 

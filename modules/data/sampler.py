@@ -11,6 +11,9 @@ that batch) into the batch. With DataLoader workers prefetching ahead, the sampl
 ``state_dict()`` runs ahead of the training loop; checkpoint ``batch["sampler_state"]`` of the
 last batch the loop consumed instead (identical when num_workers == 0).
 
+Do not let ``accelerator.prepare`` re-shard this loader; give each process its ``rank`` and
+``num_replicas`` here instead and move batches to the device yourself.
+
 Several processes (DDP): every rank builds the same global batches of
 ``batch_size · num_replicas`` items and takes its own slice, so N processes see the same items
 per step as one process with the global batch (incomplete global batches are dropped then).
@@ -108,8 +111,13 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
             yield [SampleKey(epoch, position, index) for index in mine]
         self.epoch, self.position = epoch + 1, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first batch."""
+    def start_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch.
+
+        Deliberately not named ``set_epoch``: accelerate's prepared DataLoader calls
+        ``batch_sampler.set_epoch(its own pass counter)`` on every ``iter()``, which would
+        undo a resumed position. The sampler counts its epochs itself.
+        """
         self.epoch, self.position = epoch, 0
 
     def state_dict(self) -> dict[str, int]:
