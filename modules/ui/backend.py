@@ -118,16 +118,12 @@ class Backend:
         return {"path": str(target), "command": f"python scripts/train.py --config {target}"}
 
     def start_run(self, config: dict, texts: dict | None = None) -> dict:
-        from modules.trainer.train import RunPaths  # where the trainer writes; imported late (it loads torch)
-
         full = self.valid_config(config, texts)
-        paths = RunPaths.from_config(config_schema.TrainConfig.model_validate(full))
-        output_dir = self.workdir / paths.output_dir
+        output_dir, log_dir, samples_dir = (self.workdir / p for p in run_paths(full))
         output_dir.mkdir(parents=True, exist_ok=True)
         config_path = output_dir / f"{full['saving']['name']}.ui-run.yaml"
         config_path.write_text(dump_yaml(full), encoding="utf-8")
-        watch = RunWatch(metrics_path=self.workdir / paths.log_dir / METRICS_FILE,
-                         samples_dir=self.workdir / paths.samples_dir)
+        watch = RunWatch(metrics_path=log_dir / METRICS_FILE, samples_dir=samples_dir)
         try:
             run = self.runs.start(config_path, watch, max_steps=full["schedule"]["max_steps"])
         except RuntimeError as exc:
@@ -147,6 +143,17 @@ def validate_dict(config: dict) -> list[tuple[str, str]]:
     from modules.config.loading import validate_dict as validate
 
     return [(str(k), str(m)) for k, m in validate(copy.deepcopy(config))]
+
+
+def run_paths(config: dict) -> tuple[Path, Path, Path]:
+    """(output_dir, log_dir, samples_dir) of a run, by the rule of modules.trainer.train.RunPaths.
+
+    Restated here because importing the trainer loads torch, which would make the first Start
+    take seconds; tests/test_ui_backend.py checks that both agree.
+    """
+    out = Path(config["saving"]["output_dir"])
+    log_dir = Path(config["logging"]["log_dir"]) if config["logging"].get("log_dir") else out / "logs"
+    return out, log_dir, out / "samples"
 
 
 def warnings_for(config: dict) -> list[str]:
