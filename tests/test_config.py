@@ -163,6 +163,8 @@ def test_unknown_key_names_file_key_and_closest(tmp_path):
 def test_unknown_key_in_the_wrong_section_points_to_the_right_one(tmp_path):
     msg = error_of(write(tmp_path, "c.yaml", MINIMAL), ("training.lr=3",))
     assert msg == "--set: training.lr: unknown key (did you mean 'optimizer.lr'?)"
+    path = write(tmp_path, "d.yaml", MINIMAL + "optimzer: {lr: 1}\n")
+    assert error_of(path) == f"{path}: optimzer: unknown key (did you mean 'optimizer'?)"
 
 
 def test_error_names_the_base_file_that_set_the_key(tmp_path):

@@ -26,10 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override a field, e.g. --set optimizer.lr=2e-3 (value parsed as YAML; repeatable)",
+        help="override fields, e.g. --set optimizer.lr=2e-3 lora.rank=8 (values parsed as YAML; repeatable)",
     )
     parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
