@@ -181,7 +181,7 @@ def test_two_ranks_see_the_global_batch_of_one_process():
     bucket_ids = [i % 2 for i in range(20)]
     single = _epoch(BucketBatchSampler(bucket_ids, 4, seed=3, drop_last=True))
     ranks = [_epoch(BucketBatchSampler(bucket_ids, 2, seed=3, num_replicas=2, rank=r)) for r in range(2)]
-    assert [a + b for a, b in zip(*ranks)] == single
+    assert [a + b for a, b in zip(*ranks, strict=True)] == single
 
 
 def test_dataloader_resume_from_batch_state(images):
@@ -202,8 +202,14 @@ def test_dataloader_resume_from_batch_state(images):
 
 def test_caption_dropout_and_shuffle_are_seeded_and_keep_tokens():
     caption = "zxq, star, magenta, stripes, white background, centered"
-    draws = [process_caption(caption, np.random.default_rng([7, i]), dropout=0.3, shuffle=True, keep_tokens=2) for i in range(400)]
-    again = [process_caption(caption, np.random.default_rng([7, i]), dropout=0.3, shuffle=True, keep_tokens=2) for i in range(400)]
+    draws = [
+        process_caption(caption, np.random.default_rng([7, i]), dropout=0.3, shuffle=True, keep_tokens=2)
+        for i in range(400)
+    ]
+    again = [
+        process_caption(caption, np.random.default_rng([7, i]), dropout=0.3, shuffle=True, keep_tokens=2)
+        for i in range(400)
+    ]
     assert draws == again
     assert 0.22 < draws.count("") / len(draws) < 0.38
     kept = [d for d in draws if d]
@@ -218,7 +224,9 @@ def test_dataset_augmentation_reproducible_per_seed_and_epoch(tmp_path):
     Image.fromarray(np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)).save(tmp_path / "img.png")
     (tmp_path / "img.txt").write_text("one, two, three, four, five")
     folder = FolderSpec(tmp_path, repeats=40)
-    kwargs = dict(resolution=16, bucketing=False, random_flip=0.5, caption_dropout=0.2, shuffle_tags=True, keep_tokens=1)
+    kwargs = dict(
+        resolution=16, bucketing=False, random_flip=0.5, caption_dropout=0.2, shuffle_tags=True, keep_tokens=1
+    )
 
     def items(seed: int, epoch: int) -> list[tuple[str, bool]]:
         dataset = TrainDataset(scan_folders([folder]), _settings(folder, **kwargs), seed=seed)
@@ -242,8 +250,15 @@ def test_dataset_augmentation_reproducible_per_seed_and_epoch(tmp_path):
 
 
 def test_validation_split_is_deterministic_disjoint_and_unaugmented(images):
-    data = {"folders": [{"path": str(images), "repeats": 2}], "resolution": 32, "bucket_step": 8,
-            "bucket_min": 16, "bucket_max": 64, "random_flip": True, "caption_dropout": 1.0}
+    data = {
+        "folders": [{"path": str(images), "repeats": 2}],
+        "resolution": 32,
+        "bucket_step": 8,
+        "bucket_min": 16,
+        "bucket_max": 64,
+        "random_flip": True,
+        "caption_dropout": 1.0,
+    }
     train, val = build_datasets(data, {"split_fraction": 0.25, "seed": 4}, seed=0)
     train2, val2 = build_datasets(data, {"split_fraction": 0.25, "seed": 4}, seed=0)
     assert val is not None and val2 is not None
@@ -260,8 +275,15 @@ def test_validation_split_is_deterministic_disjoint_and_unaugmented(images):
 
 def test_settings_from_pydantic_config(images):
     schema = pytest.importorskip("modules.config.schema")
-    cfg = schema.DataConfig(folders=[{"path": str(images), "repeats": 3}], resolution=32, random_flip=True,
-                            bucket_step=8, bucket_min=16, bucket_max=64, keep_tokens=2)
+    cfg = schema.DataConfig(
+        folders=[{"path": str(images), "repeats": 3}],
+        resolution=32,
+        random_flip=True,
+        bucket_step=8,
+        bucket_min=16,
+        bucket_max=64,
+        keep_tokens=2,
+    )
     settings = DataSettings.from_config(cfg)
     assert settings.folders == (FolderSpec(images, 3),)
     assert settings.random_flip == 0.5 and settings.keep_tokens == 2 and settings.bucket_step == 8

@@ -37,8 +37,10 @@ class CountingTextEncoder:
 
 
 def _dataset(folder: Path, *, seed: int = 0, **overrides) -> TrainDataset:
-    settings = DataSettings(folders=(FolderSpec(folder),), **{"resolution": 32, "bucket_step": 8, "bucket_min": 16,
-                                                             "bucket_max": 64, **overrides})
+    settings = DataSettings(
+        folders=(FolderSpec(folder),),
+        **{"resolution": 32, "bucket_step": 8, "bucket_min": 16, "bucket_max": 64, **overrides},
+    )
     return TrainDataset(scan_folders(settings.folders), settings, seed=seed)
 
 
@@ -122,7 +124,12 @@ def test_text_cache_with_dropout_uses_the_empty_caption(folder, tmp_path):
     assert batch["text_embeddings"]["prompt_embeds"].shape == (2, 3, 4)
 
     again = CountingTextEncoder()
-    assert _dataset(folder, caption_dropout=0.5).cache_text_embeddings(again, encoder_id="clip", cache_dir=tmp_path / "c").hits == len(distinct) + 1
+    assert (
+        _dataset(folder, caption_dropout=0.5)
+        .cache_text_embeddings(again, encoder_id="clip", cache_dir=tmp_path / "c")
+        .hits
+        == len(distinct) + 1
+    )
     assert again.seen == []
     _dataset(folder).cache_text_embeddings(again, encoder_id="clip-v2", cache_dir=tmp_path / "c")
     assert sorted(again.seen) == sorted(distinct)
@@ -130,9 +137,13 @@ def test_text_cache_with_dropout_uses_the_empty_caption(folder, tmp_path):
 
 def test_cache_rules_reject_incompatible_augmentation(folder, tmp_path):
     with pytest.raises(ValueError, match="shuffle_tags"):
-        _dataset(folder, shuffle_tags=True).cache_text_embeddings(CountingTextEncoder(), encoder_id="x", cache_dir=tmp_path)
+        _dataset(folder, shuffle_tags=True).cache_text_embeddings(
+            CountingTextEncoder(), encoder_id="x", cache_dir=tmp_path
+        )
     with pytest.raises(ValueError, match="training a text encoder"):
-        _dataset(folder).cache_text_embeddings(CountingTextEncoder(), encoder_id="x", cache_dir=tmp_path, train_text_encoders=True)
+        _dataset(folder).cache_text_embeddings(
+            CountingTextEncoder(), encoder_id="x", cache_dir=tmp_path, train_text_encoders=True
+        )
     with pytest.raises(ValueError, match="random crop"):
         _dataset(folder, random_crop=True).cache_latents(CountingImageEncoder(), encoder_id="x", cache_dir=tmp_path)
     with pytest.raises(ValueError, match=r"encode_images must return a tensor with 4 rows, got tensor of shape \(1,"):

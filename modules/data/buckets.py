@@ -16,7 +16,9 @@ from PIL import Image
 Size = tuple[int, int]  # (width, height)
 
 
-def make_buckets(resolution: int, *, step: int = 64, min_side: int | None = None, max_side: int | None = None) -> list[Size]:
+def make_buckets(
+    resolution: int, *, step: int = 64, min_side: int | None = None, max_side: int | None = None
+) -> list[Size]:
     """Bucket sizes with area <= resolution², both sides multiples of ``step`` in [min_side, max_side].
 
     For every width on the step grid the height is the largest grid value that keeps the area
@@ -49,7 +51,10 @@ def _round_up(value: int, step: int) -> int:
 def assign_bucket(width: int, height: int, buckets: list[Size]) -> int:
     """Index of the bucket whose aspect ratio is closest (in log scale) to width/height; ties → larger area."""
     log_ratio = math.log(width / height)
-    return min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - log_ratio), -buckets[i][0] * buckets[i][1]))
+    return min(
+        range(len(buckets)),
+        key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - log_ratio), -buckets[i][0] * buckets[i][1]),
+    )
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,9 @@ class CropPlan:
     crop_top_left: tuple[int, int]  # (top, left) in the resized image
 
 
-def plan_crop(size: Size, target: Size, *, random_crop: bool = False, rng: np.random.Generator | None = None) -> CropPlan:
+def plan_crop(
+    size: Size, target: Size, *, random_crop: bool = False, rng: np.random.Generator | None = None
+) -> CropPlan:
     """Scale ``size`` to cover ``target`` (keeping aspect) and choose the crop: centered, or uniform random."""
     width, height = size
     target_w, target_h = target

@@ -23,40 +23,38 @@ Augmentation and caching rules (kohya users' expectations):
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from modules.data.buckets import CropPlan, Size, apply_crop, assign_bucket, make_buckets, plan_crop
 from modules.data.cache import CacheStats, DiskCache, content_hash, dtype_name, settings_key
-from modules.data.captions import Stream, item_rng, process_caption, read_caption
+from modules.data.captions import Stream, item_rng, process_caption
+from modules.data.folders import FolderSpec, ImageRecord, load_image, scan_folders, split_records, to_tensor
 from modules.data.sampler import BucketBatchSampler, SampleKey
 
-logger = logging.getLogger("tuneonce.data")
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_EXIF_ORIENTATION = 0x0112
-_ROTATED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+__all__ = [
+    "DataSettings",
+    "FolderSpec",
+    "ImageRecord",
+    "TrainDataset",
+    "build_dataset",
+    "build_datasets",
+    "collate_batch",
+    "scan_folders",
+    "split_records",
+]
 
 EncodeImages = Callable[[torch.Tensor], torch.Tensor]
 EncodeCaptions = Callable[[list[str]], Mapping[str, torch.Tensor]]
 
 
 # --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class FolderSpec:
-    path: Path
-    repeats: int = 1
-    default_caption: str = ""  # caption of images without a caption file
 
 
 @dataclass(frozen=True)
@@ -87,8 +85,10 @@ class DataSettings:
         """
         if isinstance(cfg, DataSettings):
             return cfg
-        get = (lambda name, default: cfg.get(name, default)) if isinstance(cfg, Mapping) else (
-            lambda name, default: getattr(cfg, name, default)
+        get = (
+            (lambda name, default: cfg.get(name, default))
+            if isinstance(cfg, Mapping)
+            else (lambda name, default: getattr(cfg, name, default))
         )
         folders = tuple(_folder_spec(f) for f in get("folders", ()))
         flip = get("random_flip", 0.0)
@@ -105,93 +105,6 @@ def _folder_spec(folder: Any) -> FolderSpec:
     return FolderSpec(Path(get("path", "")), int(get("repeats", 1)), str(get("default_caption", "") or ""))
 
 
-# --------------------------------------------------------------------------- scanning
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    path: Path
-    size: Size  # (width, height) after EXIF rotation
-    caption: str
-    repeats: int = 1
-
-
-def scan_folders(folders: Sequence[FolderSpec], caption_extension: str = ".txt") -> list[ImageRecord]:
-    """Every readable image of ``folders`` (not recursive, sorted by name) with its caption.
-
-    Unsupported or unreadable files are skipped with one warning each naming the file; caption
-    files and hidden files are skipped silently. A missing folder or no image at all is an error.
-    """
-    records: list[ImageRecord] = []
-    for folder in folders:
-        if not folder.path.is_dir():
-            raise FileNotFoundError(f"data folder not found: {folder.path}")
-        for path in sorted(folder.path.iterdir()):
-            if path.name.startswith(".") or path.is_dir() or path.suffix.lower() == caption_extension.lower():
-                continue
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                logger.warning("skipping unsupported file %s (supported: %s)", path, ", ".join(IMAGE_EXTENSIONS))
-                continue
-            try:
-                size = _probe_image(path)
-            except Exception as err:  # PIL raises many types for broken files
-                logger.warning("skipping unreadable image %s: %s", path, err)
-                continue
-            caption = read_caption(path, caption_extension, folder.default_caption)
-            records.append(ImageRecord(path, size, caption, folder.repeats))
-    if not records:
-        names = ", ".join(str(f.path) for f in folders)
-        raise ValueError(f"no usable images in data folder(s) {names} (supported: {', '.join(IMAGE_EXTENSIONS)})")
-    return records
-
-
-def _probe_image(path: Path) -> Size:
-    with Image.open(path) as image:
-        image.verify()  # checks the structure (PNG CRCs etc.) without decoding all pixels
-    with Image.open(path) as image:  # verify() leaves the image unusable: reopen for size and EXIF
-        width, height = image.size
-        orientation = image.getexif().get(_EXIF_ORIENTATION)
-    if width < 1 or height < 1:
-        raise ValueError("empty image")
-    return (height, width) if orientation in _ROTATED_ORIENTATIONS else (width, height)
-
-
-def load_image(path: Path) -> Image.Image:
-    """RGB image with EXIF rotation applied and transparency composited onto white."""
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-    except Exception as err:
-        raise RuntimeError(f"cannot load image {path}: {err}") from err
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """(C, H, W) float32 in [-1, 1]."""
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-def split_records(records: Sequence[ImageRecord], fraction: float, seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """Deterministic (train, held-out) split: ``fraction`` of the images (at least one) held out."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"validation split fraction must be in (0, 1), got {fraction}")
-    if len(records) < 2:
-        raise ValueError(f"cannot hold out a validation split from {len(records)} image(s)")
-    ordered = sorted(records, key=lambda r: str(r.path))
-    held = min(len(ordered) - 1, max(1, round(fraction * len(ordered))))
-    order = item_rng(seed, 0, 0, Stream.SPLIT).permutation(len(ordered))
-    held_out = {int(i) for i in order[:held]}
-    train = [r for i, r in enumerate(ordered) if i not in held_out]
-    val = [r for i, r in enumerate(ordered) if i in held_out]
-    return train, val
-
-
 # --------------------------------------------------------------------------- dataset
 
 
@@ -205,7 +118,9 @@ class TrainDataset(Dataset):
     (top, left), ``target_size`` (h, w), ``flipped``, ``path``, ``index``, ``epoch``, ``position``.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], settings: DataSettings, *, seed: int, augment: bool = True) -> None:
+    def __init__(
+        self, records: Sequence[ImageRecord], settings: DataSettings, *, seed: int, augment: bool = True
+    ) -> None:
         if not records:
             raise ValueError("a dataset needs at least one image")
         self.records = list(records)
@@ -214,7 +129,10 @@ class TrainDataset(Dataset):
         self.augment = augment
         if settings.bucketing:
             self.buckets = make_buckets(
-                settings.resolution, step=settings.bucket_step, min_side=settings.bucket_min, max_side=settings.bucket_max
+                settings.resolution,
+                step=settings.bucket_step,
+                min_side=settings.bucket_min,
+                max_side=settings.bucket_max,
             )
         else:
             self.buckets = [(settings.resolution, settings.resolution)]
@@ -251,7 +169,10 @@ class TrainDataset(Dataset):
             plan = plan_crop(record.size, target, random_crop=True, rng=item_rng(self.seed, epoch, index, Stream.CROP))
         else:
             plan = plan_crop(record.size, target)
-        flipped = self.flip_probability > 0 and item_rng(self.seed, epoch, index, Stream.FLIP).random() < self.flip_probability
+        flipped = (
+            self.flip_probability > 0
+            and item_rng(self.seed, epoch, index, Stream.FLIP).random() < self.flip_probability
+        )
         caption = record.caption
         if self.augment:
             caption = process_caption(
@@ -333,16 +254,22 @@ class TrainDataset(Dataset):
         for jobs in missing.values():
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start : start + batch_size]
-                pixels = torch.stack([
-                    self._pixels(self.records[r], plan_crop(self.records[r].size, self.bucket_size(r)), flip)
-                    for r, flip, _ in chunk
-                ])
+                pixels = torch.stack(
+                    [
+                        self._pixels(self.records[r], plan_crop(self.records[r].size, self.bucket_size(r)), flip)
+                        for r, flip, _ in chunk
+                    ]
+                )
                 with torch.no_grad():
                     latents = encode_images(pixels)
                 if not isinstance(latents, torch.Tensor) or latents.shape[0] != len(chunk):
-                    raise ValueError(f"encode_images must return a tensor with {len(chunk)} rows, got {_describe(latents)}")
+                    raise ValueError(
+                        f"encode_images must return a tensor with {len(chunk)} rows, got {_describe(latents)}"
+                    )
                 for row, (r, flip, key) in enumerate(chunk):
-                    cache.put(key, {"latents": latents[row].to(dtype)}, {"path": str(self.records[r].path), "flip": str(flip)})
+                    cache.put(
+                        key, {"latents": latents[row].to(dtype)}, {"path": str(self.records[r].path), "flip": str(flip)}
+                    )
                 stats.encoded += len(chunk)
         self._latent_cache = cache
         return stats
@@ -365,10 +292,13 @@ class TrainDataset(Dataset):
         now on items carry ``text_embeddings``: that dict for their (possibly dropped) caption.
         """
         if train_text_encoders:
-            raise ValueError("data.cache_text_embeddings cannot be used while training a text encoder (they would go stale)")
+            raise ValueError(
+                "data.cache_text_embeddings cannot be used while training a text encoder (they would go stale)"
+            )
         if self.augment and self.settings.shuffle_tags:
             raise ValueError(
-                "data.cache_text_embeddings cannot follow data.shuffle_tags (each shuffle is a new caption); turn one off"
+                "data.cache_text_embeddings cannot follow data.shuffle_tags "
+                "(each shuffle is a new caption): turn one off"
             )
         cache = DiskCache(cache_dir, "text", in_memory=in_memory)
         captions = {r.caption for r in self.records}
@@ -407,7 +337,13 @@ class TrainDataset(Dataset):
         self, batch_size: int, *, shuffle: bool = True, drop_last: bool = False, num_replicas: int = 1, rank: int = 0
     ) -> BucketBatchSampler:
         return BucketBatchSampler(
-            self.bucket_ids, batch_size, seed=self.seed, shuffle=shuffle, drop_last=drop_last, num_replicas=num_replicas, rank=rank
+            self.bucket_ids,
+            batch_size,
+            seed=self.seed,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_replicas=num_replicas,
+            rank=rank,
         )
 
     def dataloader(
@@ -422,8 +358,12 @@ class TrainDataset(Dataset):
     ) -> DataLoader:
         """A DataLoader of same-bucket batches; its ``batch_sampler`` has state_dict()/load_state_dict()."""
         workers = self.settings.num_workers if num_workers is None else num_workers
-        sampler = self.batch_sampler(batch_size, shuffle=shuffle, drop_last=drop_last, num_replicas=num_replicas, rank=rank)
-        return DataLoader(self, batch_sampler=sampler, collate_fn=collate_batch, num_workers=workers, persistent_workers=False)
+        sampler = self.batch_sampler(
+            batch_size, shuffle=shuffle, drop_last=drop_last, num_replicas=num_replicas, rank=rank
+        )
+        return DataLoader(
+            self, batch_sampler=sampler, collate_fn=collate_batch, num_workers=workers, persistent_workers=False
+        )
 
 
 def _describe(value: object) -> str:
@@ -455,7 +395,9 @@ def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if name in first:
             batch[name] = torch.stack([item[name] for item in items])
     if "text_embeddings" in first:
-        batch["text_embeddings"] = {k: torch.stack([item["text_embeddings"][k] for item in items]) for k in first["text_embeddings"]}
+        batch["text_embeddings"] = {
+            k: torch.stack([item["text_embeddings"][k] for item in items]) for k in first["text_embeddings"]
+        }
     if first["position"] >= 0:
         batch["sampler_state"] = {"epoch": first["epoch"], "position": first["position"] + 1}
     return batch

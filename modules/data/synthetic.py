@@ -180,11 +180,15 @@ def write_dataset(
     return paths
 
 
-def write_pretrain_dataset(out_dir: str | Path, *, count: int = 64, size: int | tuple[int, int] = 64, seed: int = 0) -> list[Path]:
+def write_pretrain_dataset(
+    out_dir: str | Path, *, count: int = 64, size: int | tuple[int, int] = 64, seed: int = 0
+) -> list[Path]:
     """The demo base model's pretraining set (:data:`PRETRAIN_CONCEPT`)."""
     return write_dataset(out_dir, PRETRAIN_CONCEPT, count=count, size=size, seed=seed)
 
 
-def write_concept_dataset(out_dir: str | Path, *, count: int = 16, size: int | tuple[int, int] = 64, seed: int = 1) -> list[Path]:
+def write_concept_dataset(
+    out_dir: str | Path, *, count: int = 16, size: int | tuple[int, int] = 64, seed: int = 1
+) -> list[Path]:
     """The new concept the demo LoRA learns (:data:`NEW_CONCEPT`, trigger word ``zxq``)."""
     return write_dataset(out_dir, NEW_CONCEPT, count=count, size=size, seed=seed)
