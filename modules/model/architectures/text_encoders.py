@@ -5,7 +5,9 @@ property of the pipeline, declared in ``pipelines.py``.
 """
 from __future__ import annotations
 
-_CLIP = {"blocks": ("text_model.encoder.layers",), "lora_targets": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")}
+_CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+# transformers 5 flattened CLIPTextModel (encoder.layers); the projection variant keeps text_model.
+_CLIP = {"blocks": ("encoder.layers", "text_model.encoder.layers"), "lora_targets": _CLIP_TARGETS}
 _T5 = {"blocks": ("encoder.block",), "lora_targets": ("q", "k", "v", "o", "wi_0", "wi_1", "wo")}
 # LLM decoders used as encoders; the "self_attn."/"mlp." prefixes keep vision towers (Pixtral) out
 _LLM_TARGETS = (
