@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from modules.config.introspect import all_field_paths, model_class, resolve_loc
+from modules.config.introspect import all_field_paths, resolve_loc
 from modules.config.migrations import MigrationError, migrate
 from modules.config.schema import CONFIG_VERSION, RuleViolation, TrainConfig
 
@@ -91,13 +91,13 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _leaf_keys(d: Any, prefix: str = "") -> Iterable[str]:
+def _dotted_keys(d: Any, prefix: str = "") -> Iterable[str]:
     """Dotted keys of a nested dict, sections included (``a``, ``a.b``, ...)."""
     if isinstance(d, dict):
         for key, value in d.items():
             dotted = f"{prefix}{key}"
             yield dotted
-            yield from _leaf_keys(value, dotted + ".")
+            yield from _dotted_keys(value, dotted + ".")
 
 
 def load_layers(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
@@ -130,7 +130,7 @@ def load_layers(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict, 
         merged = deep_merge(merged, base_dict)
         origin.update(base_origin)
     merged = deep_merge(merged, own)
-    origin.update({key: str(path) for key in _leaf_keys(raw)})
+    origin.update({key: str(path) for key in _dotted_keys(raw)})
     return merged, origin
 
 
@@ -301,7 +301,7 @@ def resolve_config_dict(path: str | Path, overrides: Iterable[str] = ()) -> tupl
         key, value = parse_override(text)
         apply_override(merged, key, value)
         origin[key] = OVERRIDE_SOURCE
-        for sub in _leaf_keys(value, key + "."):
+        for sub in _dotted_keys(value, key + "."):
             origin[sub] = OVERRIDE_SOURCE
     merged["config_version"] = CONFIG_VERSION
     return merged, origin
@@ -341,5 +341,5 @@ def save_config(cfg: TrainConfig, path: str | Path, exclude_defaults: bool = Fal
 __all__ = [
     "ConfigError", "load_config", "resolve_config_dict", "validate_dict", "validation_problems",
     "dump_config", "save_config", "config_to_dict", "read_yaml", "deep_merge", "parse_override",
-    "apply_override", "model_class",
+    "apply_override",
 ]  # fmt: skip

@@ -14,7 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from modules.config.rules import FAMILY_TEXT_ENCODERS, MUON_FAMILY, check_rules, config_warnings  # noqa: F401 (re-exported)
+# Re-exported: the rules live in their own module; TrainConfig runs them after field validation.
+from modules.config.rules import FAMILY_TEXT_ENCODERS, MUON_FAMILY, check_rules, config_warnings  # noqa: F401
 
 CONFIG_VERSION = 2  # bump together with a step in migrations.py
 
@@ -27,8 +28,6 @@ OptimizerType = Literal["muon_adv", "adamuon_adv", "lora_muon", "adamw", "torch_
 LoraTargetPreset = Literal["default", "attn", "all_linear"]
 Depth = Annotated[int, Field(ge=1)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
-TextEncoderName = Literal["text_encoder", "text_encoder_2", "text_encoder_3"]
-
 
 
 class Section(BaseModel):
@@ -55,9 +54,6 @@ class ModelConfig(Section):
     base_model: str = Field(
         min_length=1,
         description="Local diffusers folder of the base model (relative paths resolve against the working directory).",
-    )
-    variant: str | None = Field(
-        default=None, description="diffusers weight variant to load (e.g. 'fp16'); null loads the default files."
     )
     train_dtype: Dtype = Field(
         default="float32", description="dtype the denoiser and text encoders are loaded in for training."
