@@ -17,6 +17,7 @@ from modules.config.schema import CONSTRUCTOR_KEYS, OptimizerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted((ROOT / "training_presets").glob("*.yaml"))
+DEMO_PRESET = ROOT / "training_presets" / "demo_sdxl_lora.yaml"
 EXAMPLES = sorted((ROOT / "configs" / "examples").glob("*.yaml"))
 
 MINIMAL = """\
@@ -343,17 +344,25 @@ def test_describe_schema_covers_every_field_with_a_description():
     assert fields["lora.rank"]["constraints"] == {"ge": 1, "le": 4096}
     assert fields["model.family"]["required"] and fields["model.depth"]["nullable"]
     assert [i["key"] for i in fields["data.folders"]["item_fields"]] == ["path", "repeats", "default_caption"]
-    # Defaults reported for the GUI are the schema's real defaults.
-    cfg = load_config(ROOT / "training_presets" / "sdxl_lora.yaml")
-    plain = TrainConfig.model_validate({"model": cfg.model.model_dump(), "data": cfg.data.model_dump(),
-                                        "schedule": {"max_steps": 1}}).model_dump(mode="json")
-    for key, f in fields.items():
-        if not f["required"] and key not in ("schedule.max_steps",):
-            node = plain
-            for part in key.split("."):
+    # Defaults reported for the GUI are what an empty section really validates to.
+    for section, entries in sections.items():
+        info = TrainConfig.model_fields.get(section)
+        if info is None or info.default_factory is None:
+            continue
+        actual = info.default_factory().model_dump(mode="json")
+        for f in entries:
+            node = actual
+            for part in f["key"].split(".")[1:]:
                 node = node[part]
-            if not key.startswith(("model.", "data.")):
-                assert node == f["default"], key
+            assert node == f["default"], f["key"]
+
+
+def test_fragments_merge_onto_a_preset(tmp_path):
+    for fragment in sorted((ROOT / "configs" / "fragments").glob("*.yaml")):
+        combined = write(tmp_path, f"with_{fragment.name}", f"base: [{DEMO_PRESET}, {fragment}]\n")
+        cfg = load_config(combined)
+        for key, value in yaml.safe_load(fragment.read_text()).items():
+            assert cfg.model_dump(mode="json")[key] | value == cfg.model_dump(mode="json")[key], fragment.name
 
 
 def test_resolve_config_dict_records_where_keys_came_from(tmp_path):

@@ -24,6 +24,8 @@ A config is a YAML file with the sections below; `python scripts/train.py --conf
   file is deep-merged on top (mappings merge key by key; lists and values replace).
 - **`config_version`** (now {CONFIG_VERSION}): older files are migrated on load, each file on its own, so old
   presets keep working. A file without it is taken as current.
+- Examples: `configs/examples/` (whole configs built on the presets) and `configs/fragments/` (partial files
+  meant to be listed after a preset in `base:`).
 - Unknown keys, wrong types, out-of-range values and broken cross-field rules stop the run before anything
   loads, with one line naming the file (or `--set`), the dotted key and, for an unknown key, the closest valid
   one; exit code 2 (`--debug` shows the traceback).
