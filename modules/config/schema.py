@@ -216,7 +216,12 @@ class OptimizerConfig(Section):
     beta1: float = Field(default=0.95, ge=0, lt=1, description="Momentum coefficient.")
     nesterov: bool = Field(default=True, description="Nesterov momentum (muon_adv, adamuon_adv, torch_muon).")
     weight_decay: float = Field(
-        default=0.1, ge=0, description="Decoupled weight decay (scaled by 1/fan_in when width_scaled_weight_decay)."
+        default=0.1,
+        ge=0,
+        description=(
+            "Decoupled weight decay, applied with the schedule factor lr_t/lr (not multiplied by lr); "
+            "divided by fan_in when width_scaled_weight_decay."
+        ),
     )
     ns_steps: int = Field(default=5, ge=1, le=50, description="Orthogonalization iterations (Newton-Schulz steps).")
     ns_eps: float = Field(
@@ -224,10 +229,17 @@ class OptimizerConfig(Section):
     )
     orthogonalizer: Literal["newton_schulz", "polar_express", "exact"] = Field(
         default="newton_schulz",
-        description="newton_schulz (quintic 3.4445,-4.7750,2.0315) | polar_express | exact (SVD polar factor).",
+        description=(
+            "How updates are orthogonalized: newton_schulz (quintic, coefficients 3.4445, -4.7750, 2.0315), "
+            "polar_express (per-step coefficients, converges faster) or exact (SVD polar factor U V^T)."
+        ),
     )
     ortho_route: Literal["auto", "iterative", "gram"] = Field(
-        default="auto", description="auto | iterative | gram (r x r Gram eigendecomposition route for low-rank factors)."
+        default="auto",
+        description=(
+            "iterative: matrix products on the whole matrix; gram: the same map from one small r x r "
+            "eigendecomposition (fast for low-rank factors); auto picks per shape."
+        ),
     )
     spectral_scaling: bool = Field(
         default=True, description="Scale each update to spectral norm lr*sqrt(fan_out/fan_in) (spectral/muP step)."
@@ -236,7 +248,10 @@ class OptimizerConfig(Section):
         default="factor", description="Spectral target per LoRA factor's own shape, or for the product B*A's shape."
     )
     depth_scaled_eps: bool = Field(
-        default=True, description="Damping/eps from depth and width: ns_eps = sqrt(fan_in/fan_out)/L (REFERENCE 3)."
+        default=True,
+        description=(
+            "Damping from depth L and width: ns_eps = sqrt(fan_in/fan_out)/L, AdaMuon eps = 1/(L*sqrt(fan_in*fan_out))."
+        ),
     )
     width_scaled_weight_decay: bool = Field(default=True, description="Weight decay divided by fan_in (1/width).")
     lora_b_orthogonalize: bool = Field(default=True, description="Orthogonalize LoRA B (up) factors with Muon.")
