@@ -279,17 +279,19 @@ def test_validation_split_is_deterministic_disjoint_and_unaugmented(images):
 def test_settings_from_pydantic_config(images):
     schema = pytest.importorskip("modules.config.schema")
     cfg = schema.DataConfig(
-        folders=[{"path": str(images), "repeats": 3}],
+        folders=[{"path": str(images), "repeats": 3, "default_caption": "shape"}],
         resolution=32,
         random_flip=True,
+        random_crop=True,
         bucket_step=8,
         bucket_min=16,
         bucket_max=64,
         keep_tokens=2,
     )
     settings = DataSettings.from_config(cfg)
-    assert settings.folders == (FolderSpec(images, 3),)
-    assert settings.random_flip == 0.5 and settings.keep_tokens == 2 and settings.bucket_step == 8
+    assert settings.folders == (FolderSpec(images, 3, "shape"),)
+    assert settings.random_flip == 0.5 and settings.random_crop and settings.keep_tokens == 2
+    assert settings.bucket_step == 8 and settings.resolution == 32
     train, val = build_datasets(cfg, schema.ValidationConfig(), seed=0)
     assert val is None and len(train) == 36
 
