@@ -176,6 +176,8 @@ def test_sampler_resumes_with_exactly_the_next_batch():
         assert seen + rest == full, stop
     with pytest.raises(ValueError, match="seed 1"):
         BucketBatchSampler(bucket_ids, 3, seed=2).load_state_dict(reference.state_dict())
+    with pytest.raises(ValueError, match="23 items then, 24 now"):
+        BucketBatchSampler([*bucket_ids, 0], 3, seed=1).load_state_dict(reference.state_dict())
 
 
 def test_two_ranks_see_the_global_batch_of_one_process():

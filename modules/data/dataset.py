@@ -193,6 +193,13 @@ class TrainDataset(Dataset):
             "epoch": epoch,
             "position": position,
         }
+        if position >= 0:  # came from the sampler: its state after this batch, for checkpoints
+            item["sampler_state"] = {
+                "epoch": epoch,
+                "position": position + 1,
+                "seed": self.seed,
+                "num_items": len(self),
+            }
         if self._latent_cache is not None:
             item["latents"] = self._latent_cache.get(self._latent_keys[(record_index, flipped)])["latents"]
         else:
@@ -398,8 +405,8 @@ def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch["text_embeddings"] = {
             k: torch.stack([item["text_embeddings"][k] for item in items]) for k in first["text_embeddings"]
         }
-    if first["position"] >= 0:
-        batch["sampler_state"] = {"epoch": first["epoch"], "position": first["position"] + 1}
+    if "sampler_state" in first:
+        batch["sampler_state"] = first["sampler_state"]
     return batch
 
 

@@ -121,11 +121,17 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         self.epoch, self.position = epoch, 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": len(self.bucket_ids)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state`` (this sampler's ``state_dict()`` or a batch's ``sampler_state``)."""
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"sampler state was saved with seed {state['seed']}, this run uses seed {self.seed}")
+        if state.get("num_items", len(self.bucket_ids)) != len(self.bucket_ids):
+            raise ValueError(
+                f"the dataset changed since the sampler state was saved ({state['num_items']} items then, "
+                f"{len(self.bucket_ids)} now): the batch order would not continue"
+            )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position <= len(self):
             raise ValueError(f"invalid sampler state epoch={epoch} position={position} (epoch has {len(self)} batches)")
