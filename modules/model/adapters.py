@@ -21,8 +21,9 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.0
     dora: bool = False
-    targets: tuple[str, ...] = ()
-    layer_filter: str | tuple[str, ...] | None = None  # regex, or substrings any of which must occur in the name
+    targets: tuple[str, ...] | None = ()  # module-name suffixes; None = every Linear layer under `within`
+    within: tuple[str, ...] = ()  # with targets None: name prefixes of the residual blocks ("" = whole module)
+    layer_filter: str | tuple[str, ...] | None = None  # regex, or several regexes any of which must match
 
 
 def check_dora_compatible(*, dora: bool, optimizer_type: str, spectral_scaling: bool, force: bool) -> None:
@@ -37,18 +38,26 @@ def check_dora_compatible(*, dora: bool, optimizer_type: str, spectral_scaling: 
 def _matches_filter(name: str, layer_filter: str | Sequence[str] | None) -> bool:
     if layer_filter is None or layer_filter == "" or layer_filter == ():
         return True
-    if isinstance(layer_filter, str):
-        return re.search(layer_filter, name) is not None
-    return any(part in name for part in layer_filter)
+    patterns = [layer_filter] if isinstance(layer_filter, str) else layer_filter
+    return any(re.search(p, name) is not None for p in patterns)
 
 
-def lora_target_names(module: nn.Module, targets: Sequence[str], layer_filter: str | Sequence[str] | None = None) -> list[str]:
-    """Full names of the Linear/Conv2d modules whose name ends with one of `targets` and passes the layer filter."""
+def lora_target_names(
+    module: nn.Module,
+    targets: Sequence[str] | None,
+    layer_filter: str | Sequence[str] | None = None,
+    within: Sequence[str] = (),
+) -> list[str]:
+    """Full names of the Linear/Conv2d layers whose name ends with one of `targets` and that pass the layer filter;
+    targets None: every Linear layer whose name starts with one of `within` (all of them when `within` is empty)."""
     found = []
     for name, sub in module.named_modules():
-        if not isinstance(sub, (nn.Linear, nn.Conv2d)):
+        if not isinstance(sub, (nn.Linear, nn.Conv2d)) or not _matches_filter(name, layer_filter):
             continue
-        if any(name == t or name.endswith("." + t) for t in targets) and _matches_filter(name, layer_filter):
+        if targets is None:
+            if isinstance(sub, nn.Linear) and (not within or name.startswith(tuple(within))):
+                found.append(name)
+        elif any(name == t or name.endswith("." + t) for t in targets):
             found.append(name)
     return found
 
@@ -57,10 +66,10 @@ def add_lora(module: nn.Module, settings: LoraSettings, *, component: str, adapt
     """Freeze `module`, inject a LoRA (or DoRA) adapter on the selected layers; returns the adapted layer names."""
     from peft import LoraConfig
 
-    names = lora_target_names(module, settings.targets, settings.layer_filter)
+    names = lora_target_names(module, settings.targets, settings.layer_filter, settings.within)
     if not names:
         raise ValueError(
-            f"lora.targets: no layer of {component} matches targets {list(settings.targets)}"
+            f"lora.targets: no layer of {component} matches targets {settings.targets or 'all'}"
             + (f" with layer_filter {settings.layer_filter!r}" if settings.layer_filter else "")
         )
     module.requires_grad_(False)

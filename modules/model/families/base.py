@@ -26,11 +26,23 @@ class ModelFamily(ABC):
     backbone: ClassVar[str] = "unet"
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
-    # PEFT target_modules suffixes: attention projections, feed-forward and the transformer in/out projections.
-    backbone_lora_targets: ClassVar[tuple[str, ...]] = (
-        "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
-    )
-    text_encoder_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # LoRA target presets (config lora.targets) as module-name suffixes; None = every Linear layer.
+    backbone_attention: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    backbone_feed_forward: ClassVar[tuple[str, ...]] = ("ff.net.0.proj", "ff.net.2")
+    backbone_projections: ClassVar[tuple[str, ...]] = ("proj_in", "proj_out")
+    text_attention: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    text_feed_forward: ClassVar[tuple[str, ...]] = ("fc1", "fc2")
+    # Where the residual blocks live ("all_linear" adapts every Linear under these prefixes).
+    backbone_blocks: ClassVar[tuple[str, ...]] = ("down_blocks.", "mid_block.", "up_blocks.")
+    text_encoder_blocks: ClassVar[tuple[str, ...]] = ("text_model.encoder.layers.",)
+
+    def backbone_target_presets(self) -> dict[str, tuple[str, ...] | None]:
+        attn, ff = self.backbone_attention, self.backbone_feed_forward
+        return {"default": attn + ff + self.backbone_projections, "attn": attn, "all_linear": None}
+
+    def text_encoder_target_presets(self) -> dict[str, tuple[str, ...] | None]:
+        attn, ff = self.text_attention, self.text_feed_forward
+        return {"default": attn + ff, "attn": attn, "all_linear": None}
 
     # ---- loading -------------------------------------------------------------------------------------------------
     @property

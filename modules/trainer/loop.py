@@ -1,0 +1,147 @@
+"""The generic training loop: a step is a small function of (batch, state); everything else is an event hook.
+
+`train_step(parts, batch)` runs one micro-batch (forward, backward, and on the last micro-batch of an accumulation
+window: clipping, optimizer and LR-scheduler step). `run_loop` feeds batches, counts optimizer steps in `TrainState`
+and calls the hooks (logging, sampling, validation, saving, later checkpointing) when a step completes. Nothing
+here knows the model type: the family and the objective answer every model-specific question.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from modules.model.families.base import ModelFamily, TextEmbeddings
+from modules.trainer.objective import make_noise
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides weights and optimizer: counters and the noise generator's state."""
+
+    step: int = 0  # completed optimizer steps
+    epoch: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+
+
+@dataclass
+class StepParts:
+    """The fixed pieces a step works with (built once by train.py)."""
+
+    family: ModelFamily
+    components: dict[str, Any]
+    objective: Any
+    accelerator: Any  # accelerate.Accelerator
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    trained_modules: Sequence[torch.nn.Module]  # backbone first, then trained text encoders
+    params: list[torch.Tensor]
+    generator: torch.Generator
+    max_grad_norm: float | None = None
+    noise_offset: float = 0.0
+    train_text: bool = False  # text encoders are trained: encode captions with gradients
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.trained_modules[0]
+
+
+def batch_latents(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
+    device = parts.accelerator.device
+    if "latents" in batch:
+        return batch["latents"].to(device, parts.dtype, non_blocking=True)
+    with torch.no_grad():  # the latent distribution's mean, as the latent cache stores it
+        vae = parts.components["vae"]
+        return parts.family.encode_latents(vae, batch["pixel_values"].to(device, non_blocking=True)).to(parts.dtype)
+
+
+def batch_text(parts: StepParts, batch: dict[str, Any]) -> TextEmbeddings:
+    if "text_embeddings" in batch:  # cached by the data pipeline
+        return {k: v.to(parts.accelerator.device, non_blocking=True) for k, v in batch["text_embeddings"].items()}
+    captions = list(batch["caption"])
+    if parts.train_text:
+        return parts.family.encode_text(parts.components, captions)
+    with torch.no_grad():
+        return parts.family.encode_text(parts.components, captions)
+
+
+def compute_loss(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
+    latents = batch_latents(parts, batch)
+    text = batch_text(parts, batch)
+    noise = make_noise(latents, parts.generator, parts.noise_offset)
+    timesteps = parts.objective.sample_timesteps(latents.shape[0], parts.generator, latents.device)
+    noisy = parts.objective.add_noise(latents, noise, timesteps)
+    conditioning = parts.family.conditioning(batch, text, latents.device, parts.dtype)
+    prediction = parts.family.predict(parts.backbone, noisy, timesteps, text, conditioning)
+    return parts.objective.loss(prediction, latents, noise, timesteps)
+
+
+def train_step(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
+    """One micro-batch; the optimizer steps only when accelerate says the accumulation window is complete."""
+    accelerator = parts.accelerator
+    with accelerator.accumulate(*parts.trained_modules):
+        with accelerator.autocast():
+            loss = compute_loss(parts, batch)
+        accelerator.backward(loss)
+        if parts.max_grad_norm is not None and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)
+        parts.optimizer.step()  # accelerate's wrapper skips step and zero_grad inside an accumulation window
+        if accelerator.sync_gradients:
+            parts.lr_scheduler.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+StepHook = Callable[[TrainState, torch.Tensor], None]
+
+
+@dataclass
+class LoopHooks:
+    """Called after each completed optimizer step with the state and that step's last micro-batch loss."""
+
+    on_step: list[StepHook] = field(default_factory=list)
+    on_end: list[Callable[[TrainState], None]] = field(default_factory=list)
+
+
+def endless(batches: Callable[[], Iterable[dict[str, Any]]], state: TrainState) -> Iterator[dict[str, Any]]:
+    """Batches across epochs: `batches()` yields the rest of the current epoch each call."""
+    while True:
+        empty = True
+        for batch in batches():
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("data: the data loader yielded no batch")
+        state.epoch += 1
+
+
+def run_loop(
+    parts: StepParts,
+    batches: Iterator[dict[str, Any]],
+    state: TrainState,
+    *,
+    total_steps: int,
+    hooks: LoopHooks,
+    step_fn: Callable[[StepParts, dict[str, Any]], torch.Tensor] = train_step,
+) -> TrainState:
+    for module in parts.trained_modules:
+        module.train()
+    accelerator = parts.accelerator
+    while state.step < total_steps:
+        loss = step_fn(parts, next(batches))
+        if not accelerator.sync_gradients:
+            continue
+        state.step += 1
+        for hook in hooks.on_step:
+            hook(state, loss)
+    for hook in hooks.on_end:
+        hook(state)
+    return state

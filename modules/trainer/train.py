@@ -1,0 +1,341 @@
+"""`run_training(config)`: one run wired end to end (model, adapters, optimizer, data, loop, outputs).
+
+Output layout under `saving.output_dir`:
+    <name>.safetensors              the final LoRA (kohya layout by default) — finetune: <name>/ diffusers folder
+    <name>-step000100.safetensors   intermediate saves (saving.save_every_n_steps / _epochs)
+    samples/step000100_00.png       sample images (sampling.every_n_steps)
+    logs/metrics.jsonl, logs/tensorboard/   metrics (logging.log_dir overrides logs/)
+    cache/                          latent / text-embedding caches (data.cache_dir overrides)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modules.model.adapters import LoraSettings, add_lora, check_dora_compatible, enable_gradient_checkpointing
+from modules.model.families import ModelFamily, get_family
+from modules.optimizer.factory import build_optimizer
+from modules.trainer.loop import LoopHooks, StepParts, TrainState, endless, run_loop
+from modules.trainer.metrics import MetricsLogger, progress_bar
+from modules.trainer.schedule import build_lr_scheduler
+
+logger = logging.getLogger("tuneonce.train")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunPaths:
+    output_dir: Path
+    log_dir: Path
+    samples_dir: Path
+    cache_dir: Path
+
+    @classmethod
+    def from_config(cls, config: Any) -> RunPaths:
+        out = Path(config.saving.output_dir)
+        return cls(
+            output_dir=out,
+            log_dir=Path(config.logging.log_dir) if config.logging.log_dir else out / "logs",
+            samples_dir=out / "samples",
+            cache_dir=Path(config.data.cache_dir) if config.data.cache_dir else out / "cache",
+        )
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also returned by `train`, used by tests and the benchmark)."""
+
+    steps: int
+    final_loss: float
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    saved: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ---- model ----------------------------------------------------------------------------------------------------------
+def ensure_base_model(config: Any) -> None:
+    """The embedded demo builds its tiny base on first use; any other missing folder is an error."""
+    base = Path(config.model.base_model)
+    if (base / "model_index.json").is_file():
+        return
+    try:
+        from modules import demo
+    except ImportError:
+        demo = None
+    demo_base = getattr(demo, "DEMO_BASE_DIR", None) if demo is not None else None
+    if demo is not None and demo_base is not None and base.resolve() == Path(demo_base).resolve():
+        logger.info("preparing the demo base model at %s (first run only)", base)
+        demo.prepare_demo_base(base)
+        return
+    raise FileNotFoundError(f"model.base_model: {base} is not a diffusers folder (no model_index.json)")
+
+
+def lora_settings(family: ModelFamily, lora: Any, *, text_encoder: bool) -> LoraSettings:
+    """Adapter settings of one component; a target preset becomes that component's module-name suffixes."""
+    presets = family.text_encoder_target_presets() if text_encoder else family.backbone_target_presets()
+    targets = lora.targets
+    if isinstance(targets, str):
+        suffixes = presets[targets]
+    elif text_encoder:  # a suffix list names backbone layers; text encoders use their attention + MLP layers
+        suffixes = presets["default"]
+    else:
+        suffixes = tuple(targets)
+    layer_filter = None if text_encoder else lora.layer_filter
+    return LoraSettings(
+        rank=lora.rank, alpha=lora.effective_alpha, dropout=lora.dropout, dora=lora.dora, targets=suffixes,
+        within=family.text_encoder_blocks if text_encoder else family.backbone_blocks, layer_filter=tuple(layer_filter) if isinstance(layer_filter, list) else layer_filter,
+    )  # fmt: skip
+
+
+def setup_trainable(config: Any, family: ModelFamily, components: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    """Freeze everything, then add adapters (lora) or unfreeze the backbone (finetune); returns trained modules."""
+    for name, module in components.items():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+    backbone = components[family.backbone]
+    trained: dict[str, torch.nn.Module] = {family.backbone: backbone}
+    if config.method == "finetune":
+        backbone.requires_grad_(True)
+    else:
+        lora = config.lora
+        check_dora_compatible(
+            dora=lora.dora, optimizer_type=config.optimizer.type,
+            spectral_scaling=config.optimizer.spectral_scaling, force=lora.force_dora_with_spectral,
+        )  # fmt: skip
+        add_lora(backbone, lora_settings(family, lora, text_encoder=False), component=family.backbone)
+        for name in lora.train_text_encoders.enabled():
+            if name not in family.text_encoders:
+                raise ValueError(f"lora.train_text_encoders.{name}: family {family.name} has no {name}")
+            add_lora(components[name], lora_settings(family, lora, text_encoder=True), component=name)
+            trained[name] = components[name]
+        if lora.init_lora:
+            from modules.model.lora_files import load_lora_into_peft
+
+            load_lora_into_peft(lora.init_lora, trained)
+    if config.training.gradient_checkpointing:
+        for module in trained.values():
+            enable_gradient_checkpointing(module)
+    return trained
+
+
+def param_infos_for(config: Any, trained: dict[str, torch.nn.Module]):
+    """ParamInfos (role, fans, depth, LoRA pairs) of every trainable parameter, from the depth/roles code."""
+    try:
+        from modules.model.roles import param_infos
+    except ImportError:  # the depth/roles module is optional: fall back to the PEFT reader with a plain depth
+        param_infos = None
+    if param_infos is not None:
+        return param_infos(trained, depth_source=config.model.depth_source, depth_override=config.model.depth)
+    from modules.optimizer.groups import peft_param_infos
+
+    infos = []
+    for name, module in trained.items():
+        depth = config.model.depth
+        depth = depth.get(name, 1) if isinstance(depth, dict) else (depth or 1)
+        infos += peft_param_infos(module, depth=depth, component=name)
+    return infos
+
+
+# ---- data -----------------------------------------------------------------------------------------------------------
+def encoder_id(config: Any, what: str) -> str:
+    """Identity of an encoder for the caches: folder, its weights' size and mtime, dtype."""
+    folder = Path(config.model.base_model).resolve()
+    stamp = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (folder / what).glob("*.safetensors"))
+    return f"{folder}|{what}|{stamp}|{config.model.vae_dtype if what == 'vae' else config.model.train_dtype}"
+
+
+def build_data(config: Any, family: ModelFamily, components: dict[str, Any], paths: RunPaths, device: torch.device, trains_text: bool):
+    from modules.data.dataset import build_datasets
+
+    train_set, val_set = build_datasets(config.data, config.validation, seed=config.training.seed)
+    vae = components["vae"]
+
+    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+        return family.encode_latents(vae, pixels.to(device)).float().cpu()
+
+    def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
+        return {k: v.float().cpu() for k, v in family.encode_text(components, captions).items()}
+
+    for dataset in (train_set, val_set):
+        if dataset is None:
+            continue
+        if config.data.cache_latents:
+            dataset.cache_latents(encode_images, encoder_id=encoder_id(config, "vae"), cache_dir=paths.cache_dir, in_memory=True)
+        if config.data.cache_text_embeddings and not trains_text:
+            ids = "+".join(encoder_id(config, name) for name in family.text_encoders)
+            dataset.cache_text_embeddings(encode_captions, encoder_id=ids, cache_dir=paths.cache_dir, in_memory=True)
+    loader = train_set.dataloader(config.training.batch_size)
+    return train_set, loader, val_set
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
+def total_optimizer_steps(config: Any, batches_per_epoch: int) -> int:
+    if config.schedule.max_steps is not None:
+        return config.schedule.max_steps
+    return max(1, config.schedule.epochs * batches_per_epoch // config.training.gradient_accumulation)
+
+
+def save_outputs(config: Any, family: ModelFamily, components: dict[str, Any], trained: dict[str, torch.nn.Module],
+                 paths: RunPaths, suffix: str, infos_meta: dict[str, Any]) -> Path:
+    from modules.model import saving
+
+    name = f"{config.saving.name}{suffix}"
+    dtype = DTYPES[config.saving.dtype]
+    if config.method == "finetune":
+        return saving.save_finetune(family.build_pipeline(components), paths.output_dir / name, dtype=dtype)
+    return saving.save_lora(
+        trained, paths.output_dir / f"{name}.safetensors", layout=config.saving.format, dtype=dtype,
+        metadata=infos_meta,
+    )  # fmt: skip
+
+
+def train(config: Any, *, show_progress: bool = True) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    started = time.perf_counter()
+    ensure_base_model(config)
+    paths = RunPaths.from_config(config)
+    paths.output_dir.mkdir(parents=True, exist_ok=True)
+    tcfg = config.training
+    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.gradient_accumulation)
+    set_seed(tcfg.seed)
+    device = accelerator.device
+
+    family = get_family(config.model.family)
+    components = family.load(config.model.base_model, dtype=DTYPES[config.model.train_dtype])
+    components["vae"].to(dtype=DTYPES[config.model.vae_dtype])
+    trained = setup_trainable(config, family, components)
+    for module in components.values():
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
+    trains_text = len(trained) > 1
+    objective = family.build_objective(
+        components, prediction_type=tcfg.prediction_type, timestep_sampling=tcfg.timestep_sampling,
+        logit_mean=tcfg.logit_mean, logit_std=tcfg.logit_std, min_snr_gamma=tcfg.min_snr_gamma,
+    )  # fmt: skip
+
+    infos = param_infos_for(config, trained)
+    optimizer = build_optimizer(config.optimizer, infos)
+    params = [info.param for info in infos]
+    train_set, loader, val_set = build_data(config, family, components, paths, device, trains_text)
+    total_steps = total_optimizer_steps(config, len(loader))
+    lr_scheduler = build_lr_scheduler(
+        optimizer, kind=config.schedule.scheduler, warmup_steps=config.schedule.warmup_steps, total_steps=total_steps
+    )
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    modules_prepared, optimizer = list(prepared[:-1]), prepared[-1]
+    for name, module in zip(list(trained), modules_prepared):
+        components[name] = accelerator.unwrap_model(module) if name != family.backbone else module
+    generator = torch.Generator(device=device).manual_seed(tcfg.seed)
+    parts = StepParts(
+        family=family, components=components, objective=objective, accelerator=accelerator, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, trained_modules=modules_prepared, params=params, generator=generator,
+        max_grad_norm=tcfg.max_grad_norm, noise_offset=tcfg.noise_offset, train_text=trains_text,
+        dtype=DTYPES[config.model.train_dtype],
+    )  # fmt: skip
+
+    result = RunResult(steps=0, final_loss=float("nan"))
+    metrics = MetricsLogger(paths.log_dir, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl)
+    bar = progress_bar(total_steps, disable=not show_progress or not accelerator.is_main_process)
+    validator = None
+    if val_set is not None and config.validation.every_n_steps:
+        from modules.trainer.validation import Validator
+
+        val_loader = val_set.dataloader(config.training.batch_size, shuffle=False)
+        validator = Validator(
+            family, components, objective, list(val_loader), num_timesteps=config.validation.num_timesteps,
+            seed=config.validation.seed, device=device, dtype=parts.dtype, encode_text_each_time=trains_text,
+            autocast=accelerator.autocast,
+        )  # fmt: skip
+    save_meta = {
+        "base_model": str(config.model.base_model), "optimizer": config.optimizer.model_dump(mode="json"),
+        "depth": sorted({(i.component, i.spec.depth) for i in infos}),
+    }  # fmt: skip
+
+    def validate(state: TrainState) -> None:
+        value = validator.loss(parts.backbone)
+        result.val_losses.append((state.step, value))
+        metrics.log(state.step, {"val_loss": value})
+        bar.write(f"step {state.step}: validation loss {value:.5f}")
+
+    def on_step(state: TrainState, loss: torch.Tensor) -> None:
+        bar.update(1)
+        every = config.logging.every_n_steps
+        if state.step % every == 0 or state.step == total_steps:
+            value = float(loss)
+            result.final_loss = value
+            lr = optimizer.param_groups[0]["lr"]
+            metrics.log(state.step, {"loss": value, "lr": lr, "epoch": state.epoch})
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if validator is not None and state.step % config.validation.every_n_steps == 0:
+            validate(state)
+        if config.sampling.every_n_steps and state.step % config.sampling.every_n_steps == 0:
+            sample(state)
+        if config.saving.save_every_n_steps and state.step % config.saving.save_every_n_steps == 0 and state.step < total_steps:
+            result.saved.append(save_outputs(config, family, components, trained, paths, f"-step{state.step:06d}", save_meta))
+
+    def sample(state: TrainState) -> None:
+        from modules.trainer.sampling import sample_images
+
+        result.samples += sample_images(
+            family, components | {family.backbone: accelerator.unwrap_model(parts.backbone)}, config.sampling.prompts,
+            samples_dir=paths.samples_dir, step=state.step, sampler=config.sampling.sampler,
+            default_size=config.data.resolution, device=device,
+        )  # fmt: skip
+
+    def on_end(state: TrainState) -> None:
+        result.steps = state.step
+        if validator is not None and (not result.val_losses or result.val_losses[-1][0] != state.step):
+            validate(state)
+        if config.sampling.prompts and (not result.samples or config.sampling.every_n_steps == 0
+                                        or state.step % config.sampling.every_n_steps):
+            sample(state)
+        result.saved.append(save_outputs(config, family, components, trained, paths, "", save_meta))
+
+    state = TrainState()
+    if validator is not None:
+        validate(state)  # the starting point every later value is compared with
+    epochs_per_save = config.saving.save_every_n_epochs
+    batches = endless(lambda: loader, state)
+    hooks = LoopHooks(on_step=[on_step], on_end=[on_end])
+    if epochs_per_save:
+        hooks.on_step.append(_epoch_saver(config, family, components, trained, paths, save_meta, result, epochs_per_save))
+    try:
+        run_loop(parts, batches, state, total_steps=total_steps, hooks=hooks)
+    finally:
+        bar.close()
+        metrics.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _epoch_saver(config, family, components, trained, paths, save_meta, result, every: int):
+    last = {"epoch": 0}
+
+    def hook(state: TrainState, loss: torch.Tensor) -> None:
+        if state.epoch > last["epoch"]:
+            last["epoch"] = state.epoch
+            if state.epoch % every == 0:
+                result.saved.append(save_outputs(config, family, components, trained, paths, f"-epoch{state.epoch:04d}", save_meta))
+
+    return hook
+
+
+def run_training(config: Any) -> int:
+    """Entry point of the CLI: train, print where the results are, return the exit code."""
+    result = train(config)
+    print(f"trained {result.steps} steps in {result.seconds:.1f}s; final loss {result.final_loss:.4f}")
+    if result.val_losses:
+        first, last = result.val_losses[0][1], result.val_losses[-1][1]
+        print(f"validation loss {first:.5f} -> {last:.5f} ({last / first:.3f}x)")
+    for path in result.saved:
+        print(f"saved {path}")
+    return 0
