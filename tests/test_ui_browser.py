@@ -26,6 +26,7 @@ DEMO = REPO_ROOT / "training_presets" / "demo_sdxl_lora.yaml"
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
 if not Path(CHROMIUM).is_file():
     pytest.skip(f"no Chromium at {CHROMIUM} (CI installs the Debian package 'chromium')", allow_module_level=True)
+sync_api.expect.set_options(timeout=15_000)  # the machine is shared; the first depth request imports diffusers
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,9 @@ STAND_IN_TRAINER = textwrap.dedent("""
 
 
 def start_server(presets: Path, runs: RunManager | None = None) -> UiServer:
-    srv = UiServer(("127.0.0.1", 0), Backend(presets_dir=presets, workdir=REPO_ROOT, runs=runs))
+    backend = Backend(presets_dir=presets, workdir=REPO_ROOT, runs=runs)
+    backend.warm_up_in_background()  # as `tuneonce-ui` does
+    srv = UiServer(("127.0.0.1", 0), backend)
     srv.start_in_thread()
     return srv
 
@@ -245,3 +248,23 @@ def test_stop_ends_a_running_run(stand_in_page, tmp_path):
     sync_api.expect(page.locator("#run-state")).to_have_attribute("data-state", "stopped")
     sync_api.expect(page.locator("#run-start")).to_be_enabled()
     assert plotted_points(page) < 400
+
+
+def test_depth_panel_follows_the_model_and_the_switches(page):
+    open_preset(page, "demo_sdxl_lora.yaml")
+    # no local folder: the published SDXL architecture, whose UNet has 87 residual blocks (REFERENCE §6)
+    field(page, "model.base_model").fill("no/such/folder")
+    unet = page.locator('#depth-body tr[data-component="unet"] td')
+    # the first answer waits for diffusers to import (seconds on a busy machine)
+    sync_api.expect(page.locator("#depth-body")).to_contain_text("published sdxl architecture", timeout=90_000)
+    sync_api.expect(unet.nth(1)).to_have_text("87")
+    sync_api.expect(unet.nth(2)).to_have_text("1280")  # SDXL's most common linear width
+    # a depth override moves the eps: ns_eps of a square matrix = sqrt(d/d)/L = 1/40
+    field(page, "model.depth").fill("{unet: 40}")
+    sync_api.expect(unet.nth(1)).to_have_text("40")
+    sync_api.expect(unet.nth(3)).to_have_text("0.025")
+    # without depth-scaled eps the configured ns_eps is used as is
+    field(page, "optimizer.depth_scaled_eps").uncheck()
+    sync_api.expect(unet.nth(3)).to_have_text("1e-07")
+    field(page, "model.depth").fill("{vae: 3}")
+    sync_api.expect(page.locator("#depth-body")).to_contain_text("unknown component 'vae'")

@@ -7,6 +7,7 @@ is reported on that field like any other validation error.
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,14 @@ class Backend:
         return {"config_path": str(config_path), "command": run.command, "started_at": time.time()}
 
     # -- depth ------------------------------------------------------------------------------
+    def warm_up_in_background(self) -> threading.Thread:
+        """Import the depth code (diffusers, transformers: seconds) while the user looks at the page."""
+        from modules.ui.depth_info import warm_up
+
+        thread = threading.Thread(target=warm_up, name="tuneonce-ui-warm-up", daemon=True)
+        thread.start()
+        return thread
+
     def depth(self, config: dict, texts: dict | None = None) -> dict:
         from modules.ui.depth_info import depth_report
 

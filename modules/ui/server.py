@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
     print(f"tuneonce GUI on {server.url}  (Ctrl+C to stop)", flush=True)
+    backend.warm_up_in_background()
     if args.open:
         webbrowser.open(server.url)
     try:

@@ -13,6 +13,7 @@ const state = {
   recordCount: 0,
   records: [],
   sampleKey: "",
+  depthSeq: 0,
 };
 
 const $ = (sel, root = document) => root.querySelector(sel);
@@ -307,8 +308,11 @@ async function openPreset(name) {
 async function loadDepth() {
   if (!state.config) return;
   const body = $("#depth-body");
+  if (!body.querySelector("table")) { body.className = "muted"; body.textContent = "counting residual depth…"; }
+  const seq = ++state.depthSeq;
   try {
     const data = await api("/api/depth", {config: state.config, texts: state.texts});
+    if (seq !== state.depthSeq) return;  // a newer request is on its way
     renderDepth(data);
   } catch (err) {
     body.className = "bad";
@@ -330,8 +334,11 @@ function renderDepth(data) {
   for (const title of data.columns) head.append(el("th", {text: title}));
   table.append(head);
   for (const row of data.rows) {
-    const tr = el("tr", {"data-component": row[0]});
-    row.forEach((cell, i) => tr.append(el("td", {class: i ? "num" : "", text: String(cell)})));
+    const tr = el("tr", {"data-component": row.component, class: row.trained ? "" : "frozen"});
+    const name = el("td", {title: `${row.class}${row.trained ? "" : " (not trained by this config)"}`});
+    name.append(el("div", {text: row.component}), el("div", {class: "cls", text: row.class}));
+    tr.append(name);
+    for (const cell of row.cells) tr.append(el("td", {class: "num", text: String(cell)}));
     table.append(tr);
   }
   body.append(table);
