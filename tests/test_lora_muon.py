@@ -289,14 +289,14 @@ def test_lowers_the_loss_of_a_small_peft_lora_problem():
             out_f, in_f = layer.weight.shape
             layer.weight.add_(0.5 * torch.randn(out_f, 2) @ torch.randn(2, in_f) / math.sqrt(in_f))
     model = get_peft_model(student, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
-    opt = LoRAMuon(build_param_groups(peft_param_infos(model, depth=2), lr=0.05, weight_decay=0.0), lr=0.05)
-    x = torch.randn(256, 16)
+    opt = LoRAMuon(build_param_groups(peft_param_infos(model, depth=2), lr=0.1, weight_decay=0.0), lr=0.1)
+    x = torch.randn(64, 16)
     y = teacher(x).detach()
     losses = []
-    for _ in range(40):
+    for _ in range(20):
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.2 * losses[0], losses[::5]
+    assert losses[-1] < 0.3 * losses[0], losses[::5]

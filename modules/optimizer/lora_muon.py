@@ -36,7 +36,7 @@ from torch import Tensor
 
 from modules.optimizer import scaling
 from modules.optimizer.aux_adam import adamw_step
-from modules.optimizer.orthogonalize import gram_factor_from_gram
+from modules.optimizer.orthogonalize import gram_factor
 from modules.optimizer.param_spec import Role, infer_spec
 
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -70,7 +70,9 @@ def _inverse_sqrt(grams: Tensor) -> Tensor:
     In the projector form this makes P the projector on the factor's actual (possibly empty) column space:
     a zero lora_B contributes no msign(P_col·G) term, and lora_A, whose gradient is zero then, does not move.
     """
-    factor, _ = gram_factor_from_gram(grams.double(), method="exact", steps=1, eps=_EXACT_EPS)
+    grams = grams.double()
+    # gram_factor needs X only for its shape; the square r×r Gram stands in for it
+    factor, _, _ = gram_factor(grams, method="exact", steps=1, eps=_EXACT_EPS, gram=grams)
     return factor
 
 
