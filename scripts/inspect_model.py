@@ -1,0 +1,76 @@
+"""Show what tuneonce's optimizer will see of a model: residual depth, parameter roles, eps and decay.
+
+    python scripts/inspect_model.py sdxl --lora-rank 16
+    python scripts/inspect_model.py flux-dev --json
+    python scripts/inspect_model.py /path/to/diffusers/folder --depth unet=87
+
+MODEL is a local diffusers folder (a whole pipeline or one component) or a built-in name; it is built on
+the meta device from its config (no weights are read, nothing is downloaded).
+"""
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from modules.model.builtin import builtin_names  # noqa: E402
+from modules.model.inspect import (  # noqa: E402
+    add_lora,
+    format_report,
+    inspect_components,
+    parse_depth_argument,
+    resolve_model,
+    total_params,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help=f"local diffusers folder or built-in name: {', '.join(builtin_names())}")
+    parser.add_argument("--lora-rank", type=int, help="put a PEFT LoRA of this rank on the default targets")
+    parser.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
+    parser.add_argument("--lora-components", help="comma-separated components to adapt (default: the backbone)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak lr (table: spectral norm of an update)")
+    parser.add_argument("--wd", type=float, default=0.1, help="weight decay, applied as wd/fan_in per step")
+    parser.add_argument("--adam-eps", type=float, default=1e-8, help="eps of the auxiliary Adam on 1-D tensors")
+    parser.add_argument("--adam-wd", type=float, default=0.0, help="weight decay of the auxiliary Adam")
+    parser.add_argument("--depth", help="override: N for the backbone, or comp=N[,comp=N...]")
+    parser.add_argument("--depth-source", choices=("model", "trained"), default="model")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            components, pipeline = resolve_model(args.model)
+            totals = total_params(components)
+            if args.lora_rank is not None:
+                names = args.lora_components.split(",") if args.lora_components else None
+                add_lora(components, args.lora_rank, alpha=args.lora_alpha, names=names)
+            report = inspect_components(
+                components,
+                pipeline=pipeline,
+                weight_decay=args.wd,
+                adam_eps=args.adam_eps,
+                adam_weight_decay=args.adam_wd,
+                depth_source=args.depth_source,
+                depth_override=parse_depth_argument(args.depth),
+            )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for warning in caught:  # depth guesses matter; library deprecation chatter does not
+        if "depth" in str(warning.message):
+            print(f"warning: {warning.message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report, lr=args.lr, total_params=totals))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
