@@ -83,11 +83,12 @@ def build_optimizer(cfg: Any, infos: list[ParamInfo]) -> torch.optim.Optimizer:
     kind = cfg.type
     overrides = lr_overrides_from_config(cfg)
     if kind in ("muon_adv", "adamuon_adv", "lora_muon"):
-        from modules import optimizer as tuneonce_optim
+        from modules.optimizer.lora_muon import LoRAMuon
+        from modules.optimizer.muon_adv import AdaMuon_adv, Muon_adv
 
-        cls = {"muon_adv": "Muon_adv", "adamuon_adv": "AdaMuon_adv", "lora_muon": "LoRAMuon"}[kind]
+        cls = {"muon_adv": Muon_adv, "adamuon_adv": AdaMuon_adv, "lora_muon": LoRAMuon}[kind]
         groups = build_param_groups(infos, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_overrides=overrides)
-        return getattr(tuneonce_optim, cls)(groups, **cfg.constructor_kwargs())
+        return cls(groups, **cfg.constructor_kwargs())
     if kind == "adamw":
         groups = build_param_groups(infos, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_overrides=overrides)
         return torch.optim.AdamW(

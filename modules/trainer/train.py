@@ -125,22 +125,11 @@ def setup_trainable(config: Any, family: ModelFamily, components: dict[str, Any]
     return trained
 
 
-def param_infos_for(config: Any, trained: dict[str, torch.nn.Module]):
+def param_infos_for(config: Any, trained: dict[str, torch.nn.Module], pipeline: str | None = None):
     """ParamInfos (role, fans, depth, LoRA pairs) of every trainable parameter, from the depth/roles code."""
-    try:
-        from modules.model.roles import param_infos
-    except ImportError:  # the depth/roles module is optional: fall back to the PEFT reader with a plain depth
-        param_infos = None
-    if param_infos is not None:
-        return param_infos(trained, depth_source=config.model.depth_source, depth_override=config.model.depth)
-    from modules.optimizer.groups import peft_param_infos
+    from modules.model.roles import param_infos
 
-    infos = []
-    for name, module in trained.items():
-        depth = config.model.depth
-        depth = depth.get(name, 1) if isinstance(depth, dict) else (depth or 1)
-        infos += peft_param_infos(module, depth=depth, component=name)
-    return infos
+    return param_infos(trained, depth_source=config.model.depth_source, depth_override=config.model.depth, pipeline=pipeline)
 
 
 # ---- data -----------------------------------------------------------------------------------------------------------
@@ -183,16 +172,19 @@ def total_optimizer_steps(config: Any, batches_per_epoch: int) -> int:
 
 
 def save_outputs(config: Any, family: ModelFamily, components: dict[str, Any], trained: dict[str, torch.nn.Module],
-                 paths: RunPaths, suffix: str, infos_meta: dict[str, Any]) -> Path:
+                 paths: RunPaths, suffix: str, depth: dict[str, int]) -> Path:
+    """The LoRA file (saving.format layout) or, for a finetune, a diffusers folder; `suffix` marks intermediates."""
     from modules.model import saving
 
     name = f"{config.saving.name}{suffix}"
-    dtype = DTYPES[config.saving.dtype]
     if config.method == "finetune":
-        return saving.save_finetune(family.build_pipeline(components), paths.output_dir / name, dtype=dtype)
+        return saving.save_diffusers_folder(family.build_pipeline(components), paths.output_dir / name, dtype=config.saving.dtype)
+    tcfg = config.training
     return saving.save_lora(
-        trained, paths.output_dir / f"{name}.safetensors", layout=config.saving.format, dtype=dtype,
-        metadata=infos_meta,
+        paths.output_dir / f"{name}.safetensors", trained, layout=config.saving.format, dtype=config.saving.dtype,
+        base_model=str(config.model.base_model), optimizer=config.optimizer.model_dump(mode="json"), depth=depth,
+        training={"batch_size": tcfg.batch_size, "gradient_accumulation": tcfg.gradient_accumulation, "seed": tcfg.seed,
+                  "resolution": config.data.resolution, "max_steps": config.schedule.max_steps},
     )  # fmt: skip
 
 
@@ -211,7 +203,8 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
 
     family = get_family(config.model.family)
     components = family.load(config.model.base_model, dtype=DTYPES[config.model.train_dtype])
-    components["vae"].to(dtype=DTYPES[config.model.vae_dtype])
+    if components["vae"].dtype != DTYPES[config.model.vae_dtype]:
+        components["vae"].to(dtype=DTYPES[config.model.vae_dtype])
     trained = setup_trainable(config, family, components)
     for module in components.values():
         if isinstance(module, torch.nn.Module):
@@ -222,7 +215,7 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
         logit_mean=tcfg.logit_mean, logit_std=tcfg.logit_std, min_snr_gamma=tcfg.min_snr_gamma,
     )  # fmt: skip
 
-    infos = param_infos_for(config, trained)
+    infos = param_infos_for(config, trained, family.pipeline_class_name)
     optimizer = build_optimizer(config.optimizer, infos)
     params = [info.param for info in infos]
     train_set, loader, val_set = build_data(config, family, components, paths, device, trains_text)
@@ -255,10 +248,7 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
             seed=config.validation.seed, device=device, dtype=parts.dtype, encode_text_each_time=trains_text,
             autocast=accelerator.autocast,
         )  # fmt: skip
-    save_meta = {
-        "base_model": str(config.model.base_model), "optimizer": config.optimizer.model_dump(mode="json"),
-        "depth": sorted({(i.component, i.spec.depth) for i in infos}),
-    }  # fmt: skip
+    save_meta = {info.component: info.spec.depth for info in infos}  # depth used, per component
 
     def validate(state: TrainState) -> None:
         value = validator.loss(parts.backbone)
@@ -267,7 +257,6 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
         bar.write(f"step {state.step}: validation loss {value:.5f}")
 
     def on_step(state: TrainState, loss: torch.Tensor) -> None:
-        bar.update(1)
         every = config.logging.every_n_steps
         if state.step % every == 0 or state.step == total_steps:
             value = float(loss)
@@ -275,6 +264,7 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
             lr = optimizer.param_groups[0]["lr"]
             metrics.log(state.step, {"loss": value, "lr": lr, "epoch": state.epoch})
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
+        bar.update(1)
         if validator is not None and state.step % config.validation.every_n_steps == 0:
             validate(state)
         if config.sampling.every_n_steps and state.step % config.sampling.every_n_steps == 0:

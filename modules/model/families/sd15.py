@@ -10,6 +10,10 @@ class SD15Family(ModelFamily):
     name = "sd15"
     pipeline_class_name = "StableDiffusionPipeline"
 
+    def build_pipeline(self, components: dict[str, Any]):
+        # Training runs never carry a safety checker; say so, or diffusers warns on every sample.
+        return self.pipeline_class(**components | {"requires_safety_checker": False})
+
     def encode_text(self, components: dict[str, Any], captions: list[str]) -> TextEmbeddings:
         encoder = components["text_encoder"]
         (ids,) = self.tokenize(components, captions)
