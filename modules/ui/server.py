@@ -199,11 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bind_warning(host: str) -> str | None:
+    """The warning printed when the GUI is reachable from other machines."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (f"warning: binding to {host}: anyone who can reach this port can write files and start training runs "
+            "on this machine (there is no login). Prefer 127.0.0.1 and an SSH tunnel (ssh -L).")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: binding to {args.host}: anyone who can reach this port can edit files and start training "
-              "runs on this machine (there is no login). Prefer an SSH tunnel to 127.0.0.1.", file=sys.stderr)
+    warning = bind_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr)
     backend = Backend(presets_dir=args.presets)
     try:
         server = UiServer((args.host, args.port), backend, verbose=args.verbose)
