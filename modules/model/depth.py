@@ -24,6 +24,9 @@ from torch import nn
 from modules.model.architectures import Architecture, architecture_for
 from modules.model.architectures.pipelines import BACKBONE_COMPONENTS, TEXT_READOUT, layers_used
 
+# names a diffusers pipeline gives its trainable components (a mapping may name one that is not loaded)
+COMPONENT_PREFIXES = ("unet", "transformer", "text_encoder", "prior", "decoder")
+
 DepthSource = Literal["model", "trained"]
 DepthOverride = int | Mapping[str, int] | None
 
@@ -178,16 +181,19 @@ def backbone_components(components: Mapping[str, nn.Module]) -> list[str]:
 def resolve_depth_override(value: DepthOverride, components: Mapping[str, nn.Module]) -> dict[str, int]:
     """Turn a config ``depth:`` value into {component: depth}; a bad value is a one-line ValueError.
 
-    An int applies to the backbone (unet / transformer); a mapping names components explicitly.
+    An int applies to the backbone (unet / transformer); a mapping names components explicitly (a
+    pipeline component that is not among `components`, e.g. a text encoder not being trained, is skipped).
     """
     if value is None:
         return {}
     if isinstance(value, Mapping):
         out: dict[str, int] = {}
         for key, depth in value.items():
-            if key not in components:
+            checked = _check_depth_value(depth, f"depth.{key}")
+            if key in components:
+                out[key] = checked
+            elif not str(key).startswith(COMPONENT_PREFIXES):  # a typo, not a component left untrained
                 raise ValueError(f"depth.{key}: unknown component {key!r}; components: {', '.join(components)}")
-            out[key] = _check_depth_value(depth, f"depth.{key}")
         return out
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(
