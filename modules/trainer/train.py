@@ -57,6 +57,7 @@ class RunResult:
     saved: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    components: dict[str, Any] = field(default_factory=dict, repr=False)  # the trained pipeline components
 
 
 # ---- model ----------------------------------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
         dtype=DTYPES[config.model.train_dtype],
     )  # fmt: skip
 
-    result = RunResult(steps=0, final_loss=float("nan"))
+    result = RunResult(steps=0, final_loss=float("nan"), components=components)
     metrics = MetricsLogger(paths.log_dir, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl)
     bar = progress_bar(total_steps, disable=not show_progress or not accelerator.is_main_process)
     validator = None
