@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from modules.optimizer import aux_adam, scaling
-from modules.optimizer.orthogonalize import METHODS, ROUTES, choose_route, gram_factor, orthogonalize
+from modules.optimizer.orthogonalize import METHODS, ROUTES, choose_route, gram_factor, orthogonalize, small_gram
 from modules.optimizer.param_spec import Role, infer_spec
 
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -75,12 +75,27 @@ class _Bucket:
     group: dict  # the hyperparameters of the batched call (taken from the first member's group)
     momentum: Tensor  # (B, m, n) in the state dtype; state[p]["momentum_buffer"] are views of it
     exp_avg_sq: Tensor | None  # AdaMuon
-    scratch: Tensor  # (B, m, n) float32 working buffer (not state)
+    scratch: Tensor  # (B, m, n) float32: the orthogonalizer's input u (working memory, not state)
+    out: Tensor  # (B, m, n) float32: the update (working memory; persistent so no page faults per step)
     damping: Tensor  # (B,) additive damping per matrix
     target: Tensor  # (B,) update size per unit lr (spectral target or Keller Jordan scale), incl. 1/s
     spectral: Tensor  # (B,) bool: scale by the exact σ_max
     adam_eps: Tensor | None = None  # (B,) AdaMuon second-moment eps
     index: dict = field(default_factory=dict)  # id(param) -> row
+
+
+@dataclass
+class _Work:
+    """A bucket's step in flight between the two phases (see Muon_adv.step)."""
+
+    bucket: _Bucket
+    members: list[_Member]
+    index: Tensor | None  # rows of the bucket that have gradients (None: all)
+    u: Tensor  # orthogonalizer input (in the bucket's scratch)
+    m32: Tensor  # old momentum in float32 (a view of the state when it is float32 and the bucket is full)
+    route: str
+    gram: Tensor | None
+    norm: Tensor  # ‖u‖_F per matrix (also the finiteness check)
 
 
 @dataclass
@@ -247,6 +262,7 @@ class Muon_adv(torch.optim.Optimizer):
             momentum=stacked("momentum_buffer"),
             exp_avg_sq=stacked("exp_avg_sq") if self._adaptive else None,
             scratch=torch.empty((n, *shape), **f32),
+            out=torch.empty((n, *shape), **f32),
             damping=torch.tensor(damping, **f32),
             target=torch.tensor(target, **f32),
             spectral=torch.tensor(spectral, dtype=torch.bool, device=device),
@@ -263,80 +279,100 @@ class Muon_adv(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plan = self._get_plan()
-        live = [m for m in plan.members.values() if m.param.grad is not None]
-        if not live or not self._grads_finite(live):
+        # Phase 1 reads gradients and old state only, so a non-finite gradient leaves everything untouched.
+        works = [w for w in (self._prepare(b) for b in plan.buckets) if w is not None]
+        aux = [m for m in plan.aux if m.param.grad is not None]
+        if not self._all_finite(works, aux):
             return loss
         schedule = [_schedule_factor(g) for g in self.param_groups]
-
         updates: dict[int, Tensor] = {}  # id(param) -> update to subtract (param-shaped view)
-        for bucket in plan.buckets:
-            updates.update(self._muon_bucket(bucket, schedule))
+        for work in works:
+            updates.update(self._finish(work))
         if plan.pairs:
             self._rescale_pairs(plan.pairs, updates)
         self._apply_muon(plan, updates, schedule)
-        self._aux_step([m for m in plan.aux if m.param.grad is not None], schedule)
+        self._aux_step(aux, schedule)
         return loss
 
-    def _grads_finite(self, live: list[_Member]) -> bool:
-        grads = [m.param.grad for m in live]
-        norms = torch.stack(torch._foreach_norm(grads, ord=math.inf))
-        if bool(torch.isfinite(norms).all()):
+    def _prepare(self, bucket: _Bucket) -> _Work | None:
+        """Stack the gradients and form the orthogonalizer's input u, without touching the state.
+
+        Nesterov: u = g + β·(m' − g) with m' = β·m + (1−β)·g, i.e. u = lerp(g, m, β²) from the OLD m;
+        without Nesterov u = m' = lerp(g, m, β). The new momentum is then a lerp of m and u (see _finish).
+        """
+        rows = [i for i, m in enumerate(bucket.members) if m.param.grad is not None]
+        if not rows:
+            return None
+        members = [bucket.members[i] for i in rows]
+        full = len(rows) == len(bucket.members)
+        index = None if full else torch.tensor(rows, device=bucket.scratch.device)
+        u = bucket.scratch if full else bucket.scratch[: len(rows)]
+        torch._foreach_copy_(list(u.unbind(0)), [m.param.grad.reshape(bucket.shape) for m in members])
+        if any(m.inv_scale != 1 for m in members):
+            u.mul_(torch.tensor([m.inv_scale for m in members], device=u.device)[:, None, None])
+        momentum = _rows(bucket.momentum, index)
+        m32 = momentum if momentum.dtype == torch.float32 else momentum.float()
+        beta = bucket.group["beta1"]
+        u.lerp_(m32, beta * beta if bucket.group["nesterov"] else beta)
+        route = choose_route(bucket.shape, bucket.group["ortho_route"])
+        gram = small_gram(u) if route == "gram" else None
+        if gram is not None:
+            norm = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()
+        else:
+            norm = torch.linalg.vector_norm(u, dim=(-2, -1))
+        return _Work(bucket, members, index, u, m32, route, gram, norm)
+
+    def _all_finite(self, works: list[_Work], aux: list[_Member]) -> bool:
+        checks = [w.norm for w in works]
+        if aux:
+            checks.append(torch.stack(torch._foreach_norm([m.param.grad for m in aux])))
+        if not checks or bool(torch.isfinite(torch.cat([c.reshape(-1).float() for c in checks])).all()):
             return True
-        bad = [m.name for m, ok in zip(live, torch.isfinite(norms).tolist()) if not ok]
+        bad = [m.name for w in works for m, ok in zip(w.members, torch.isfinite(w.norm).tolist()) if not ok]
+        if aux:
+            bad += [m.name for m, ok in zip(aux, torch.isfinite(checks[-1]).tolist()) if not ok]
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         warnings.warn(f"{type(self).__name__}: non-finite gradient in {shown}; step skipped, state unchanged", stacklevel=3)
         return False
 
-    def _muon_bucket(self, bucket: _Bucket, schedule: list[float]) -> dict[int, Tensor]:
-        rows = [i for i, m in enumerate(bucket.members) if m.param.grad is not None]
-        if not rows:
-            return {}
-        members = [bucket.members[i] for i in rows]
-        full = len(rows) == len(bucket.members)
+    def _finish(self, work: _Work) -> dict[int, Tensor]:
+        """Commit the momentum, orthogonalize u, scale; returns the updates (views of the bucket's out buffer)."""
+        bucket, members, index, u = work.bucket, work.members, work.index, work.u
         g = bucket.group
-        shape = bucket.shape
-        # Gradients into one float32 stack (persistent scratch: no allocation per step).
-        u = bucket.scratch if full else bucket.scratch[: len(rows)]
-        torch._foreach_copy_(list(u.unbind(0)), [m.param.grad.reshape(shape) for m in members])
-        index = None if full else torch.tensor(rows, device=u.device)
-        inv_scale = torch.tensor([m.inv_scale for m in members], device=u.device)
-        if bool((inv_scale != 1).any()):
-            u.mul_(inv_scale[:, None, None])
-
-        momentum = bucket.momentum if full else bucket.momentum[index]
-        m32 = momentum if momentum.dtype == torch.float32 else momentum.float()
-        m32.lerp_(u, 1.0 - g["beta1"])
+        beta = g["beta1"]
         if g["nesterov"]:
-            u.lerp_(m32, g["beta1"])
+            work.m32.lerp_(u, 1.0 / (1.0 + beta))  # m' = (β·m + u)/(1+β)
         else:
-            u.copy_(m32)
-        _write_back(bucket.momentum, m32, index)
+            work.m32.copy_(u)
+        _write_back(bucket.momentum, work.m32, index)
 
         damping = _rows(bucket.damping, index)
         lr = torch.tensor([self.param_groups[m.group]["lr"] for m in members], device=u.device)
         scale = lr * _rows(bucket.target, index)  # size per unit spectral norm (or per KJ-scaled O)
         spectral = _rows(bucket.spectral, index)
         method, steps = g["orthogonalizer"], g["ns_steps"]
-        route = choose_route(shape, g["ortho_route"])
-
-        if route == "gram" and not self._adaptive:
-            # Fold normalization, spectral scale and lr into the small factor: one big product per matrix.
-            factor, sigma, _ = gram_factor(u, method=method, steps=steps, eps=damping)
-            coef = torch.where(spectral, scale / sigma.clamp_min(1e-30), scale) * (sigma > 0)
-            factor = factor * coef[:, None, None]
-            out = factor @ u if shape[0] <= shape[1] else u @ factor
+        out = bucket.out if index is None else bucket.out[: len(members)]
+        wide = bucket.shape[0] <= bucket.shape[1]
+        if work.route == "gram":
+            factor, sigma, _ = gram_factor(u, method=method, steps=steps, eps=damping, gram=work.gram)
+            if not self._adaptive:
+                # Fold spectral scale and lr into the small factor: one big product per matrix.
+                factor = factor * _coefficient(spectral, scale, sigma)[:, None, None]
+            torch.bmm(factor, u, out=out) if wide else torch.bmm(u, factor, out=out)
         else:
-            out, sigma = orthogonalize(u, method=method, steps=steps, eps=damping, route=route, compute_sigma=not self._adaptive)
-            if self._adaptive:
-                out, sigma = self._second_moment(bucket, out, members, index)
-            coef = torch.where(spectral, scale / sigma.clamp_min(1e-30), scale) * (sigma > 0)
-            out.mul_(coef[:, None, None])
+            result, sigma = orthogonalize(u, method=method, steps=steps, eps=damping, route="iterative",
+                                          compute_sigma=not self._adaptive)  # fmt: skip
+            out.copy_(result)
+        if self._adaptive:
+            sigma = self._second_moment(bucket, out, members, index)
+        if self._adaptive or work.route != "gram":
+            out.mul_(_coefficient(spectral, scale, sigma)[:, None, None])
         for m in members:
             self.state[m.param]["step"] += 1
         return {id(m.param): out[i].view(m.param.shape) for i, m in enumerate(members)}
 
-    def _second_moment(self, bucket: _Bucket, out: Tensor, members: list[_Member], index: Tensor | None):
-        return out, torch.ones(out.shape[0], device=out.device)  # Muon_adv has none (see AdaMuon_adv)
+    def _second_moment(self, bucket: _Bucket, out: Tensor, members: list[_Member], index: Tensor | None) -> Tensor:
+        raise NotImplementedError  # Muon_adv has none (see AdaMuon_adv)
 
     def _rescale_pairs(self, pairs: list[tuple[_Member, _Member]], updates: dict[int, Tensor]) -> None:
         """lora_spectral_target='product': scale each pair so that ‖s·(ΔB·A + B·ΔA)‖₂ = lr·√(base_out/base_in).
@@ -454,29 +490,33 @@ class AdaMuon_adv(Muon_adv):
     def __init__(self, params: Iterable, lr: float = 1e-3, *args, beta2: float = 0.95, eps: float = 1e-8, **kwargs) -> None:
         super().__init__(params, lr, *args, beta2=beta2, eps=eps, **kwargs)
 
-    def _second_moment(self, bucket: _Bucket, out: Tensor, members: list[_Member], index: Tensor | None):
-        g = bucket.group
-        beta2 = g["beta2"]
-        v = bucket.exp_avg_sq if index is None else bucket.exp_avg_sq[index]
+    def _second_moment(self, bucket: _Bucket, out: Tensor, members: list[_Member], index: Tensor | None) -> Tensor:
+        """Precondition ``out`` in place; returns its σ_max per matrix.
+
+        With c = √(1−β₂ᵗ): O/(√v/c + eps) = c·O/(√v + c·eps); the factor c cancels in the spectral (and the
+        Frobenius) rescaling that follows, so only the eps term keeps it.
+        """
+        beta2 = bucket.group["beta2"]
+        spectral = _rows(bucket.spectral, index)
+        frob = None if bool(spectral.all()) else torch.linalg.vector_norm(out, dim=(-2, -1))
+        v = _rows(bucket.exp_avg_sq, index)
         v32 = v if v.dtype == torch.float32 else v.float()
-        out32 = out.float()
-        v32.mul_(beta2).addcmul_(out32, out32, value=1.0 - beta2)
+        v32.mul_(beta2).addcmul_(out, out, value=1.0 - beta2)
         _write_back(bucket.exp_avg_sq, v32, index)
         steps = torch.tensor([self.state[m.param]["step"] + 1 for m in members], dtype=torch.float32, device=out.device)
-        correction = (1.0 - beta2**steps).sqrt()[:, None, None]
-        denom = (v32.sqrt() / correction).add_(_rows(bucket.adam_eps, index)[:, None, None])
-        frob = torch.linalg.vector_norm(out32, dim=(-2, -1))
-        out32 = out32 / denom
-        wide = out32.shape[-2] <= out32.shape[-1]
-        gram = out32 @ out32.mT if wide else out32.mT @ out32
+        correction = (1.0 - beta2**steps).sqrt()
+        denom = bucket.scratch[: len(members)]  # u is no longer needed: reuse its memory
+        torch.sqrt(v32, out=denom)
+        denom.add_((correction * _rows(bucket.adam_eps, index))[:, None, None])
+        out.div_(denom)
+        gram = small_gram(out)
         sigma = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
-        spectral = _rows(bucket.spectral, index)
-        # Without spectral scaling the coefficient divides by 1 (not σ): restore O's Frobenius norm first.
-        new_frob = torch.linalg.vector_norm(out32, dim=(-2, -1))
-        restore = torch.where(new_frob > 0, frob / new_frob.clamp_min(1e-30), torch.zeros_like(frob))
-        out32 = torch.where(spectral[:, None, None], out32, out32 * restore[:, None, None])
-        sigma = torch.where(spectral, sigma, torch.ones_like(sigma))
-        return out32.to(out.dtype), sigma
+        if frob is not None:
+            # Without spectral scaling: restore the orthogonalized Frobenius norm (then the Keller Jordan scale).
+            new_frob = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()
+            restore = torch.where(spectral | (new_frob == 0), 1.0, frob / new_frob.clamp_min(1e-30))
+            out.mul_(restore[:, None, None])
+        return sigma
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -490,6 +530,11 @@ def _freeze(value):
 
 def _matrix_shape(p: Tensor) -> tuple[int, int]:
     return (p.shape[0], p[0].numel()) if p.ndim >= 2 else (1, p.numel())
+
+
+def _coefficient(spectral: Tensor, scale: Tensor, sigma: Tensor) -> Tensor:
+    """Update multiplier of the orthogonalized O: scale/σ_max (spectral) or scale; 0 for an all-zero O."""
+    return torch.where(spectral, scale / sigma.clamp_min(1e-30), scale) * (sigma > 0)
 
 
 def _rows(t: Tensor, index: Tensor | None) -> Tensor:

@@ -118,34 +118,31 @@ def choose_route(shape: tuple[int, ...] | torch.Size, route: str = "auto") -> st
     return "gram" if max(m, n) >= GRAM_ASPECT * min(m, n) else "iterative"
 
 
-def gram_factor(X: Tensor, *, method: str, steps: int, eps: float | Tensor) -> tuple[Tensor, Tensor, bool]:
+def small_gram(X: Tensor) -> Tensor:
+    """X·Xᵀ for wide matrices, Xᵀ·X for tall ones: the min(m, n)-sized Gram matrix (no transposed copies)."""
+    return X @ X.mT if X.shape[-2] <= X.shape[-1] else X.mT @ X
+
+
+def gram_factor(
+    X: Tensor, *, method: str, steps: int, eps: float | Tensor, gram: Tensor | None = None
+) -> tuple[Tensor, Tensor, bool]:
     """The small symmetric factor M of the Gram route and σ_max of the result.
 
     Returns (M, sigma_max, wide): for wide X (m ≤ n) the result is ``M @ X``, for tall X it is
     ``X @ M``. The Frobenius normalization is folded into M, so X itself is never rescaled.
+    ``gram``: ``small_gram(X)`` when the caller has it already (‖X‖_F² is its trace).
     """
     wide = X.shape[-2] <= X.shape[-1]
-    work = X if X.dtype in (torch.float32, torch.float64) else X.float()
-    gram = work @ work.mT if wide else work.mT @ work  # r×r
-    factor, sigma_max = gram_factor_from_gram(gram, method=method, steps=steps, eps=eps)
-    return factor, sigma_max, wide
-
-
-def gram_factor_from_gram(gram: Tensor, *, method: str, steps: int, eps: float | Tensor) -> tuple[Tensor, Tensor]:
-    """gram_factor when only the small Gram matrix G (X·Xᵀ for wide X, Xᵀ·X for tall) is known.
-
-    ‖X‖_F² = tr G, so the normalization needs nothing else. LoRAMuon uses this to orthogonalize
-    products like m·R (R an r×r matrix) from Rᵀ·(mᵀm)·R without forming the tall product.
-    """
-    _check(method, steps, "gram")
-    norm = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()[..., None, None]
-    scale = 1.0 / (norm * normalization_safety(method) + _as_batched_eps(eps, gram))  # (..., 1, 1)
-    gram = gram * (scale * scale)  # Gram of the normalized matrix
-    lam, vecs = torch.linalg.eigh(gram)
+    if gram is None:
+        gram = small_gram(X if X.dtype in (torch.float32, torch.float64) else X.float())
+    gram = gram if gram.dtype in (torch.float32, torch.float64) else gram.float()
+    norm = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()[..., None, None]
+    scale = 1.0 / (norm * normalization_safety(method) + _as_batched_eps(eps, X))  # (..., 1, 1)
+    lam, vecs = torch.linalg.eigh(gram * (scale * scale))  # Gram of the normalized matrix
     ratio = _ratio_of_squares(lam, method, steps)  # f(σ̂)/σ̂
     sigma_max = (ratio * lam.clamp_min(0).sqrt()).amax(dim=-1)
     factor = (vecs * (ratio * scale[..., 0]).unsqueeze(-2)) @ vecs.mT
-    return factor, sigma_max
+    return factor, sigma_max, wide
 
 
 def _gram_route(X: Tensor, method: str, steps: int, eps: float | Tensor) -> tuple[Tensor, Tensor]:
