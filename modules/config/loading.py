@@ -197,10 +197,9 @@ def _unknown_key_hint(parent_cls: type[BaseModel] | None, parent_key: str, name:
         if near:
             return f" (did you mean {'.'.join(filter(None, (parent_key, near)))!r}?)"
     # The key may belong to another section: e.g. training.lr -> optimizer.lr.
-    elsewhere = [p for p in all_field_paths() if p.rsplit(".", 1)[-1] == name]
-    if not elsewhere:
-        elsewhere = difflib.get_close_matches(name, [p.rsplit(".", 1)[-1] for p in all_field_paths()], n=1)
-        elsewhere = [p for p in all_field_paths() if elsewhere and p.rsplit(".", 1)[-1] == elsewhere[0]]
+    leaves = {path: path.rsplit(".", 1)[-1] for path in all_field_paths()}
+    leaf = name if name in leaves.values() else _closest(name, sorted(set(leaves.values())))
+    elsewhere = [path for path, last in leaves.items() if last == leaf]
     return f" (did you mean {elsewhere[0]!r}?)" if elsewhere else ""
 
 
@@ -208,9 +207,6 @@ def _describe(err: dict) -> tuple[str, str]:
     """(dotted_key, message) of one pydantic error entry."""
     kind = err["type"]
     ctx = err.get("ctx") or {}
-    exc = ctx.get("error")
-    if isinstance(exc, RuleViolation):
-        return exc.problems[0]
     dotted, parent_cls = resolve_loc(err["loc"])
     if kind == "extra_forbidden":
         parent_key, _, name = dotted.rpartition(".")
@@ -226,13 +222,13 @@ def _describe(err: dict) -> tuple[str, str]:
         near = _closest(value, options)
         hint = f" (did you mean {near!r}?)" if near else ""
         return dotted, f"{message}, got {value!r}{hint}"
-    if not isinstance(value, (dict, list)) and kind not in ("value_error",):
+    if not isinstance(value, (dict, list)) and kind != "value_error":
         message = f"{message}, got {value!r}"
     return dotted, message
 
 
 def _is_type_mismatch(err: dict) -> bool:
-    return err["type"].endswith("_type") or err["type"] in ("model_type", "dict_type", "list_type")
+    return err["type"].endswith("_type")  # int_type, list_type, model_type, ...
 
 
 def validation_problems(error: ValidationError) -> list[tuple[str, str]]:
