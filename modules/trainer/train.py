@@ -189,11 +189,26 @@ def save_outputs(config: Any, family: ModelFamily, components: dict[str, Any], t
     )  # fmt: skip
 
 
-def train(config: Any, *, show_progress: bool = True) -> RunResult:
+@dataclass
+class Run:
+    """Everything a run is made of, built once by `build_run`; `train` drives it, the benchmark times it."""
+
+    config: Any
+    family: ModelFamily
+    components: dict[str, Any]  # unwrapped modules (what pipelines and savers see)
+    trained: dict[str, torch.nn.Module]
+    parts: StepParts
+    infos: list
+    loader: Any
+    val_set: Any
+    paths: RunPaths
+    total_steps: int
+
+
+def build_run(config: Any) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    started = time.perf_counter()
     ensure_base_model(config)
     paths = RunPaths.from_config(config)
     paths.output_dir.mkdir(parents=True, exist_ok=True)
@@ -218,23 +233,28 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
 
     infos = param_infos_for(config, trained, family.pipeline_class_name)
     optimizer = build_optimizer(config.optimizer, infos)
-    params = [info.param for info in infos]
-    train_set, loader, val_set = build_data(config, family, components, paths, device, trains_text)
+    _, loader, val_set = build_data(config, family, components, paths, device, trains_text)
     total_steps = total_optimizer_steps(config, len(loader))
     lr_scheduler = build_lr_scheduler(
         optimizer, kind=config.schedule.scheduler, warmup_steps=config.schedule.warmup_steps, total_steps=total_steps
     )
+    # Only trained modules and the optimizer go through accelerate (DDP wrapping, autocast, grad sync).
     prepared = accelerator.prepare(*trained.values(), optimizer)
-    modules_prepared, optimizer = list(prepared[:-1]), prepared[-1]
-    for name, module in zip(list(trained), modules_prepared):
-        components[name] = accelerator.unwrap_model(module) if name != family.backbone else module
-    generator = torch.Generator(device=device).manual_seed(tcfg.seed)
     parts = StepParts(
-        family=family, components=components, objective=objective, accelerator=accelerator, optimizer=optimizer,
-        lr_scheduler=lr_scheduler, trained_modules=modules_prepared, params=params, generator=generator,
-        max_grad_norm=tcfg.max_grad_norm, noise_offset=tcfg.noise_offset, train_text=trains_text,
-        dtype=DTYPES[config.model.train_dtype],
+        family=family, components=components, objective=objective, accelerator=accelerator, optimizer=prepared[-1],
+        lr_scheduler=lr_scheduler, trained_modules=list(prepared[:-1]), params=[info.param for info in infos],
+        generator=torch.Generator(device=device).manual_seed(tcfg.seed), max_grad_norm=tcfg.max_grad_norm,
+        noise_offset=tcfg.noise_offset, train_text=trains_text, dtype=DTYPES[config.model.train_dtype],
     )  # fmt: skip
+    return Run(config, family, components, trained, parts, infos, loader, val_set, paths, total_steps)
+
+
+def train(config: Any, *, show_progress: bool = True) -> RunResult:
+    started = time.perf_counter()
+    run = build_run(config)
+    family, components, trained, parts, paths = run.family, run.components, run.trained, run.parts, run.paths
+    accelerator, optimizer, objective, infos = parts.accelerator, parts.optimizer, parts.objective, run.infos
+    loader, val_set, total_steps, device = run.loader, run.val_set, run.total_steps, accelerator.device
 
     result = RunResult(steps=0, final_loss=float("nan"), components=components)
     metrics = MetricsLogger(paths.log_dir, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl)
@@ -246,7 +266,7 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
         val_loader = val_set.dataloader(config.training.batch_size, shuffle=False)
         validator = Validator(
             family, components, objective, list(val_loader), num_timesteps=config.validation.num_timesteps,
-            seed=config.validation.seed, device=device, dtype=parts.dtype, encode_text_each_time=trains_text,
+            seed=config.validation.seed, device=device, dtype=parts.dtype, encode_text_each_time=parts.train_text,
             autocast=accelerator.autocast,
         )  # fmt: skip
     save_meta = {info.component: info.spec.depth for info in infos}  # depth used, per component
@@ -277,7 +297,7 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
         from modules.trainer.sampling import sample_images
 
         result.samples += sample_images(
-            family, components | {family.backbone: accelerator.unwrap_model(parts.backbone)}, config.sampling.prompts,
+            family, components, config.sampling.prompts,
             samples_dir=paths.samples_dir, step=state.step, sampler=config.sampling.sampler,
             default_size=config.data.resolution, device=device,
         )  # fmt: skip
