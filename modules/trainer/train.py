@@ -141,11 +141,14 @@ def encoder_id(config: Any, what: str) -> str:
     return f"{folder}|{what}|{stamp}|{config.model.vae_dtype if what == 'vae' else config.model.train_dtype}"
 
 
-def build_data(config: Any, family: ModelFamily, components: dict[str, Any], paths: RunPaths, device: torch.device, trains_text: bool):
+IN_MEMORY_CACHE_ITEMS = 4096  # keep cached latents in RAM up to this many images (~1 GB of SDXL 1024px latents)
+
+
+def build_data(config: Any, family: ModelFamily, components: dict[str, Any], paths: RunPaths, accelerator: Any, trains_text: bool):
     from modules.data.dataset import build_datasets
 
     train_set, val_set = build_datasets(config.data, config.validation, seed=config.training.seed)
-    vae = components["vae"]
+    vae, device = components["vae"], accelerator.device
 
     def encode_images(pixels: torch.Tensor) -> torch.Tensor:
         return family.encode_latents(vae, pixels.to(device)).float().cpu()
@@ -156,12 +159,16 @@ def build_data(config: Any, family: ModelFamily, components: dict[str, Any], pat
     for dataset in (train_set, val_set):
         if dataset is None:
             continue
+        in_memory = len(dataset) <= IN_MEMORY_CACHE_ITEMS
         if config.data.cache_latents:
-            dataset.cache_latents(encode_images, encoder_id=encoder_id(config, "vae"), cache_dir=paths.cache_dir, in_memory=True)
+            dataset.cache_latents(encode_images, encoder_id=encoder_id(config, "vae"), cache_dir=paths.cache_dir, in_memory=in_memory)
         if config.data.cache_text_embeddings and not trains_text:
             ids = "+".join(encoder_id(config, name) for name in family.text_encoders)
-            dataset.cache_text_embeddings(encode_captions, encoder_id=ids, cache_dir=paths.cache_dir, in_memory=True)
-    loader = train_set.dataloader(config.training.batch_size)
+            dataset.cache_text_embeddings(encode_captions, encoder_id=ids, cache_dir=paths.cache_dir, in_memory=in_memory)
+    # Each process takes its slice of the same global batches (the sampler shards; the loader is not prepared).
+    loader = train_set.dataloader(
+        config.training.batch_size, num_replicas=accelerator.num_processes, rank=accelerator.process_index
+    )
     return train_set, loader, val_set
 
 
@@ -233,7 +240,7 @@ def build_run(config: Any) -> Run:
 
     infos = param_infos_for(config, trained, family.pipeline_class_name)
     optimizer = build_optimizer(config.optimizer, infos)
-    _, loader, val_set = build_data(config, family, components, paths, device, trains_text)
+    _, loader, val_set = build_data(config, family, components, paths, accelerator, trains_text)
     total_steps = total_optimizer_steps(config, len(loader))
     lr_scheduler = build_lr_scheduler(
         optimizer, kind=config.schedule.scheduler, warmup_steps=config.schedule.warmup_steps, total_steps=total_steps
@@ -243,101 +250,110 @@ def build_run(config: Any) -> Run:
     parts = StepParts(
         family=family, components=components, objective=objective, accelerator=accelerator, optimizer=prepared[-1],
         lr_scheduler=lr_scheduler, trained_modules=list(prepared[:-1]), params=[info.param for info in infos],
-        generator=torch.Generator(device=device).manual_seed(tcfg.seed), max_grad_norm=tcfg.max_grad_norm,
+        generator=torch.Generator(device=device).manual_seed(tcfg.seed + accelerator.process_index), max_grad_norm=tcfg.max_grad_norm,
         noise_offset=tcfg.noise_offset, train_text=trains_text, dtype=DTYPES[config.model.train_dtype],
     )  # fmt: skip
     return Run(config, family, components, trained, parts, infos, loader, val_set, paths, total_steps)
 
 
-def train(config: Any, *, show_progress: bool = True) -> RunResult:
-    started = time.perf_counter()
-    run = build_run(config)
-    family, components, trained, parts, paths = run.family, run.components, run.trained, run.parts, run.paths
-    accelerator, optimizer, objective, infos = parts.accelerator, parts.optimizer, parts.objective, run.infos
-    loader, val_set, total_steps, device = run.loader, run.val_set, run.total_steps, accelerator.device
+class RunEvents:
+    """What happens around the steps: logging, validation, samples and saves (main process only for files)."""
 
-    result = RunResult(steps=0, final_loss=float("nan"), components=components)
-    metrics = MetricsLogger(paths.log_dir, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl)
-    bar = progress_bar(total_steps, disable=not show_progress or not accelerator.is_main_process)
-    validator = None
-    if val_set is not None and config.validation.every_n_steps:
-        from modules.trainer.validation import Validator
+    def __init__(self, run: Run, result: RunResult, *, show_progress: bool) -> None:
+        self.run, self.result, self.config = run, result, run.config
+        accelerator = run.parts.accelerator
+        self.main = accelerator.is_main_process
+        logging_cfg = self.config.logging
+        self.metrics = MetricsLogger(
+            run.paths.log_dir, tensorboard=logging_cfg.tensorboard and self.main, jsonl=logging_cfg.jsonl and self.main
+        )
+        self.bar = progress_bar(run.total_steps, disable=not show_progress or not self.main)
+        self.depth = {info.component: info.spec.depth for info in run.infos}  # depth used, saved as metadata
+        self.validator = None
+        if run.val_set is not None and self.config.validation.every_n_steps:
+            from modules.trainer.validation import Validator
 
-        val_loader = val_set.dataloader(config.training.batch_size, shuffle=False)
-        validator = Validator(
-            family, components, objective, list(val_loader), num_timesteps=config.validation.num_timesteps,
-            seed=config.validation.seed, device=device, dtype=parts.dtype, encode_text_each_time=parts.train_text,
-            autocast=accelerator.autocast,
-        )  # fmt: skip
-    save_meta = {info.component: info.spec.depth for info in infos}  # depth used, per component
+            self.validator = Validator(
+                run.family, run.components, run.parts.objective,
+                list(run.val_set.dataloader(self.config.training.batch_size, shuffle=False)),
+                num_timesteps=self.config.validation.num_timesteps, seed=self.config.validation.seed,
+                device=accelerator.device, dtype=run.parts.dtype, encode_text_each_time=run.parts.train_text,
+                autocast=accelerator.autocast,
+            )  # fmt: skip
+        self.last_epoch = 0
 
-    def validate(state: TrainState) -> None:
-        value = validator.loss(parts.backbone)
-        result.val_losses.append((state.step, value))
-        metrics.log(state.step, {"val_loss": value})
-        bar.write(f"step {state.step}: validation loss {value:.5f}")
+    def validate(self, state: TrainState) -> None:
+        if self.validator is None or (self.result.val_losses and self.result.val_losses[-1][0] == state.step):
+            return
+        value = self.validator.loss(self.run.parts.backbone)
+        self.result.val_losses.append((state.step, value))
+        self.metrics.log(state.step, {"val_loss": value})
+        self.bar.write(f"step {state.step}: validation loss {value:.5f}")
 
-    def on_step(state: TrainState, loss: torch.Tensor) -> None:
-        every = config.logging.every_n_steps
-        if state.step % every == 0 or state.step == total_steps:
-            value = float(loss)
-            result.final_loss = value
-            lr = optimizer.param_groups[0]["lr"]
-            metrics.log(state.step, {"loss": value, "lr": lr, "epoch": state.epoch})
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
-        bar.update(1)
-        if validator is not None and state.step % config.validation.every_n_steps == 0:
-            validate(state)
-        if config.sampling.every_n_steps and state.step % config.sampling.every_n_steps == 0:
-            sample(state)
-        if config.saving.save_every_n_steps and state.step % config.saving.save_every_n_steps == 0 and state.step < total_steps:
-            result.saved.append(save_outputs(config, family, components, trained, paths, f"-step{state.step:06d}", save_meta))
-
-    def sample(state: TrainState) -> None:
+    def sample(self, state: TrainState) -> None:
         from modules.trainer.sampling import sample_images
 
-        result.samples += sample_images(
-            family, components, config.sampling.prompts,
-            samples_dir=paths.samples_dir, step=state.step, sampler=config.sampling.sampler,
-            default_size=config.data.resolution, device=device,
-        )  # fmt: skip
+        if self.main and self.config.sampling.prompts:
+            self.result.samples += sample_images(
+                self.run.family, self.run.components, self.config.sampling.prompts, samples_dir=self.run.paths.samples_dir,
+                step=state.step, sampler=self.config.sampling.sampler, default_size=self.config.data.resolution,
+                device=self.run.parts.accelerator.device,
+            )  # fmt: skip
 
-    def on_end(state: TrainState) -> None:
-        result.steps = state.step
-        if validator is not None and (not result.val_losses or result.val_losses[-1][0] != state.step):
-            validate(state)
-        if config.sampling.prompts and (not result.samples or config.sampling.every_n_steps == 0
-                                        or state.step % config.sampling.every_n_steps):
-            sample(state)
-        result.saved.append(save_outputs(config, family, components, trained, paths, "", save_meta))
+    def save(self, suffix: str) -> None:
+        if self.main:
+            run = self.run
+            self.result.saved.append(save_outputs(self.config, run.family, run.components, run.trained, run.paths, suffix, self.depth))
 
+    def on_step(self, state: TrainState, loss: torch.Tensor) -> None:
+        cfg, total = self.config, self.run.total_steps
+        if state.step % cfg.logging.every_n_steps == 0 or state.step == total:
+            value, lr = float(loss), self.run.parts.optimizer.param_groups[0]["lr"]
+            self.result.final_loss = value
+            self.metrics.log(state.step, {"loss": value, "lr": lr, "epoch": state.epoch})
+            self.bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
+        self.bar.update(1)
+        if cfg.validation.every_n_steps and state.step % cfg.validation.every_n_steps == 0:
+            self.validate(state)
+        if cfg.sampling.every_n_steps and state.step % cfg.sampling.every_n_steps == 0:
+            self.sample(state)
+        if state.step < total:
+            if cfg.saving.save_every_n_steps and state.step % cfg.saving.save_every_n_steps == 0:
+                self.save(f"-step{state.step:06d}")
+            # state.epoch counts epochs whose batches are all used (the loader moved past their end)
+            if cfg.saving.save_every_n_epochs and state.epoch > self.last_epoch:
+                self.last_epoch = state.epoch
+                if state.epoch % cfg.saving.save_every_n_epochs == 0:
+                    self.save(f"-epoch{state.epoch:04d}")
+
+    def on_end(self, state: TrainState) -> None:
+        self.result.steps = state.step
+        self.validate(state)
+        every = self.config.sampling.every_n_steps
+        if not every or state.step % every:  # the final model's samples, unless just made
+            self.sample(state)
+        self.save("")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+
+
+def train(config: Any, *, show_progress: bool = True) -> RunResult:
+    """Build the run, validate once at step 0 (the baseline), train, and save; returns what happened."""
+    started = time.perf_counter()
+    run = build_run(config)
+    result = RunResult(steps=0, final_loss=float("nan"), components=run.components)
+    events = RunEvents(run, result, show_progress=show_progress)
     state = TrainState()
-    if validator is not None:
-        validate(state)  # the starting point every later value is compared with
-    epochs_per_save = config.saving.save_every_n_epochs
-    batches = endless(lambda: loader, state)
-    hooks = LoopHooks(on_step=[on_step], on_end=[on_end])
-    if epochs_per_save:
-        hooks.on_step.append(_epoch_saver(config, family, components, trained, paths, save_meta, result, epochs_per_save))
     try:
-        run_loop(parts, batches, state, total_steps=total_steps, hooks=hooks)
+        events.validate(state)
+        batches = endless(lambda: run.loader, state)
+        run_loop(run.parts, batches, state, total_steps=run.total_steps, hooks=LoopHooks([events.on_step], [events.on_end]))
     finally:
-        bar.close()
-        metrics.close()
+        events.close()
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _epoch_saver(config, family, components, trained, paths, save_meta, result, every: int):
-    last = {"epoch": 0}
-
-    def hook(state: TrainState, loss: torch.Tensor) -> None:
-        if state.epoch > last["epoch"]:
-            last["epoch"] = state.epoch
-            if state.epoch % every == 0:
-                result.saved.append(save_outputs(config, family, components, trained, paths, f"-epoch{state.epoch:04d}", save_meta))
-
-    return hook
 
 
 def run_training(config: Any) -> int:
