@@ -66,7 +66,8 @@ STAND_IN_TRAINER = textwrap.dedent("""
 
 def start_server(presets: Path, runs: RunManager | None = None) -> UiServer:
     backend = Backend(presets_dir=presets, workdir=REPO_ROOT, runs=runs)
-    backend.warm_up_in_background()  # as `tuneonce-ui` does
+    # as `tuneonce-ui` does; waited for here so that no test imports diffusers while it does
+    backend.warm_up_in_background().join()
     srv = UiServer(("127.0.0.1", 0), backend)
     srv.start_in_thread()
     return srv
@@ -229,6 +230,7 @@ def test_run_shows_progress_loss_plot_and_samples(stand_in_page, tmp_path):
     sync_api.expect(image).to_have_count(1)
     assert page.eval_on_selector("#samples img", "img => img.complete && img.naturalWidth") == 32
     sync_api.expect(page.locator("#run-log")).to_contain_text("step 10/10", use_inner_text=False)
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
     # what ran is the config the page showed, saved beside the outputs
     ran = load_config(tmp_path / "out" / "demo_sdxl_lora.ui-run.yaml")
@@ -255,8 +257,7 @@ def test_depth_panel_follows_the_model_and_the_switches(page):
     # no local folder: the published SDXL architecture, whose UNet has 87 residual blocks (REFERENCE §6)
     field(page, "model.base_model").fill("no/such/folder")
     unet = page.locator('#depth-body tr[data-component="unet"] td')
-    # the first answer waits for diffusers to import (seconds on a busy machine)
-    sync_api.expect(page.locator("#depth-body")).to_contain_text("published sdxl architecture", timeout=90_000)
+    sync_api.expect(page.locator("#depth-body")).to_contain_text("published sdxl architecture")
     sync_api.expect(unet.nth(1)).to_have_text("87")
     sync_api.expect(unet.nth(2)).to_have_text("1280")  # SDXL's most common linear width
     # a depth override moves the eps: ns_eps of a square matrix = sqrt(d/d)/L = 1/40
@@ -268,3 +269,32 @@ def test_depth_panel_follows_the_model_and_the_switches(page):
     sync_api.expect(unet.nth(3)).to_have_text("1e-07")
     field(page, "model.depth").fill("{vae: 3}")
     sync_api.expect(page.locator("#depth-body")).to_contain_text("unknown component 'vae'")
+
+
+def test_real_training_run_from_the_page(page, tmp_path, tmp_path_factory):
+    """The demo preset through the real CLI (`train.py --config`) on a tiny SDXL folder, for three steps."""
+    tiny = pytest.importorskip("modules.model.tiny")
+    synthetic = pytest.importorskip("modules.data.synthetic")
+    base = tiny.tiny_pipeline_dir("sdxl", tmp_path_factory)  # shared with other tests of the session
+    synthetic.write_concept_dataset(tmp_path / "data", count=4)
+    open_preset(page, "demo_sdxl_lora.yaml")
+    edits = {
+        "model.base_model": str(base), "data.folders": f"- path: {tmp_path / 'data'}",
+        "schedule.max_steps": "3", "training.batch_size": "2", "sampling.every_n_steps": "0",
+        "sampling.prompts": "[]", "validation.every_n_steps": "0", "validation.folder": "",
+        "saving.output_dir": str(tmp_path / "out"),
+    }  # fmt: skip
+    for key, value in edits.items():
+        field(page, key).fill(value)
+    field(page, "logging.tensorboard").uncheck()
+    sync_api.expect(page.locator("#status-line")).to_have_text("config valid")
+    page.click("#run-start")
+    sync_api.expect(page.locator("#run-state")).to_have_attribute("data-state", "running")
+    sync_api.expect(page.locator("#run-state")).to_have_attribute("data-state", "finished", timeout=300_000)
+    page.wait_for_function("Number(document.querySelector('#loss-plot').dataset.points) === 3")
+    assert page.eval_on_selector("#run-progress", "p => [p.value, p.max]") == [3, 3]
+    sync_api.expect(page.locator("#run-numbers")).to_contain_text("step 3 / 3")
+    sync_api.expect(page.locator("#run-log")).to_contain_text("trained 3 steps", use_inner_text=False)
+    page.evaluate("window.scrollTo(0, 0)")  # the side panels follow the scroll position
+    page.screenshot(path=str(tmp_path / "real_run.png"), full_page=True)
+    assert (tmp_path / "out" / "demo_sdxl_lora.safetensors").is_file()

@@ -20,11 +20,18 @@ from typing import Any
 FAMILY_BUILTIN = {"sd15": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
 SKIPPED_COMPONENTS = ("vae", "scheduler", "tokenizer", "tokenizer_2", "tokenizer_3", "feature_extractor",
                       "image_encoder", "safety_checker")  # fmt: skip
-COLUMNS = ["component", "L", "d", "ns_eps d×d", "ns_eps B d×r", "AdaMuon eps", "decay/step"]
-_build_lock = threading.Lock()
+COLUMNS = ["component", "L", "d", "ns_eps W", "ns_eps B", "AdaMuon eps", "decay/step"]
+# One depth computation at a time: diffusers/transformers import lazily, and two threads importing them
+# at once can see half-initialised modules.
+_build_lock = threading.RLock()
 
 
 def depth_report(config: dict, workdir: Path) -> dict:
+    with _build_lock:
+        return _depth_report(config, workdir)
+
+
+def _depth_report(config: dict, workdir: Path) -> dict:
     """{"columns", "rows", "source", "notes"} for the page, or {"error": why} when it cannot be computed.
 
     Each row: {"component", "class", "trained", "cells": [L, d, ns_eps d×d, ns_eps B, AdaMuon eps, decay]}
@@ -75,8 +82,9 @@ def depth_report(config: dict, workdir: Path) -> dict:
     if model.get("depth_source") == "trained":
         notes.append("depth_source: trained — the run uses only the blocks holding LoRA modules; "
                      "the table shows the whole model's depth.")
-    notes.append(f"d = the most common input width of the component's linear layers; r = lora.rank {rank}; "
-                 "decay/step = the fraction of W removed per step at peak LR.")
+    notes.append(f"W: a d×d matrix, d = the most common input width of the component's linear layers; "
+                 f"B: a LoRA up factor d×r (r = lora.rank {rank}); decay/step: the fraction of W removed per step "
+                 "at peak LR.")
     return {"columns": COLUMNS, "rows": rows, "source": source, "notes": notes}
 
 
@@ -126,7 +134,8 @@ def _components(model: dict, workdir: Path) -> tuple[str, str | None, dict]:
 def warm_up(family: str = "sdxl") -> None:
     """Import the depth code and build one built-in architecture, so the first depth request is quick."""
     try:
-        _builtin_components(FAMILY_BUILTIN.get(family, "sdxl"))
+        with _build_lock:
+            _builtin_components(FAMILY_BUILTIN.get(family, "sdxl"))
     except Exception:  # only a warm-up: the real request reports what went wrong
         pass
 
@@ -135,8 +144,7 @@ def warm_up(family: str = "sdxl") -> None:
 def _builtin_components(name: str) -> tuple[str, dict]:
     from modules.model.builtin import build_meta_components, get_builtin
 
-    with _build_lock:
-        return get_builtin(name).pipeline, build_meta_components(name)
+    return get_builtin(name).pipeline, build_meta_components(name)
 
 
 @lru_cache(maxsize=8)
@@ -148,7 +156,7 @@ def _folder_components(folder: str, _mtime: float) -> tuple[str | None, dict]:
 
     index = json.loads((Path(folder) / "model_index.json").read_text())
     components = {}
-    with _build_lock, torch.device("meta"):
+    with torch.device("meta"):
         for name, spec in index.items():
             if name.startswith("_") or name in SKIPPED_COMPONENTS or not isinstance(spec, list) or None in spec:
                 continue
