@@ -1,0 +1,239 @@
+"""Writing what training produced: LoRA .safetensors files (kohya or diffusers layout) and diffusers folders.
+
+Every write is atomic: a LoRA file goes to a temporary file in the same folder and is moved into place with
+``os.replace``; a finetuned pipeline is saved into a temporary folder that is renamed when complete. An interrupted
+save never leaves a half-written file where users (or a resume) would pick it up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from modules.model.lora_files import (
+    LORA_ADAPTER_METADATA_KEY,
+    LoraModuleWeights,
+    collect_lora_weights,
+    diffusers_adapter_metadata,
+    is_sdxl_like,
+    to_diffusers_state_dict,
+    to_kohya_state_dict,
+)
+
+LoraLayout = Literal["kohya", "diffusers"]
+LORA_LAYOUTS: tuple[str, ...] = ("kohya", "diffusers")
+SAVE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _tuneonce_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tuneonce")
+    except Exception:  # not installed as a distribution (running from a checkout)
+        return "0.1.0"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """None keeps the trained dtype; otherwise one of float32 / float16 / bfloat16."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"save dtype {dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
+    return SAVE_DTYPES[dtype]
+
+
+def lora_metadata(
+    weights: list[LoraModuleWeights],
+    *,
+    sdxl: bool,
+    layout: str,
+    base_model: str = "",
+    output_name: str = "",
+    optimizer: Mapping[str, Any] | None = None,
+    depth: Mapping[str, int] | int | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Safetensors metadata: kohya's ss_* keys that apply, modelspec keys, and tuneonce_* keys (all strings).
+
+    ``training`` may carry ss-style facts the trainer knows (steps, epoch, learning_rate, resolution, ...); each
+    becomes ``ss_<name>``.
+    """
+    rank = Counter(w.rank for w in weights).most_common(1)[0][0]
+    alpha = Counter(w.alpha for w in weights).most_common(1)[0][0]
+    dora = any(w.magnitude is not None for w in weights)
+    conv = [w for w in weights if w.down.ndim == 4]
+    network_args: dict[str, str] = {}
+    if conv:
+        network_args["conv_dim"] = str(Counter(w.rank for w in conv).most_common(1)[0][0])
+        network_args["conv_alpha"] = str(Counter(w.alpha for w in conv).most_common(1)[0][0])
+    if dora:
+        network_args["dora_wd"] = "True"
+    components = sorted({w.component for w in weights})
+    text_encoder_trained = any(c.startswith("text_encoder") for c in components)
+    meta: dict[str, str] = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": _number(alpha),
+        "ss_network_args": json.dumps(network_args),
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
+        "ss_v2": "False",
+        "ss_sd_model_name": Path(base_model).name if base_model else "",
+        "ss_output_name": output_name,
+        "ss_network_train_unet_only": str(not text_encoder_trained),
+        "ss_network_train_text_encoder_only": str(not any(c in ("unet", "transformer") for c in components)),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ("stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v1") + "/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": output_name,
+        "tuneonce_version": _tuneonce_version(),
+        "tuneonce_layout": layout,
+        "tuneonce_base_model": base_model,
+        "tuneonce_components": json.dumps(components),
+        "tuneonce_rank": str(rank),
+        "tuneonce_alpha": _number(alpha),
+        "tuneonce_dora": str(dora),
+        "tuneonce_num_modules": str(len(weights)),
+    }
+    if optimizer is not None:
+        meta["tuneonce_optimizer"] = json.dumps(dict(optimizer), sort_keys=True, default=str)
+        if "type" in optimizer:
+            meta["ss_optimizer"] = str(optimizer["type"])
+        if "lr" in optimizer:
+            meta["ss_learning_rate"] = str(optimizer["lr"])
+    if depth is not None:
+        meta["tuneonce_depth"] = json.dumps(depth if isinstance(depth, int) else dict(depth), sort_keys=True)
+    for key, value in (training or {}).items():
+        meta[f"ss_{key}"] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return meta
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata=metadata)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def lora_state_dict(
+    components: Mapping[str, nn.Module],
+    layout: LoraLayout = "kohya",
+    *,
+    dtype: str | torch.dtype | None = None,
+    adapter_name: str = "default",
+    sdxl: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors ``save_lora`` writes (contiguous CPU copies), for callers that want them in memory."""
+    if layout not in LORA_LAYOUTS:
+        raise ValueError(f"LoRA layout {layout!r} is not one of {', '.join(LORA_LAYOUTS)}")
+    weights = collect_lora_weights(components, adapter_name)
+    sdxl = is_sdxl_like(components) if sdxl is None else sdxl
+    state = to_kohya_state_dict(weights, sdxl) if layout == "kohya" else to_diffusers_state_dict(weights)
+    target = resolve_dtype(dtype)
+    return {
+        key: value.detach().to("cpu", dtype=target if target is not None and not key.endswith(".alpha") else None)
+        .contiguous()
+        .clone()
+        for key, value in state.items()
+    }
+
+
+def save_lora(
+    path: str | Path,
+    components: Mapping[str, nn.Module],
+    *,
+    layout: LoraLayout = "kohya",
+    dtype: str | torch.dtype | None = None,
+    adapter_name: str = "default",
+    base_model: str = "",
+    output_name: str | None = None,
+    optimizer: Mapping[str, Any] | None = None,
+    depth: Mapping[str, int] | int | None = None,
+    training: Mapping[str, Any] | None = None,
+    sdxl: bool | None = None,
+) -> Path:
+    """Save the PEFT LoRA adapters of ``components`` ({"unet": ..., "text_encoder": ..., ...}) as one file.
+
+    ``layout`` "kohya" (default; loads in ComfyUI, A1111/Forge, kohya, and diffusers' ``load_lora_weights``) or
+    "diffusers" (PEFT key names, alphas in diffusers' ``lora_adapter_metadata``). ``dtype`` None keeps the trained
+    dtype. ``sdxl`` picks lora_te1/lora_te2 vs lora_te naming; inferred from the components when None.
+    Returns the written path.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"LoRA output path must end in .safetensors: {path}")
+    sdxl = is_sdxl_like(components) if sdxl is None else sdxl
+    tensors = lora_state_dict(components, layout, dtype=dtype, adapter_name=adapter_name, sdxl=sdxl)
+    weights = collect_lora_weights(components, adapter_name)
+    metadata = lora_metadata(
+        weights,
+        sdxl=sdxl,
+        layout=layout,
+        base_model=base_model,
+        output_name=output_name if output_name is not None else path.stem,
+        optimizer=optimizer,
+        depth=depth,
+        training=training,
+    )
+    metadata["format"] = "pt"
+    if layout == "diffusers":
+        metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(diffusers_adapter_metadata(weights), indent=2, sort_keys=True)
+    _atomic_save_safetensors(tensors, path, metadata)
+    return path
+
+
+def _convert_safetensors_dtype(path: Path, dtype: torch.dtype) -> None:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(converted, str(path), metadata=metadata)
+
+
+def save_diffusers_folder(pipeline, folder: str | Path, *, dtype: str | torch.dtype | None = None) -> Path:
+    """Save a (finetuned) diffusers pipeline with ``save_pretrained``, atomically replacing ``folder``.
+
+    Written into a temporary sibling folder first; the old folder (if any) is swapped out only once the new one is
+    complete. ``dtype`` converts the floating-point weights of the written files (the in-memory model is left as
+    it is); None keeps the training dtype.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    target = resolve_dtype(dtype)
+    try:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        if target is not None:
+            for weights_file in staging.rglob("*.safetensors"):
+                _convert_safetensors_dtype(weights_file, target)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.replace(old)
+        staging.replace(folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
