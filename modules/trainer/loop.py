@@ -39,7 +39,7 @@ class StepParts:
     components: dict[str, Any]
     objective: Any
     accelerator: Any  # accelerate.Accelerator
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # what the loop steps: accelerate's wrapper only where it has work to do
     lr_scheduler: Any
     trained_modules: Sequence[torch.nn.Module]  # backbone first, then trained text encoders
     params: list[torch.Tensor]
@@ -85,18 +85,21 @@ def compute_loss(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def train_step(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
-    """One micro-batch; the optimizer steps only when accelerate says the accumulation window is complete."""
+    """One micro-batch; clipping and the optimizer/scheduler step run when the accumulation window is complete.
+
+    The trained modules were prepared by accelerate, so their forward already runs under the configured autocast
+    (and DDP syncs gradients only on the last micro-batch inside `accumulate`).
+    """
     accelerator = parts.accelerator
     with accelerator.accumulate(*parts.trained_modules):
-        with accelerator.autocast():
-            loss = compute_loss(parts, batch)
-        accelerator.backward(loss)
-        if parts.max_grad_norm is not None and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)
-        parts.optimizer.step()  # accelerate's wrapper skips step and zero_grad inside an accumulation window
+        loss = compute_loss(parts, batch)
+        accelerator.backward(loss)  # divides by the accumulation steps; scales the loss for fp16
         if accelerator.sync_gradients:
+            if parts.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)
+            parts.optimizer.step()
             parts.lr_scheduler.step()
-        parts.optimizer.zero_grad(set_to_none=True)
+            parts.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
