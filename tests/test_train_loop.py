@@ -109,12 +109,15 @@ def test_sdxl_lora_writes_metrics_samples_and_a_loadable_file(sdxl_lora_run):
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-4)
 
 
-def test_validation_loss_is_reproducible_and_v_prediction_trains(tmp_path_factory, data_dirs):
+def test_validation_loss_is_reproducible_and_v_prediction_dora_trains(tmp_path_factory, data_dirs):
     base = tiny_pipeline_dir("sd15", tmp_path_factory)
     runs = []
     for i in range(2):
         out = tmp_path_factory.mktemp(f"sd15_v{i}")
-        cfg = make_config("sd15", base, data_dirs, out, training={"prediction_type": "v_prediction"})
+        cfg = make_config(
+            "sd15", base, data_dirs, out, training={"prediction_type": "v_prediction"},
+            lora={"rank": 4, "dora": True, "force_dora_with_spectral": True},
+        )  # fmt: skip
         runs.append(train(cfg, show_progress=False))
     first, second = runs
     assert [v for _, v in first.val_losses] == [v for _, v in second.val_losses]
@@ -122,6 +125,8 @@ def test_validation_loss_is_reproducible_and_v_prediction_trains(tmp_path_factor
     lora_a = [(n, p) for n, p in first.components["unet"].named_parameters() if ".lora_A." in n]
     other = dict(second.components["unet"].named_parameters())
     assert all(torch.equal(p, other[n]) for n, p in lora_a)
+    magnitudes = [p for n, p in first.components["unet"].named_parameters() if "lora_magnitude_vector" in n]
+    assert magnitudes and all(p.requires_grad for p in magnitudes)
     assert json.loads((Path(out) / "logs" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 0
 
 

@@ -62,20 +62,15 @@ class RunResult:
 
 # ---- model ----------------------------------------------------------------------------------------------------------
 def ensure_base_model(config: Any) -> None:
-    """The embedded demo builds its tiny base on first use; any other missing folder is an error."""
+    """The embedded demo's base (a folder named like modules.demo's, e.g. workspace/demo/tiny_sdxl_base) and its
+    concept datasets are prepared beside it on first use (cached: later calls return at once)."""
+    from modules.demo import demo_paths, prepare_demo_base
+
     base = Path(config.model.base_model)
-    if (base / "model_index.json").is_file():
-        return
-    try:
-        from modules import demo
-    except ImportError:
-        demo = None
-    demo_base = getattr(demo, "DEMO_BASE_DIR", None) if demo is not None else None
-    if demo is not None and demo_base is not None and base.resolve() == Path(demo_base).resolve():
-        logger.info("preparing the demo base model at %s (first run only)", base)
-        demo.prepare_demo_base(base)
-        return
-    raise FileNotFoundError(f"model.base_model: {base} is not a diffusers folder (no model_index.json)")
+    if base.name == demo_paths(base.parent).base.name:
+        prepare_demo_base(base.parent)
+    elif not (base / "model_index.json").is_file():
+        raise FileNotFoundError(f"model.base_model: {base} is not a diffusers folder (no model_index.json)")
 
 
 def lora_settings(family: ModelFamily, lora: Any, *, text_encoder: bool) -> LoraSettings:
