@@ -77,7 +77,9 @@ def compute_loss(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
     latents = batch_latents(parts, batch)
     text = batch_text(parts, batch)
     noise = make_noise(latents, parts.generator, parts.noise_offset)
-    timesteps = parts.objective.sample_timesteps(latents.shape[0], parts.generator, latents.device)
+    timesteps = parts.objective.sample_timesteps(
+        latents.shape[0], parts.generator, latents.device, latent_shape=tuple(latents.shape)
+    )  # flow objectives shift by resolution
     noisy = parts.objective.add_noise(latents, noise, timesteps)
     conditioning = parts.family.conditioning(batch, text, latents.device, parts.dtype)
     prediction = parts.family.predict(parts.backbone, noisy, timesteps, text, conditioning)

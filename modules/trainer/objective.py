@@ -77,7 +77,10 @@ class DiffusionObjective:
             self._cache[device] = (a.sqrt(), (1 - a).sqrt(), a / (1 - a))
         return self._cache[device]
 
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    def sample_timesteps(
+        self, batch_size: int, generator: torch.Generator | None, device: torch.device, latent_shape: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """`latent_shape` is unused here (flow objectives shift timesteps by resolution)."""
         u = sample_unit_interval(batch_size, self.timestep_sampling, generator, device, self.logit_mean, self.logit_std)
         return (u * self.num_timesteps).long().clamp_(0, self.num_timesteps - 1)
 

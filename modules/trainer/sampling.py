@@ -64,6 +64,7 @@ def sample_images(
                 width=p.width or default_size,
                 height=p.height or default_size,
                 generator=generator,
+                **family.sampling_kwargs(components),
             ).images[0]
             path = sample_path(samples_dir, step, index)
             image.save(path)

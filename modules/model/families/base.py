@@ -79,6 +79,10 @@ class ModelFamily(ABC):
         """A sampling pipeline sharing the (possibly adapted) training modules."""
         return self.pipeline_class(**components)
 
+    def sampling_kwargs(self, components: dict[str, Any]) -> dict[str, Any]:
+        """Extra keyword arguments of the pipeline call when sampling (e.g. the T5 length the model trains with)."""
+        return {}
+
     # ---- objective -----------------------------------------------------------------------------------------------
     def default_prediction_type(self, components: dict[str, Any]) -> str:
         return components["scheduler"].config.get("prediction_type", "epsilon")
