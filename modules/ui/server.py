@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import mimetypes
+import signal
 import sys
 import threading
 import traceback
@@ -207,6 +208,10 @@ def bind_warning(host: str) -> str | None:
             "on this machine (there is no login). Prefer 127.0.0.1 and an SSH tunnel (ssh -L).")
 
 
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warning = bind_warning(args.host)
@@ -222,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     backend.warm_up_in_background()
     if args.open:
         webbrowser.open(server.url)
+    # SIGTERM (e.g. from a service manager) ends like Ctrl+C: the training run this GUI started is stopped too.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
