@@ -36,9 +36,10 @@ class SDXLFamily(ModelFamily):
         pooled = text["pooled"]
         size = pooled.shape[0]
         target = batch.get("target_size")
-        if target is None:
-            h, w = batch["pixel_values"].shape[-2:] if "pixel_values" in batch else (batch["latents"].shape[-2] * 8, batch["latents"].shape[-1] * 8)
-            target = (h, w)
+        if target is None:  # no size info: the image is its own target (pixels, or latents times the VAE factor 8)
+            target = tuple(batch["pixel_values"].shape[-2:]) if "pixel_values" in batch else tuple(
+                8 * side for side in batch["latents"].shape[-2:]
+            )
         time_ids = torch.cat(
             [
                 _pairs(batch.get("original_size", target), size, device),
