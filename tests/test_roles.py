@@ -2,17 +2,19 @@
 kohya / LyCORIS names, DoRA; and the ParamInfos feed the optimizer's param groups."""
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter, defaultdict
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from modules.model.depth import model_depths
+from modules.model.builtin import build_from_config, default_lora_targets, load_config
+from modules.model.depth import component_depth, model_depths
 from modules.model.inspect import load_components
 from modules.model.roles import param_infos
 from modules.optimizer.groups import build_param_groups
@@ -218,3 +220,32 @@ def test_dora_and_param_groups_contract():
         assert group["depth"] == TINY_UNET_DEPTH
         if group["role"] in ("lora_a", "lora_b"):
             assert group["lora_scale"] == 1.0 and None not in group["pairs"]
+
+
+def _with_few_layers(stem: str) -> dict:
+    """A bundled config with 2 language and 2 vision layers (meta construction time grows with layers)."""
+    cfg = copy.deepcopy(load_config(stem))
+    cfg["text_config"]["num_hidden_layers"] = 2
+    vision = cfg["vision_config"]
+    vision["depth" if "depth" in vision else "num_hidden_layers"] = 2
+    return cfg
+
+
+@pytest.mark.parametrize("stem", ["flux2_klein_4b_transformer", "qwen25_vl_7b", "mistral_small_31"])
+def test_default_lora_targets_reach_every_block_and_only_real_layers(stem):
+    cfg = load_config(stem) if stem.startswith("flux2") else _with_few_layers(stem)
+    model = build_from_config(cfg)
+    targets = default_lora_targets(model)
+    model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=targets), model)  # raises on a non-Linear target
+    depth = component_depth(model)
+    assert depth.trained_depth == depth.depth  # every residual block holds an adapter
+    adapted = [name for name, _ in model.named_modules() if name.endswith(".lora_A")]
+    assert adapted and not [n for n in adapted if "visual" in n or "vision_tower" in n]
+    if stem.startswith("flux2"):  # double blocks: 8 attention + 4 feed-forward; single: fused in + out
+        assert len(adapted) == cfg["num_layers"] * 12 + cfg["num_single_layers"] * 2
+
+
+def test_default_lora_targets_unknown_class_is_an_error():
+    with pytest.raises(ValueError, match="no default LoRA targets for Sequential"):
+        default_lora_targets(nn.Sequential(nn.Linear(2, 2)))

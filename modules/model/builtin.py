@@ -116,14 +116,34 @@ def build_meta_components(name: str) -> dict[str, nn.Module]:
     return {component: build_from_config(load_config(stem)) for component, stem in model.components.items()}
 
 
+_ADAPTABLE = (nn.Linear, nn.modules.conv._ConvNd)
+
+
 def default_lora_targets(module: nn.Module) -> list[str]:
-    """Module-name suffixes for PEFT ``LoraConfig(target_modules=...)``: attention, feed-forward, projections."""
+    """Module-name suffixes for PEFT ``LoraConfig(target_modules=...)``: attention, feed-forward, projections.
+
+    The registry's suffixes are checked against the model: a suffix that also names something PEFT
+    cannot adapt (Flux.2's ``attn.to_out`` is a Linear in single blocks but a ModuleList in double
+    blocks) or reaches into an excluded part (a VL encoder's vision tower) is replaced by the full
+    names of the layers it should hit.
+    """
     arch = architecture_for(module)
     if arch is None:
         raise ValueError(
             f"no default LoRA targets for {type(module).__name__}; set the LoRA target_modules in the config"
         )
-    return list(arch.lora_targets)
+    named = [(name, child) for name, child in module.named_modules() if name]
+    targets: list[str] = []
+    for suffix in arch.lora_targets:
+        hits = [(name, child) for name, child in named if name == suffix or name.endswith("." + suffix)]
+        wanted = [
+            name for name, child in hits
+            if isinstance(child, _ADAPTABLE) and not name.startswith(tuple(p + "." for p in arch.lora_exclude))
+        ]
+        targets.extend([suffix] if len(wanted) == len(hits) and hits else wanted)
+    if not targets:
+        raise ValueError(f"the default LoRA targets of {type(module).__name__} match no Linear/Conv layer")
+    return targets
 
 
 __all__ = [

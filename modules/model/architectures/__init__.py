@@ -20,6 +20,7 @@ class Architecture:
     blocks: tuple[str, ...]  # ModuleList patterns on the main path, all counted
     refiners: tuple[str, ...] = ()  # parallel pre-stack ModuleLists; the longest one adds to the depth
     lora_targets: tuple[str, ...] = ()  # module-name suffixes for a PEFT LoraConfig.target_modules
+    lora_exclude: tuple[str, ...] = ()  # module-path prefixes the default LoRA must not touch (vision towers)
     is_text_encoder: bool = False
 
 
@@ -34,6 +35,7 @@ def _collect() -> dict[str, Architecture]:
                 blocks=tuple(entry["blocks"]),
                 refiners=tuple(entry.get("refiners", ())),
                 lora_targets=tuple(entry["lora_targets"]),
+                lora_exclude=tuple(entry.get("lora_exclude", ())),
                 is_text_encoder=module is text_encoders,
             )
     return table

@@ -9,14 +9,18 @@ _CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # transformers 5 flattened CLIPTextModel (encoder.layers); the projection variant keeps text_model.
 _CLIP = {"blocks": ("encoder.layers", "text_model.encoder.layers"), "lora_targets": _CLIP_TARGETS}
 _T5 = {"blocks": ("encoder.block",), "lora_targets": ("q", "k", "v", "o", "wi_0", "wi_1", "wo")}
-# LLM decoders used as encoders; the "self_attn."/"mlp." prefixes keep vision towers (Pixtral) out
+# LLM decoders used as encoders; a multimodal wrapper's vision tower is excluded from the default LoRA
 _LLM_TARGETS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 )
 _LLM_BARE = {"blocks": ("layers",), "lora_targets": _LLM_TARGETS}
 _LLM_CAUSAL = {"blocks": ("model.layers",), "lora_targets": _LLM_TARGETS}
-_LLM_MULTIMODAL = {"blocks": ("model.language_model.layers",), "lora_targets": _LLM_TARGETS}
+_LLM_MULTIMODAL = {
+    "blocks": ("model.language_model.layers",),
+    "lora_targets": _LLM_TARGETS,
+    "lora_exclude": ("model.visual", "model.vision_tower", "model.multi_modal_projector"),
+}
 
 ENTRIES: dict[str, dict] = {
     "CLIPTextModel": _CLIP,
