@@ -137,7 +137,7 @@ def test_run_paths_match_the_trainer():
     for log_dir in (None, "elsewhere/logs"):
         raw = load_config(REPO_ROOT / "training_presets" / DEMO, [f"logging.log_dir={log_dir or ''}"])
         paths = train.RunPaths.from_config(raw)
-        assert run_paths(raw.model_dump(mode="json")) == (paths.output_dir, paths.log_dir, paths.samples_dir)
+        assert run_paths(raw) == (paths.output_dir, paths.log_dir, paths.samples_dir)
 
 
 # ---------------------------------------------------------------- runs

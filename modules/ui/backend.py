@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from modules.config import schema as config_schema
-from modules.ui import schema as ui_schema
+from modules.config.loading import dump_config
 from modules.trainer.metrics import METRICS_FILE
+from modules.ui import schema as ui_schema
 from modules.ui.runs import REPO_ROOT, RunManager, RunWatch
 
 PRESET_SUFFIXES = (".yaml", ".yml")
@@ -102,31 +103,32 @@ class Backend:
             raise UserError(f"save path must end in .yaml or .yml, got {path!r}")
         return target
 
-    def valid_config(self, config: dict, texts: dict | None) -> dict:
-        """The full, normalized config (every field written out), or UserError naming the first problem."""
+    def valid_config(self, config: dict, texts: dict | None) -> config_schema.TrainConfig:
+        """The validated config, or UserError naming the first problem (as the CLI would)."""
         config, errors = self.merge_texts(config, texts or {})
         errors = errors or self.validate(config)
         if errors:
             key, message = errors[0]
             raise UserError(f"{key}: {message}" if key else message)
-        return config_schema.TrainConfig.model_validate(config).model_dump(mode="json")
+        return config_schema.TrainConfig.model_validate(config)
 
     def save(self, config: dict, path: str, texts: dict | None = None) -> dict:
+        """Every field written out (no `base:`), by the config package's own dumper."""
         target = self.resolve_output(path)
-        full = self.valid_config(config, texts)
+        text = dump_config(self.valid_config(config, texts))
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(dump_yaml(full), encoding="utf-8")
+        target.write_text(text, encoding="utf-8")
         return {"path": str(target), "command": f"python scripts/train.py --config {target}"}
 
     def start_run(self, config: dict, texts: dict | None = None) -> dict:
-        full = self.valid_config(config, texts)
-        output_dir, log_dir, samples_dir = (self.workdir / p for p in run_paths(full))
+        valid = self.valid_config(config, texts)
+        output_dir, log_dir, samples_dir = (self.workdir / p for p in run_paths(valid))
         output_dir.mkdir(parents=True, exist_ok=True)
-        config_path = output_dir / f"{full['saving']['name']}.ui-run.yaml"
-        config_path.write_text(dump_yaml(full), encoding="utf-8")
+        config_path = output_dir / f"{valid.saving.name}.ui-run.yaml"
+        config_path.write_text(dump_config(valid), encoding="utf-8")
         watch = RunWatch(metrics_path=log_dir / METRICS_FILE, samples_dir=samples_dir)
         try:
-            run = self.runs.start(config_path, watch, max_steps=full["schedule"]["max_steps"])
+            run = self.runs.start(config_path, watch, max_steps=valid.schedule.max_steps)
         except RuntimeError as exc:
             raise UserError(str(exc)) from None
         return {"config_path": str(config_path), "command": run.command, "started_at": time.time()}
@@ -154,14 +156,14 @@ def validate_dict(config: dict) -> list[tuple[str, str]]:
     return [(str(k), str(m)) for k, m in validate(copy.deepcopy(config))]
 
 
-def run_paths(config: dict) -> tuple[Path, Path, Path]:
+def run_paths(config: config_schema.TrainConfig) -> tuple[Path, Path, Path]:
     """(output_dir, log_dir, samples_dir) of a run, by the rule of modules.trainer.train.RunPaths.
 
     Restated here because importing the trainer loads torch, which would make the first Start
     take seconds; tests/test_ui_backend.py checks that both agree.
     """
-    out = Path(config["saving"]["output_dir"])
-    log_dir = Path(config["logging"]["log_dir"]) if config["logging"].get("log_dir") else out / "logs"
+    out = Path(config.saving.output_dir)
+    log_dir = Path(config.logging.log_dir) if config.logging.log_dir else out / "logs"
     return out, log_dir, out / "samples"
 
 
@@ -173,10 +175,6 @@ def warnings_for(config: dict) -> list[str]:
         return list(warn(config_schema.TrainConfig.model_validate(config)))
     except Exception:  # invalid configs have errors instead
         return []
-
-
-def dump_yaml(config: dict) -> str:
-    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
 def _to_yaml_text(value: Any, multiline: bool) -> str:

@@ -276,7 +276,8 @@ async function loadPresets() {
     list.replaceChildren();
     if (!presets.length) list.append(el("li", {class: "muted", text: "no presets found"}));
     for (const name of presets) {
-      const button = el("button", {type: "button", "data-preset": name, text: name.replace(/\.ya?ml$/, "")});
+      const button = el("button", {type: "button", "data-preset": name, text: name.replace(/\.ya?ml$/, ""),
+                                   class: name === state.preset ? "active" : null});
       button.addEventListener("click", () => openPreset(name));
       list.append(el("li", {}, button));
     }
@@ -355,6 +356,7 @@ async function save() {
     const data = await api("/api/save", {config: state.config, texts: state.texts, path: $("#save-path").value});
     out.className = "small ok";
     out.replaceChildren(el("div", {text: `saved ${data.path}`}), el("code", {text: data.command}));
+    loadPresets();  // a file saved into the presets folder is listed at once
   } catch (err) {
     out.className = "small bad";
     out.textContent = err.message;
