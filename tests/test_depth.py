@@ -202,3 +202,13 @@ def test_bad_depth_value_is_a_clear_error(value, message):
     components = {"unet": _meta("sd15_unet"), "text_encoder": _meta("clip_l")}
     with pytest.raises(ValueError, match=message):
         model_depths(components, depth_override=value)
+
+
+def test_wrapped_models_are_unwrapped(recwarn):
+    from peft import LoraConfig, get_peft_model
+
+    model = _tiny_flux()
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["to_q"]))
+    result = component_depth(wrapped)
+    assert (result.class_name, result.depth, result.source) == ("FluxTransformer2DModel", 7, "registry")
+    assert not [w for w in recwarn if issubclass(w.category, DepthGuessWarning)]

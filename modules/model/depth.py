@@ -123,6 +123,7 @@ def component_depth(
     readout: the ``hidden_states`` index a pipeline reads from a text encoder (None = all layers).
     override: a user-given depth (``depth:`` in the config); it replaces the counted depth.
     """
+    module = unwrap(module)
     class_name = type(module).__name__
     if override is not None:
         override = _check_depth_value(override, f"depth.{component}")
@@ -157,6 +158,17 @@ def component_depth(
             stacklevel=2,
         )
     return ComponentDepth(component, class_name, depth, trained, source, counted)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside a PEFT PeftModel or a torch.compile wrapper (their class says nothing of the blocks)."""
+    while True:
+        if hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        elif type(module).__name__.startswith("Peft") and hasattr(module, "get_base_model"):
+            module = module.get_base_model()
+        else:
+            return module
 
 
 def _check_depth_value(value: object, where: str) -> int:
@@ -236,4 +248,5 @@ __all__ = [
     "guess_block_lists",
     "model_depths",
     "resolve_depth_override",
+    "unwrap",
 ]
