@@ -337,7 +337,7 @@ function renderDepth(data) {
   for (const row of data.rows) {
     const tr = el("tr", {"data-component": row.component, class: row.trained ? "" : "frozen"});
     const name = el("td", {title: `${row.class}${row.trained ? "" : " (not trained by this config)"}`});
-    name.append(el("div", {text: row.component}), el("div", {class: "cls", text: row.class}));
+    name.textContent = row.component;
     tr.append(name);
     for (const cell of row.cells) tr.append(el("td", {class: "num", text: String(cell)}));
     table.append(tr);
