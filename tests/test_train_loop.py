@@ -150,3 +150,15 @@ def test_sdxl_finetune_saves_a_diffusers_folder(tmp_path_factory, data_dirs):
     for name in ("vae", "text_encoder", "text_encoder_2"):
         fresh_sd = fresh[name].state_dict()
         assert all(torch.equal(v, fresh_sd[k]) for k, v in saved[name].state_dict().items()), f"{name} changed"
+
+
+def test_bench_train_smoke(tmp_path_factory, data_dirs):
+    """The benchmark's code path on the tiny SDXL (two timed steps; no timing asserted)."""
+    from modules.trainer.bench import run_benchmark
+
+    base = tiny_pipeline_dir("sdxl", tmp_path_factory)
+    cfg = make_config("sdxl", base, data_dirs, tmp_path_factory.mktemp("bench"), validation={"every_n_steps": 0})
+    result = run_benchmark(cfg, steps=2, rounds=1, warmup=1)
+    assert result["ours_steps_per_s"] > 0 and result["reference_steps_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["ours_steps_per_s"] / result["reference_steps_per_s"])
+    json.dumps(result)
