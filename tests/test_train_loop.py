@@ -135,12 +135,14 @@ def test_sdxl_finetune_saves_a_diffusers_folder(tmp_path_factory, data_dirs):
     out = tmp_path_factory.mktemp("sdxl_ft")
     cfg = make_config(
         "sdxl", base, data_dirs, out, method="finetune",
-        training={"prediction_type": "v_prediction", "max_grad_norm": 0.5}, schedule={"max_steps": 2},
-        validation={"every_n_steps": 0, "folder": None}, saving={"save_every_n_steps": 1},
-        optimizer={"type": "adamw", "lr": 1e-4},
+        training={"prediction_type": "v_prediction", "max_grad_norm": 0.5, "gradient_checkpointing": True},
+        schedule={"max_steps": 2}, validation={"every_n_steps": 0, "folder": None}, saving={"save_every_n_steps": 1},
+        optimizer={"type": "adamw", "lr": 1e-4}, logging={"tensorboard": True},
     )  # fmt: skip
     result = train(cfg, show_progress=False)
     assert result.steps == 2 and math.isfinite(result.final_loss)
+    assert result.components["unet"].is_gradient_checkpointing
+    assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert [p.name for p in result.saved] == ["run-step000001", "run"]
     family = get_family("sdxl")
     fresh, saved = family.load(base), family.load(out / "run")
