@@ -19,7 +19,11 @@ FAMILY_TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
     "sd15": ("text_encoder",),
     "sd2": ("text_encoder",),
     "sdxl": ("text_encoder", "text_encoder_2"),
+    "flux": ("text_encoder",),  # CLIP-L; its T5 (text_encoder_2) LoRA is not loaded by diffusers' Flux loader
+    "chroma": (),
+    "sd3": ("text_encoder", "text_encoder_2"),  # CLIP-L, CLIP-G (diffusers' SD3 loader skips T5)
 }
+FLOW_FAMILIES = ("flux", "chroma", "sd3")
 
 
 def dora_vs_spectral(cfg: TrainConfig) -> list[Problem]:
@@ -134,6 +138,20 @@ def validation_has_data(cfg: TrainConfig) -> list[Problem]:
     return []
 
 
+def flow_family_settings(cfg: TrainConfig) -> list[Problem]:
+    """Flux/Chroma/SD3 train the flow velocity: prediction_type auto, no min-SNR, LoRA files in diffusers layout."""
+    if cfg.model.family not in FLOW_FAMILIES:
+        return []
+    family, out = cfg.model.family, []
+    if cfg.training.prediction_type != "auto":
+        out.append(("training.prediction_type", f"{family} trains on the flow-matching velocity; set it to auto"))
+    if cfg.training.min_snr_gamma is not None:
+        out.append(("training.min_snr_gamma", f"min-SNR weighting is for epsilon/v-prediction models, not {family}; set it null"))
+    if cfg.method == "lora" and cfg.saving.format == "kohya":
+        out.append(("saving.format", f"the kohya layout is not written for {family} yet; set saving.format: diffusers"))
+    return out
+
+
 def init_lora_is_safetensors(cfg: TrainConfig) -> list[Problem]:
     """lora.init_lora must be a .safetensors file."""
     path = cfg.lora.init_lora
@@ -153,6 +171,7 @@ RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
     sampling_has_prompts,
     validation_has_data,
     init_lora_is_safetensors,
+    flow_family_settings,
 )
 
 

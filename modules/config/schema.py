@@ -19,7 +19,7 @@ from modules.config.rules import FAMILY_TEXT_ENCODERS, MUON_FAMILY, check_rules,
 
 CONFIG_VERSION = 2  # bump together with a step in migrations.py
 
-Family = Literal["sd15", "sd2", "sdxl"]  # flow-matching families (flux, chroma, sd3) join here
+Family = Literal["sd15", "sd2", "sdxl", "flux", "chroma", "sd3"]
 Method = Literal["lora", "finetune"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 OptimizerType = Literal["muon_adv", "adamuon_adv", "lora_muon", "adamw", "torch_muon"]
@@ -62,8 +62,8 @@ class ModelConfig(Section):
     depth: Depth | dict[str, Depth] | None = Field(
         default=None,
         description=(
-            "Residual depth L override: one int for every component, or a mapping component -> int "
-            "(e.g. {unet: 87}); null counts it from the model."
+            "Residual depth L override: one int for the backbone (unet/transformer), or a mapping "
+            "component -> int (e.g. {unet: 87, text_encoder: 12}); null counts it from the model."
         ),
     )
     depth_source: Literal["model", "trained"] = Field(

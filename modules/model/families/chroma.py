@@ -1,0 +1,54 @@
+"""Chroma: Flux's layout without CLIP and without modulation per block (ChromaTransformer2DModel); T5 only, with
+the text attention mask the pipeline uses (padding masked except the first pad token)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from modules.model.families.base import TextEmbeddings
+from modules.model.families.flow import latent_image_ids, pack_latents, unpack_latents
+from modules.model.families.flux import FluxFamily
+
+
+class ChromaFamily(FluxFamily):
+    name = "chroma"
+    pipeline_class_name = "ChromaPipeline"
+    text_encoders = ("text_encoder",)
+    tokenizers = ("tokenizer",)
+    t5_tokenizer = "tokenizer"
+
+    def encode_text(self, components: dict[str, Any], captions: list[str]) -> TextEmbeddings:
+        t5 = components["text_encoder"]
+        tokens = self.tokenize_one(components, "tokenizer", captions)
+        mask = tokens.attention_mask.to(t5.device)
+        hidden = t5(tokens.input_ids.to(t5.device), attention_mask=mask, output_hidden_states=False)[0]
+        # As ChromaPipeline: the transformer sees the prompt and its first padding token, the rest is masked.
+        positions = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
+        keep = (positions <= mask.sum(dim=1, keepdim=True)).to(hidden.dtype)
+        return {"encoder_hidden_states": hidden, "attention_mask": keep}
+
+    def backbone_kwargs(self, backbone: nn.Module, text: TextEmbeddings, batch_size: int, dtype: torch.dtype) -> dict:
+        return {}
+
+    def predict(
+        self, backbone: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextEmbeddings, conditioning: dict
+    ) -> torch.Tensor:
+        batch, _, height, width = noisy.shape
+        dtype, device = noisy.dtype, noisy.device
+        context = text["encoder_hidden_states"].to(dtype)
+        image_tokens = (height // 2) * (width // 2)
+        # Text mask extended by the always-visible image tokens (ChromaPipeline._prepare_attention_mask).
+        mask = torch.cat([text["attention_mask"].to(device, dtype), torch.ones(batch, image_tokens, device=device, dtype=dtype)], dim=1)
+        out = backbone(
+            hidden_states=pack_latents(noisy),
+            timestep=timesteps.to(dtype),
+            encoder_hidden_states=context,
+            img_ids=latent_image_ids(height, width, device, dtype),
+            txt_ids=torch.zeros(context.shape[1], 3, device=device, dtype=dtype),
+            attention_mask=mask,
+            return_dict=False,
+            **conditioning,
+        )[0]
+        return unpack_latents(out, height, width)
