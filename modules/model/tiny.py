@@ -59,24 +59,36 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly merge the adjacent pair with the lowest merge rank."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), len(ranks) + 1), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank > len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+    return pieces
+
+
 def tokenizer_vocab_and_merges(words: tuple[str, ...] = TOKENIZER_WORDS) -> tuple[dict[str, int], list[str]]:
-    """A small CLIP BPE vocabulary: all bytes (alone and word-final), then each word merged left to right."""
+    """A small CLIP BPE vocabulary: all bytes (alone and word-final) plus merges making each word one token.
+
+    For each word, merges are added until BPE (with all merges so far) yields a single token. A new merge ranks
+    after every earlier one, so it never fires inside an earlier word, which already reduces to one token by
+    earlier merges: every listed word stays a single token.
+    """
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            merge = f"{merged} {piece}"
-            merged = merged + piece
-            if merge not in merges:
-                merges.append(merge)
-                if merged not in tokens:
-                    tokens.append(merged)
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            tokens.append(pieces[0] + pieces[1])
+            pieces = _bpe(pieces, ranks)
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
-    return vocab, merges
+    return vocab, [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda item: item[1])]
 
 
 def build_tiny_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:

@@ -1,0 +1,162 @@
+"""Tiny SDXL / SD1.5 pipelines (real classes, deterministic) and the cached demo base."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from modules.data import synthetic
+from modules.demo import prepare as demo
+from modules.model.tiny import build_tiny_sd15, build_tiny_sdxl, tiny_pipeline_dir
+
+PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline}
+BUILDERS = {"sdxl": build_tiny_sdxl, "sd15": build_tiny_sd15}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are op-overhead bound; one thread avoids oversubscription stalls on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def unet_prediction(pipe, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    config = pipe.unet.config
+    sample = torch.randn(2, config.in_channels, 16, 16, generator=generator)
+    hidden = torch.randn(2, 77, config.cross_attention_dim, generator=generator)
+    kwargs = {}
+    if config.addition_embed_type == "text_time":
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim, generator=generator),
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2),
+        }
+    with torch.no_grad():
+        return pipe.unet(sample, torch.tensor([10, 900]), hidden, **kwargs).sample
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_weights_follow_the_seed_and_leave_global_rng_alone(kind):
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = BUILDERS[kind](seed=0)
+    assert torch.equal(torch.rand(3), expected_next)  # building did not consume the caller's random stream
+    second, other = BUILDERS[kind](seed=0), BUILDERS[kind](seed=1)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b, c = (getattr(p, name).state_dict() for p in (first, second, other))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert any(not torch.equal(a[k], c[k]) for k in a if a[k].numel() > 1), name
+
+
+def test_sdxl_architecture_is_faithful():
+    pipe = build_tiny_sdxl()
+    unet, te1, te2 = pipe.unet, pipe.text_encoder, pipe.text_encoder_2
+    assert type(te1) is CLIPTextModel and type(te2) is CLIPTextModelWithProjection
+    config = unet.config
+    assert config.addition_embed_type == "text_time"
+    assert config.cross_attention_dim == te1.config.hidden_size + te2.config.hidden_size
+    assert config.projection_class_embeddings_input_dim == 6 * config.addition_time_embed_dim + te2.config.projection_dim
+    assert len(unet.down_blocks) >= 3 and len(unet.up_blocks) >= 3
+    with_attention = [b for b in unet.down_blocks if getattr(b, "attentions", None)]
+    assert len(with_attention) >= 2 and all(len(b.resnets) >= 1 for b in unet.down_blocks)
+    transformer_blocks = sum(1 for n, _ in unet.named_modules() if n.split(".")[-2:-1] == ["transformer_blocks"])
+    assert transformer_blocks >= 8
+    assert pipe.vae_scale_factor == 4 and pipe.vae.config.latent_channels == config.in_channels
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_saved_folder_loads_back_with_from_pretrained(kind, tmp_path_factory):
+    folder = tiny_pipeline_dir(kind, tmp_path_factory)
+    stamp = (folder / "model_index.json").stat().st_mtime_ns
+    assert tiny_pipeline_dir(kind, tmp_path_factory) == folder  # reused, not rebuilt
+    assert (folder / "model_index.json").stat().st_mtime_ns == stamp
+    loaded = PIPELINES[kind].from_pretrained(folder)
+    assert torch.equal(unet_prediction(loaded), unet_prediction(BUILDERS[kind](seed=0)))
+    loaded.set_progress_bar_config(disable=True)
+    image = loaded("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3) and bool((image >= 0).all() and (image <= 1).all())
+
+
+def test_tokenizer_knows_every_demo_caption_word():
+    tokenizer = build_tiny_sdxl().tokenizer
+    for word in synthetic.caption_vocabulary():
+        assert tokenizer.tokenize(word) == [f"{word}</w>"], word
+    ids = tokenizer("qj% unseen-words 42").input_ids
+    assert tokenizer.unk_token_id not in ids[1:-1]  # unknown words fall back to characters, never <unk>
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert max(ids) < build_tiny_sdxl().text_encoder.config.vocab_size
+
+
+SMALL = demo.DemoSettings(pretrain_images=8, autoencoder_images=8, vae_steps=2, vae_batch_size=2, unet_steps=2,
+                          batch_size=4, concept_images=3, concept_val_images=2)
+
+
+def test_demo_base_is_built_then_cached(tmp_path, monkeypatch):
+    missing_asset = tmp_path / "no_asset.safetensors"
+    base = demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset)
+    assert base == tmp_path / "tiny_sdxl_base"
+    marker = json.loads((base / demo.MARKER_NAME).read_text())
+    assert marker["source"] == "pretrained" and marker["settings_hash"] == demo.settings_hash(SMALL)
+    assert len(list((tmp_path / "concept").glob("*.png"))) == 3
+    assert len(list((tmp_path / "concept_val").glob("*.txt"))) == 2
+    assert "zxq" in (tmp_path / "concept" / "0000.txt").read_text()
+    pipe = StableDiffusionXLPipeline.from_pretrained(base)
+    assert pipe.vae.config.scaling_factor != pytest.approx(0.13025)  # measured from the trained VAE's latents
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("cached demo base was rebuilt")
+
+    monkeypatch.setattr(demo, "pretrain", must_not_run)
+    assert demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset) == base
+    changed = demo.DemoSettings(**{**SMALL.__dict__, "unet_steps": 3})
+    with pytest.raises(AssertionError, match="rebuilt"):  # other settings: the cache does not apply
+        demo.prepare_demo_base(tmp_path, changed, asset_path=missing_asset)
+
+
+def test_shipped_weights_are_used_only_for_their_settings(tmp_path, monkeypatch):
+    pipe = build_tiny_sdxl(SMALL.seed)
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.fill_(0.25)
+    pipe.vae.register_to_config(scaling_factor=0.5)
+    asset = demo.save_asset(pipe, demo.settings_hash(SMALL), tmp_path / "asset.safetensors")
+    monkeypatch.setattr(demo, "pretrain", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pretrained")))
+    base = demo.prepare_demo_base(tmp_path / "demo", SMALL, asset_path=asset)
+    loaded = StableDiffusionXLPipeline.from_pretrained(base)
+    assert torch.all(loaded.unet.conv_in.weight == 0.25) and loaded.vae.config.scaling_factor == 0.5
+    other = demo.DemoSettings(**{**SMALL.__dict__, "seed": 5})
+    with pytest.raises(AssertionError, match="pretrained"):
+        demo.prepare_demo_base(tmp_path / "demo2", other, asset_path=asset)
+
+
+@pytest.mark.skipif(not demo.ASSET_PATH.is_file(), reason="shipped demo weights not present")
+def test_shipped_demo_base_reconstructs_and_denoises(tmp_path):
+    """The committed base really is pretrained: its VAE reconstructs new images, its UNet beats a fresh one."""
+    pipe = build_tiny_sdxl(demo.DemoSettings().seed)
+    fresh_unet = build_tiny_sdxl(demo.DemoSettings().seed).unet
+    assert demo._load_asset(pipe, demo.ASSET_PATH, demo.settings_hash(demo.DemoSettings()))
+    paths = synthetic.write_pretrain_dataset(tmp_path / "held_out", count=8, size=64, seed=777)
+    images = demo._image_tensor(paths)
+    with torch.no_grad():
+        latents = pipe.vae.encode(images).latent_dist.mean
+        reconstruction = pipe.vae.decode(latents).sample
+        assert F.mse_loss(reconstruction, images).item() < 0.5 * images.var().item()
+        latents = latents * pipe.vae.config.scaling_factor
+        hidden, _, pooled, _ = pipe.encode_prompt([p.with_suffix(".txt").read_text().strip() for p in paths],
+                                                  device="cpu", do_classifier_free_guidance=False)
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.linspace(100, 900, len(latents)).long()
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        added = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * len(latents))}
+        losses = [F.mse_loss(unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample, noise).item()
+                  for unet in (pipe.unet, fresh_unet)]
+    assert losses[0] < 0.7 * losses[1], losses
