@@ -53,7 +53,7 @@ def build_tiny_t5_tokenizer(max_length: int = T5_MAX_LENGTH) -> T5Tokenizer:
 def _t5(tokenizer: T5Tokenizer) -> T5EncoderModel:
     config = T5Config(
         vocab_size=len(tokenizer), d_model=T5_HIDDEN, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
         dense_act_fn="gelu_new", is_gated_act=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     return T5EncoderModel(config)
@@ -125,6 +125,9 @@ def build_tiny_flow_pipeline(kind: str, seed: int = 0):
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state untouched
         torch.manual_seed(seed)
         pipe = builders[kind]()
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # as from_pretrained returns them
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
