@@ -4,11 +4,13 @@ Layouts (REFERENCE §7):
 - kohya / ComfyUI: ``lora_unet_<module path with _>.lora_down.weight`` (PEFT lora_A), ``.lora_up.weight``
   (PEFT lora_B), ``.alpha`` (scalar; the network applies ``alpha / rank``), ``.dora_scale`` (DoRA magnitude).
   Text encoders: ``lora_te1_`` / ``lora_te2_`` for SDXL's two encoders, ``lora_te_`` for SD1.5's one.
-- diffusers / PEFT: ``unet.<module path>.lora_A.weight``, ``.lora_B.weight``, ``.lora_magnitude_vector``,
+- diffusers / PEFT: ``unet.<module path>.lora_A.weight``, ``.lora_B.weight``, ``.lora_magnitude_vector.weight``,
   ``text_encoder.…``, ``text_encoder_2.…``; alphas travel in the file metadata (``lora_adapter_metadata``).
 
 Module paths are the diffusers ones, which diffusers' ``load_lora_weights`` and ComfyUI both map; the few names
 whose underscores diffusers' kohya converter cannot undo are written in the original SD (sgm) spelling instead.
+Known limits of diffusers 0.42 (not of the files): its kohya converter keeps a single alpha for attention layers
+when a file mixes alphas, and it drops kohya ``dora_scale`` keys; use the diffusers layout for DoRA in diffusers.
 """
 from __future__ import annotations
 
@@ -217,7 +219,7 @@ def _file_alpha(parts, component: str, module_path: str, rank: int, metadata_alp
     """The alpha a file means for one module (effective, i.e. scale = alpha / rank)."""
     if "alpha" in parts:
         return float(parts["alpha"][1].item())
-    for path in (canonical_path(component, module_path), module_path):
+    for path in (canonical_path(component, module_path), module_path, _strip_text_model(module_path)):
         if f"{component}.{path}" in metadata_alphas:
             return metadata_alphas[f"{component}.{path}"]
     if f"{component}.*" in metadata_alphas:
