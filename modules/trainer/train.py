@@ -63,11 +63,13 @@ class RunResult:
 # ---- model ----------------------------------------------------------------------------------------------------------
 def ensure_base_model(config: Any) -> None:
     """The embedded demo's base (a folder named like modules.demo's, e.g. workspace/demo/tiny_sdxl_base) and its
-    concept datasets are prepared beside it on first use (cached: later calls return at once)."""
+    concept datasets are prepared beside it on first use (cached: later calls return at once). A folder of that
+    name without the demo's marker file is someone's own model and left alone."""
     from modules.demo import demo_paths, prepare_demo_base
+    from modules.demo.prepare import MARKER_NAME
 
     base = Path(config.model.base_model)
-    if base.name == demo_paths(base.parent).base.name:
+    if base.name == demo_paths(base.parent).base.name and (not base.exists() or (base / MARKER_NAME).is_file()):
         prepare_demo_base(base.parent)
     elif not (base / "model_index.json").is_file():
         raise FileNotFoundError(f"model.base_model: {base} is not a diffusers folder (no model_index.json)")
