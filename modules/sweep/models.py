@@ -1,0 +1,100 @@
+"""Base models and data of a sweep, built once and cached under the sweep's output folder.
+
+- `demo`: the embedded demo's base (modules.demo: tiny SDXL pretrained on generated shapes), shared with the demo.
+- `tiny_sdxl`: modules.model.tiny's SDXL pipeline with its UNet rebuilt at `width_multiplier` x the channels and/or
+  `depth_multiplier` x the resnets and transformer blocks per stage; with `pretrain_steps` > 0 it is pretrained by
+  the demo's own recipe (modules.demo.prepare.pretrain, that many UNet steps), else it keeps its deterministic init.
+- `tiny_flow`: a modules.model.tiny_flow pipeline (e.g. flux-schnell) at its deterministic init.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from modules.sweep.spec import ModelSpec
+
+MARKER = "tuneonce_sweep_model.json"
+
+
+def _spec_digest(spec: ModelSpec) -> str:
+    payload = {k: v for k, v in dataclasses.asdict(spec).items() if k != "name"}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def scaled_unet_config(config: dict, width_multiplier: int, depth_multiplier: int) -> dict:
+    """A UNet2DConditionModel config with channels x width and blocks per stage x depth (public keys only)."""
+    out = {k: v for k, v in config.items() if not k.startswith("_")}
+    out["block_out_channels"] = tuple(c * width_multiplier for c in config["block_out_channels"])
+    out["layers_per_block"] = config["layers_per_block"] * depth_multiplier
+    layers = config["transformer_layers_per_block"]
+    out["transformer_layers_per_block"] = (
+        tuple(t * depth_multiplier for t in layers) if isinstance(layers, (list, tuple)) else layers * depth_multiplier
+    )
+    return out
+
+
+def build_tiny_sdxl_variant(spec: ModelSpec):
+    """The tiny SDXL pipeline with its UNet rebuilt at the spec's width and depth (deterministic from spec.seed)."""
+    from diffusers import UNet2DConditionModel
+
+    from modules.model.tiny import build_tiny_sdxl
+
+    pipe = build_tiny_sdxl(spec.seed)
+    if spec.width_multiplier != 1 or spec.depth_multiplier != 1:
+        config = scaled_unet_config(dict(pipe.unet.config), spec.width_multiplier, spec.depth_multiplier)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            pipe.register_modules(unet=UNet2DConditionModel.from_config(config))
+    return pipe
+
+
+def prepare_model(spec: ModelSpec, cache_dir: Path) -> Path:
+    """The diffusers folder of `spec`, built on first use (a marker with the spec's hash keys the cache)."""
+    if spec.source == "demo":
+        from modules.demo import prepare_demo_base
+
+        return prepare_demo_base()  # the demo's own cached base under workspace/demo
+    folder = cache_dir / spec.name
+    digest = _spec_digest(spec)
+    try:
+        if json.loads((folder / MARKER).read_text())["digest"] == digest:
+            return folder
+    except (OSError, ValueError, KeyError):
+        pass
+    if spec.source == "tiny_flow":
+        from modules.model.tiny_flow import build_tiny_flow_pipeline
+
+        pipe = build_tiny_flow_pipeline(spec.kind, spec.seed)
+        how = "deterministic init"
+    else:
+        pipe = build_tiny_sdxl_variant(spec)
+        how = "deterministic init"
+        if spec.pretrain_steps:
+            from modules.demo.prepare import DemoSettings, pretrain
+
+            pretrain(pipe, dataclasses.replace(DemoSettings(seed=spec.seed), unet_steps=spec.pretrain_steps))
+            how = f"demo recipe, {spec.pretrain_steps} UNet steps"
+    staging = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    (staging / MARKER).write_text(json.dumps({"digest": digest, "spec": dataclasses.asdict(spec), "weights": how}))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.replace(folder)
+    return folder
+
+
+def prepare_data(root: Path, train_images: int, val_images: int) -> tuple[Path, Path]:
+    """The demo's new concept (same generator and seeds as modules.demo) and its held-out validation images."""
+    from modules.data import synthetic
+
+    train_dir, val_dir = root / f"concept_{train_images}", root / f"concept_val_{val_images}"
+    for folder, count, seed in ((train_dir, train_images, 1), (val_dir, val_images, 1001)):
+        if len(list(folder.glob("*.png"))) != count:
+            shutil.rmtree(folder, ignore_errors=True)
+            synthetic.write_concept_dataset(folder, count=count, seed=seed)
+    return train_dir, val_dir

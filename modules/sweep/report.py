@@ -1,0 +1,181 @@
+"""From results.jsonl records to the sweep's outputs: per-cell statistics, best LRs, the Markdown table, the transfer
+verdicts and the PNG plots (val loss vs LR, one panel per optimizer, one curve per axis value)."""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from modules.sweep.spec import SweepSpec
+
+DIVERGED = math.inf  # a run whose validation loss is not finite ranks last
+
+
+@dataclass(frozen=True)
+class LrPoint:
+    lr: float
+    mean: float  # inf when any seed diverged
+    std: float
+    seeds: int
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (optimizer, model, rank) curve over the LR grid."""
+
+    optimizer: str
+    model: str
+    rank: int
+    points: tuple[LrPoint, ...]  # sorted by lr
+
+    @property
+    def best(self) -> LrPoint | None:
+        finite = [p for p in self.points if math.isfinite(p.mean)]
+        return min(finite, key=lambda p: p.mean) if finite else None
+
+    def best_at_edge(self, grid: list[float]) -> bool:
+        """The best LR is the smallest or largest of the grid, so the true optimum may lie outside it."""
+        best = self.best
+        return best is not None and len(grid) > 1 and (math.isclose(best.lr, grid[0]) or math.isclose(best.lr, grid[-1]))
+
+
+def cells(records: list[dict]) -> dict[tuple[str, str, int], Cell]:
+    """Group finished runs by (optimizer, model, rank) and LR; mean ± std over seeds."""
+    losses: dict[tuple[str, str, int], dict[float, list[float]]] = {}
+    for r in records:
+        if "error" in r:
+            continue
+        key = (r["optimizer"], r["model"], int(r["rank"]))
+        value = r["val_loss"] if r["val_loss"] is not None else DIVERGED
+        losses.setdefault(key, {}).setdefault(float(r["lr"]), []).append(value)
+    out = {}
+    for key, by_lr in losses.items():
+        points = []
+        for lr in sorted(by_lr):
+            values = by_lr[lr]
+            if all(math.isfinite(v) for v in values):
+                mean = statistics.fmean(values)
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+            else:
+                mean, std = DIVERGED, 0.0
+            points.append(LrPoint(lr, mean, std, len(values)))
+        out[key] = Cell(*key, points=tuple(points))
+    return out
+
+
+def axis_cells(spec: SweepSpec, table: dict[tuple[str, str, int], Cell], axis_name: str) -> dict[str, dict]:
+    """optimizer -> {axis value: Cell} for the cells of one axis that have results."""
+    axis = next(a for a in spec.axes if a.name == axis_name)
+    out: dict[str, dict] = {}
+    for optimizer in axis.optimizers:
+        for value in axis.values:
+            model = value if axis.varies == "model" else spec.base_model
+            rank = int(value) if axis.varies == "rank" else spec.base_rank
+            cell = table.get((optimizer, model, rank))
+            if cell is not None:
+                out.setdefault(optimizer, {})[value] = cell
+    return out
+
+
+def grid_steps(lr_a: float, lr_b: float) -> int:
+    """Distance of two LRs in factor-2 grid steps."""
+    return round(abs(math.log2(lr_a / lr_b)))
+
+
+def transfer_verdict(by_value: dict, complete: bool) -> str:
+    """Does the best LR stay within one grid step across the axis values? (needs >= 2 values with a best LR)"""
+    bests = {v: c.best.lr for v, c in by_value.items() if c.best is not None}
+    if len(bests) < 2:
+        return "not measured"
+    spread = grid_steps(max(bests.values()), min(bests.values()))
+    verdict = "transfers (within 1 step)" if spread <= 1 else f"does not transfer ({spread} steps apart)"
+    return verdict if complete else verdict + ", partial"
+
+
+def fmt_lr(lr: float) -> str:
+    return f"{lr:.3g}"
+
+
+def markdown_report(spec: SweepSpec, records: list[dict]) -> str:
+    """Per axis: a table of best LR and final val loss (mean ± std over seeds at the best LR) per optimizer × value,
+    with each optimizer's transfer verdict; `*` marks a best LR at the edge of the grid."""
+    table = cells(records)
+    lines = [f"Sweep `{spec.name}`: {len({r['id'] for r in records if 'error' not in r})} of {len(spec.runs())} runs "
+             f"finished; {spec.steps} steps, seeds {list(spec.seeds)}, {spec.lr_points}-point factor-2 LR grid per "
+             f"optimizer; base point {spec.base_model}, rank {spec.base_rank}.", ""]  # fmt: skip
+    for axis in spec.axes:
+        by_opt = axis_cells(spec, table, axis.name)
+        header = " | ".join(str(v) for v in axis.values)
+        lines += [f"### {axis.name} ({axis.varies})", "",
+                  f"| optimizer | {header} | best LR transfer |", "|---" * (len(axis.values) + 2) + "|"]  # fmt: skip
+        for optimizer in axis.optimizers:
+            row = by_opt.get(optimizer, {})
+            grid = spec.lr_grid(optimizer)
+            entries = []
+            for value in axis.values:
+                cell = row.get(value)
+                best = cell.best if cell else None
+                if cell is None:
+                    entries.append("not run")
+                elif best is None:
+                    entries.append("all diverged")
+                else:
+                    edge = "*" if cell.best_at_edge(grid) else ""
+                    partial = "" if len(cell.points) == len(grid) and best.seeds == len(spec.seeds) else " (partial)"
+                    entries.append(f"{fmt_lr(best.lr)}{edge}: {best.mean:.4f} ± {best.std:.4f}{partial}")
+            complete = all(v in row and len(row[v].points) == len(grid) for v in axis.values)
+            lines.append(f"| {optimizer} | " + " | ".join(entries) + f" | {transfer_verdict(row, complete)} |")
+        lines.append("")
+    lines.append("Entries: best LR: final validation loss mean ± std over seeds at that LR. `*`: the best LR is at "
+                 "the edge of the grid (the optimum may lie outside it). Transfer: best LRs of all values within one "
+                 "factor-2 step.")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_axis(spec: SweepSpec, records: list[dict], axis_name: str, path: Path) -> Path | None:
+    """Val loss vs LR (log2 axis), one panel per optimizer, one curve (mean ± std over seeds) per axis value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_opt = axis_cells(spec, cells(records), axis_name)
+    if not by_opt:
+        return None
+    names = [o for o in next(a for a in spec.axes if a.name == axis_name).optimizers if o in by_opt]
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    for ax, optimizer in zip(axes.flat, names):
+        for value, cell in by_opt[optimizer].items():
+            finite = [p for p in cell.points if math.isfinite(p.mean)]
+            if finite:
+                ax.errorbar([p.lr for p in finite], [p.mean for p in finite], yerr=[p.std for p in finite],
+                            marker="o", markersize=3, capsize=2, label=str(value))  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_title(optimizer, fontsize=9)
+        ax.set_xlabel("learning rate", fontsize=8)
+        ax.set_ylabel("final val loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, title=axis_name, title_fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{spec.name}: validation loss vs LR across {axis_name}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(spec: SweepSpec, records: list[dict], out_dir: Path, *, plots: bool = True) -> list[Path]:
+    """table.md and one lr_<axis>.png per axis with results, under out_dir; returns the files written."""
+    written = [out_dir / "table.md"]
+    written[0].write_text(markdown_report(spec, records), encoding="utf-8")
+    if plots:
+        for axis in spec.axes:
+            png = plot_axis(spec, records, axis.name, out_dir / f"lr_{axis.name}.png")
+            if png is not None:
+                written.append(png)
+    return written
