@@ -190,7 +190,7 @@ def _mixed_params(lora_scale: float = 1.0) -> tuple[list[dict], dict[str, nn.Par
         "A": nn.Parameter(torch.randn(4, 32, generator=gen)),
         "B": nn.Parameter(torch.randn(48, 4, generator=gen)),
         "W": nn.Parameter(torch.randn(24, 32, generator=gen)),
-        "conv": nn.Parameter(torch.randn(8, 4, 3, 3, generator=gen)),
+        "conv": nn.Parameter(torch.randn(24, 2, 3, 3, generator=gen)),  # tall 24 x 18: iterative route
         "bias": nn.Parameter(torch.randn(24, generator=gen)),
         "emb": nn.Parameter(torch.randn(50, 16, generator=gen)),
         "mag": nn.Parameter(torch.randn(48, generator=gen)),
@@ -199,7 +199,7 @@ def _mixed_params(lora_scale: float = 1.0) -> tuple[list[dict], dict[str, nn.Par
     }
     groups = _pair_groups(p["A"], p["B"], scale=lora_scale) + [
         _matrix_group(p["W"], "W"),
-        dict(params=[p["conv"]], names=["conv"], role="conv", fan_in=36, fan_out=8),
+        dict(params=[p["conv"]], names=["conv"], role="conv", fan_in=18, fan_out=24),
         dict(params=[p["bias"]], names=["bias"], role="vector", fan_in=24, fan_out=24),
         dict(params=[p["emb"]], names=["emb"], role="embedding", fan_in=16, fan_out=50),
         dict(params=[p["mag"]], names=["mag"], role="dora_magnitude", fan_in=48, fan_out=48),

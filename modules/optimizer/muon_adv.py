@@ -76,7 +76,7 @@ class _Bucket:
     momentum: Tensor  # (B, m, n) in the state dtype; state[p]["momentum_buffer"] are views of it
     exp_avg_sq: Tensor | None  # AdaMuon
     scratch: Tensor  # (B, m, n) float32: the orthogonalizer's input u (working memory, not state)
-    out: Tensor  # (B, m, n) float32: the update (working memory; persistent so no page faults per step)
+    out: Tensor  # (B, m, n) float32: the update on the Gram route (working memory, not state)
     damping: Tensor  # (B,) additive damping per matrix
     target: Tensor  # (B,) update size per unit lr (spectral target or Keller Jordan scale), incl. 1/s
     spectral: Tensor  # (B,) bool: scale by the exact σ_max
@@ -135,6 +135,7 @@ class Muon_adv(torch.optim.Optimizer):
     """
 
     _adaptive = False
+    _extra_keys: tuple[str, ...] = ()  # subclass hyperparameters passed through **extra
 
     def __init__(
         self,
@@ -160,6 +161,9 @@ class Muon_adv(torch.optim.Optimizer):
         adam_weight_decay: float = 0.0,
         **extra: float,
     ) -> None:
+        unknown = set(extra) - set(self._extra_keys)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}")
         defaults = dict(
             lr=lr, beta1=beta1, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps, ns_eps=ns_eps,
             orthogonalizer=orthogonalizer, ortho_route=ortho_route, spectral_scaling=spectral_scaling,
@@ -262,7 +266,9 @@ class Muon_adv(torch.optim.Optimizer):
             momentum=stacked("momentum_buffer"),
             exp_avg_sq=stacked("exp_avg_sq") if self._adaptive else None,
             scratch=torch.empty((n, *shape), **f32),
-            out=torch.empty((n, *shape), **f32),
+            # Gram route: the update lands in a persistent buffer (fresh 100 MB allocations page-fault on
+            # every step); the iterative route allocates its own result anyway.
+            out=torch.empty((n, *shape) if choose_route(shape, group["ortho_route"]) == "gram" else (0,), **f32),
             damping=torch.tensor(damping, **f32),
             target=torch.tensor(target, **f32),
             spectral=torch.tensor(spectral, dtype=torch.bool, device=device),
@@ -351,18 +357,17 @@ class Muon_adv(torch.optim.Optimizer):
         scale = lr * _rows(bucket.target, index)  # size per unit spectral norm (or per KJ-scaled O)
         spectral = _rows(bucket.spectral, index)
         method, steps = g["orthogonalizer"], g["ns_steps"]
-        out = bucket.out if index is None else bucket.out[: len(members)]
-        wide = bucket.shape[0] <= bucket.shape[1]
         if work.route == "gram":
-            factor, sigma, _ = gram_factor(u, method=method, steps=steps, eps=damping, gram=work.gram)
+            out = bucket.out if index is None else bucket.out[: len(members)]
+            factor, sigma, wide = gram_factor(u, method=method, steps=steps, eps=damping, gram=work.gram)
             if not self._adaptive:
                 # Fold spectral scale and lr into the small factor: one big product per matrix.
                 factor = factor * _coefficient(spectral, scale, sigma)[:, None, None]
             torch.bmm(factor, u, out=out) if wide else torch.bmm(u, factor, out=out)
         else:
-            result, sigma = orthogonalize(u, method=method, steps=steps, eps=damping, route="iterative",
-                                          compute_sigma=not self._adaptive)  # fmt: skip
-            out.copy_(result)
+            out, sigma = orthogonalize(u, method=method, steps=steps, eps=damping, route="iterative",
+                                       compute_sigma=not self._adaptive)  # fmt: skip
+            out = out.contiguous()  # tall matrices come back as a transposed view; params need plain views
         if self._adaptive:
             sigma = self._second_moment(bucket, out, members, index)
         if self._adaptive or work.route != "gram":
@@ -486,6 +491,7 @@ class AdaMuon_adv(Muon_adv):
     """
 
     _adaptive = True
+    _extra_keys = ("beta2", "eps")
 
     def __init__(self, params: Iterable, lr: float = 1e-3, *args, beta2: float = 0.95, eps: float = 1e-8, **kwargs) -> None:
         super().__init__(params, lr, *args, beta2=beta2, eps=eps, **kwargs)
