@@ -27,17 +27,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="run at most this many of the remaining runs, then report")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (default 1: tiny models run fastest single-threaded on a shared CPU)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds of the sweep")
+    parser.add_argument("--optimizers", nargs="+", help="run only these optimizer variants")
+    parser.add_argument("--axes", nargs="+", help="run only these axes")
     parser.add_argument("--report-only", action="store_true", help="only rewrite table and plots from results.jsonl")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
 
     from modules.sweep.report import write_outputs
     from modules.sweep.runner import RESULTS_NAME, read_results, run_sweep
-    from modules.sweep.spec import SweepError, load_sweep
+    from modules.sweep.spec import SweepError, load_sweep, restrict
 
     path = args.config or SWEEPS / ("quick.yaml" if args.quick else "default.yaml")
     try:
-        spec = load_sweep(path)
+        full = load_sweep(path)
+        spec = restrict(full, seeds=args.seeds, optimizers=args.optimizers, axes=args.axes)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         records = run_sweep(spec, args.out, limit=args.limit)
-    for written in write_outputs(spec, records, args.out, plots=not args.no_plot):
+    for written in write_outputs(full, records, args.out, plots=not args.no_plot):
         print(f"wrote {written}")
     print((args.out / "table.md").read_text(encoding="utf-8"))
     return 0

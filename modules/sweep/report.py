@@ -97,9 +97,16 @@ def fmt_lr(lr: float) -> str:
     return f"{lr:.3g}"
 
 
+def in_sweep(spec: SweepSpec, records: list[dict]) -> list[dict]:
+    """The records of this sweep's runs (a results file may also hold runs of an earlier grid)."""
+    ids = {p.run_id for p in spec.runs()}
+    return [r for r in records if r.get("id") in ids]
+
+
 def markdown_report(spec: SweepSpec, records: list[dict]) -> str:
     """Per axis: a table of best LR and final val loss (mean ± std over seeds at the best LR) per optimizer × value,
     with each optimizer's transfer verdict; `*` marks a best LR at the edge of the grid."""
+    records = in_sweep(spec, records)
     table = cells(records)
     lines = [f"Sweep `{spec.name}`: {len({r['id'] for r in records if 'error' not in r})} of {len(spec.runs())} runs "
              f"finished; {spec.steps} steps, seeds {list(spec.seeds)}, {spec.lr_points}-point factor-2 LR grid per "
@@ -140,7 +147,7 @@ def plot_axis(spec: SweepSpec, records: list[dict], axis_name: str, path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_opt = axis_cells(spec, cells(records), axis_name)
+    by_opt = axis_cells(spec, cells(in_sweep(spec, records)), axis_name)
     if not by_opt:
         return None
     names = [o for o in next(a for a in spec.axes if a.name == axis_name).optimizers if o in by_opt]

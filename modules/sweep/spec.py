@@ -6,6 +6,7 @@ steps around its centre) for every seed. Cells shared between axes (the base poi
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -110,6 +111,25 @@ class SweepSpec:
                             plan = RunPlan(optimizer, model, rank, lr, seed, self.steps)
                             plans.setdefault(plan.run_id, plan)
         return list(plans.values())
+
+
+def restrict(spec: SweepSpec, *, seeds: list[int] | None = None, optimizers: list[str] | None = None,
+             axes: list[str] | None = None) -> SweepSpec:
+    """The same sweep limited to some seeds, optimizers and axes (run ids are unchanged, so results are shared)."""
+    for name in optimizers or ():
+        if name not in spec.optimizers:
+            raise SweepError(f"--optimizers: {name!r} is not in the sweep ({', '.join(spec.optimizers)})")
+    for name in axes or ():
+        if name not in {a.name for a in spec.axes}:
+            raise SweepError(f"--axes: {name!r} is not in the sweep ({', '.join(a.name for a in spec.axes)})")
+    kept = []
+    for axis in spec.axes:
+        if axes and axis.name not in axes:
+            continue
+        names = tuple(o for o in axis.optimizers if not optimizers or o in optimizers)
+        if names:
+            kept.append(dataclasses.replace(axis, optimizers=names))
+    return dataclasses.replace(spec, seeds=tuple(seeds) if seeds else spec.seeds, axes=tuple(kept))
 
 
 def _require(data: dict, key: str, where: str) -> Any:

@@ -1,0 +1,167 @@
+"""LR sweep: the --quick sweep end to end on tiny real pipelines (results, resume, table, plots), the statistics and
+verdicts against values computed here, grid expansion, model variants and one-line sweep-file errors."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from modules.sweep.report import cells, markdown_report, transfer_verdict
+from modules.sweep.runner import RESULTS_NAME, read_results, run_sweep
+from modules.sweep.spec import SweepError, load_sweep, restrict
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = REPO / "sweeps" / "quick.yaml"
+DEFAULT = REPO / "sweeps" / "default.yaml"
+
+
+@pytest.fixture(scope="module")
+def quick_out(tmp_path_factory) -> Path:
+    from scripts.sweep_lr import main
+
+    out = tmp_path_factory.mktemp("sweep_quick")
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--quick", "--out", str(out)]) == 0  # runs single-threaded (--threads 1)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_quick_sweep_writes_one_finite_record_per_run(quick_out: Path) -> None:
+    spec = load_sweep(QUICK)
+    records = read_results(quick_out / RESULTS_NAME)
+    assert sorted(r["id"] for r in records) == sorted(p.run_id for p in spec.runs())
+    assert all("error" not in r for r in records), [r.get("error") for r in records]
+    for r in records:
+        steps = [step for step, _ in r["val_curve"]]
+        assert steps[0] == 0 and steps[-1] == spec.steps
+        assert r["val_loss"] == r["val_curve"][-1][1] and math.isfinite(r["val_loss"])
+    # Fixed validation (held-out images, timesteps, noise) and LoRA B = 0 at step 0: every run on the same base
+    # model starts from the same validation loss, whatever its optimizer, LR or rank.
+    for model in ("unet_w64", "unet_w128"):
+        starts = {r["val_loss_start"] for r in records if r["model"] == model}
+        assert len(starts) == 1, (model, starts)
+    assert {r["model"] for r in records} == {"unet_w64", "unet_w128"}
+    # Training moved the model: some run ends away from its start.
+    assert any(abs(r["val_loss"] - r["val_loss_start"]) > 1e-6 for r in records)
+
+
+def test_quick_sweep_table_and_plots(quick_out: Path) -> None:
+    from PIL import Image
+
+    table = (quick_out / "table.md").read_text()
+    records = read_results(quick_out / RESULTS_NAME)
+    best = min((r for r in records if r["optimizer"] == "adamw" and r["rank"] == 2), key=lambda r: r["val_loss"])
+    assert f"{best['lr']:.3g}" in table.split("| adamw |")[1].split("\n")[0]
+    assert "### rank" in table and "### width" in table and "| muon_tuned |" in table
+    for name in ("lr_rank.png", "lr_width.png"):
+        with Image.open(quick_out / name) as image:
+            assert image.size[0] > 200 and image.size[1] > 200
+
+
+def test_quick_sweep_resumes(quick_out: Path) -> None:
+    path = quick_out / RESULTS_NAME
+    lines = path.read_text().splitlines()
+    spec = load_sweep(QUICK)
+    run_sweep(spec, quick_out, log=lambda _: None)  # everything done: nothing runs, nothing is appended
+    assert path.read_text().splitlines() == lines
+    dropped = json.loads(lines[-1])
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the first run
+    try:
+        records = run_sweep(spec, quick_out, log=lambda _: None)  # exactly the missing run again
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["id"] for r in records] == [json.loads(line)["id"] for line in lines]
+    assert records[-1]["val_loss"] == pytest.approx(dropped["val_loss"], rel=1e-5)  # deterministic rerun
+
+
+def _record(optimizer: str, rank: int, lr: float, seed: int, loss: float | None) -> dict:
+    return {"id": f"{optimizer}{rank}{lr}{seed}", "optimizer": optimizer, "model": "unet_w64", "rank": rank,
+            "lr": lr, "seed": seed, "val_loss": loss}  # fmt: skip
+
+
+def test_cells_best_lr_mean_std_and_divergence() -> None:
+    losses = {1e-3: [0.50, 0.52, 0.54], 2e-3: [0.40, 0.46, 0.43], 4e-3: [0.30, None, 0.31]}
+    records = [_record("a", 8, lr, s, v) for lr, vs in losses.items() for s, v in enumerate(vs)]
+    cell = cells(records)[("a", "unet_w64", 8)]
+    assert [p.lr for p in cell.points] == [1e-3, 2e-3, 4e-3]
+    assert cell.best.lr == 2e-3  # 4e-3 has a diverged seed: it ranks last despite lower finite losses
+    assert cell.best.mean == pytest.approx(statistics.fmean([0.40, 0.46, 0.43]))
+    assert cell.best.std == pytest.approx(statistics.stdev([0.40, 0.46, 0.43]))
+    assert math.isinf(cell.points[2].mean)
+    assert not cell.best_at_edge([1e-3, 2e-3, 4e-3]) and cell.best_at_edge([2e-3, 4e-3])
+
+
+def test_transfer_verdict_counts_grid_steps() -> None:
+    def by_rank(best: dict[int, float]) -> dict:
+        records = [_record("a", rank, lr, 0, 0.1 if lr == b else 0.2) for rank, b in best.items()
+                   for lr in (1e-3, 2e-3, 4e-3, 8e-3)]  # fmt: skip
+        table = cells(records)
+        return {rank: table[("a", "unet_w64", rank)] for rank in best}
+
+    assert transfer_verdict(by_rank({2: 1e-3, 8: 2e-3, 32: 2e-3}), True) == "transfers (within 1 step)"
+    assert transfer_verdict(by_rank({2: 1e-3, 8: 2e-3, 32: 8e-3}), True) == "does not transfer (3 steps apart)"
+    assert transfer_verdict(by_rank({2: 1e-3}), True) == "not measured"
+
+
+def test_default_sweep_grid_and_restriction() -> None:
+    spec = load_sweep(DEFAULT)
+    assert len(spec.seeds) >= 3
+    grid = spec.lr_grid("adamw")
+    assert all(b / a == pytest.approx(2.0) for a, b in zip(grid, grid[1:]))
+    n_lr, n_seed = spec.lr_points, len(spec.seeds)
+    rank_axis = 9 * 3 * n_lr * n_seed  # every optimizer at ranks 2, 8, 32
+    model_axes = 3 * 3 * n_lr * n_seed  # width, depth, family: 3 optimizers x 1 new model (w64 rank 8 is shared)
+    assert len(spec.runs()) == len({p.run_id for p in spec.runs()}) == rank_axis + model_axes
+    part = restrict(spec, seeds=[0], axes=["rank"], optimizers=["adamw"])
+    assert len(part.runs()) == 3 * n_lr and {p.run_id for p in part.runs()} <= {p.run_id for p in spec.runs()}
+    text = markdown_report(spec, [])
+    assert text.count("not run") == 9 * 3 + 3 * 3 * 2
+
+
+def test_width_and_depth_variants_are_real_scaled_unets() -> None:
+    from modules.sweep.models import build_tiny_sdxl_variant
+    from modules.sweep.spec import ModelSpec
+
+    base = build_tiny_sdxl_variant(ModelSpec("b", "sdxl", "tiny_sdxl")).unet
+    wide = build_tiny_sdxl_variant(ModelSpec("w", "sdxl", "tiny_sdxl", width_multiplier=2)).unet
+    deep = build_tiny_sdxl_variant(ModelSpec("d", "sdxl", "tiny_sdxl", depth_multiplier=2)).unet
+    assert max(base.config.block_out_channels) == 64 and max(wide.config.block_out_channels) == 128
+
+    def count(unet, kind: str) -> int:
+        return sum(type(m).__name__ == kind for m in unet.modules())
+
+    for kind in ("ResnetBlock2D", "BasicTransformerBlock"):
+        # down stages double; up stages have layers_per_block + 1 resnets, so they go from 2 to 3 per stage
+        assert count(deep, kind) > 1.4 * count(base, kind), kind
+    assert count(wide, "ResnetBlock2D") == count(base, "ResnetBlock2D")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"axes": {"rank": {"varies": "rank", "values": [2], "optimizers": ["nope"]}}}, "axes.rank.optimizers: 'nope'"),
+        ({"base_point": {"model": "missing", "rank": 8}}, "base_point.model: 'missing'"),
+        ({"base_config": "no_such.yaml"}, "base_config"),
+        ({"axes": {"rank": {"varies": "rank", "values": [0]}}}, "ranks must be positive"),
+    ],
+)
+def test_bad_sweep_files_fail_with_one_line(tmp_path: Path, edit: dict, message: str) -> None:
+    import yaml
+
+    data = yaml.safe_load(QUICK.read_text())
+    data["base_config"] = str(REPO / "training_presets" / "demo_sdxl_lora.yaml")
+    data.update(edit)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SweepError) as info:
+        load_sweep(path)
+    assert message in str(info.value) and "\n" not in str(info.value) and str(path) in str(info.value)
