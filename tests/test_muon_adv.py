@@ -15,6 +15,15 @@ from modules.optimizer.orthogonalize import singular_value_map
 OPTIMIZERS = [Muon_adv, AdaMuon_adv]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: a second thread only adds synchronisation (and contention on a shared machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
