@@ -109,6 +109,9 @@ def test_transfer_verdict_counts_grid_steps() -> None:
     assert transfer_verdict(by_rank({2: 1e-3, 8: 2e-3, 32: 2e-3}), True) == "transfers (within 1 step)"
     assert transfer_verdict(by_rank({2: 1e-3, 8: 2e-3, 32: 8e-3}), True) == "does not transfer (3 steps apart)"
     assert transfer_verdict(by_rank({2: 1e-3}), True) == "not measured"
+    grid = [1e-3, 2e-3, 4e-3, 8e-3]
+    assert transfer_verdict(by_rank({2: 2e-3, 8: 4e-3}), False, grid) == "transfers (within 1 step), partial"
+    assert transfer_verdict(by_rank({2: 4e-3, 8: 8e-3}), True, grid) == "transfers (within 1 step), best at grid edge"
 
 
 def test_default_sweep_grid_and_restriction() -> None:

@@ -83,13 +83,16 @@ def grid_steps(lr_a: float, lr_b: float) -> int:
     return round(abs(math.log2(lr_a / lr_b)))
 
 
-def transfer_verdict(by_value: dict, complete: bool) -> str:
-    """Does the best LR stay within one grid step across the axis values? (needs >= 2 values with a best LR)"""
+def transfer_verdict(by_value: dict, complete: bool, grid: list[float] | None = None) -> str:
+    """Does the best LR stay within one grid step across the axis values? (needs >= 2 values with a best LR)
+    Flags a partial grid and best LRs at the grid's edge (where the true optimum may lie beyond it)."""
     bests = {v: c.best.lr for v, c in by_value.items() if c.best is not None}
     if len(bests) < 2:
         return "not measured"
     spread = grid_steps(max(bests.values()), min(bests.values()))
     verdict = "transfers (within 1 step)" if spread <= 1 else f"does not transfer ({spread} steps apart)"
+    if grid and any(c.best_at_edge(grid) for c in by_value.values()):
+        verdict += ", best at grid edge"
     return verdict if complete else verdict + ", partial"
 
 
@@ -132,7 +135,7 @@ def markdown_report(spec: SweepSpec, records: list[dict]) -> str:
                     partial = "" if len(cell.points) == len(grid) and best.seeds == len(spec.seeds) else " (partial)"
                     entries.append(f"{fmt_lr(best.lr)}{edge}: {best.mean:.4f} ± {best.std:.4f}{partial}")
             complete = all(v in row and len(row[v].points) == len(grid) for v in axis.values)
-            lines.append(f"| {optimizer} | " + " | ".join(entries) + f" | {transfer_verdict(row, complete)} |")
+            lines.append(f"| {optimizer} | " + " | ".join(entries) + f" | {transfer_verdict(row, complete, grid)} |")
         lines.append("")
     lines.append("Entries: best LR: final validation loss mean ± std over seeds at that LR. `*`: the best LR is at "
                  "the edge of the grid (the optimum may lie outside it). Transfer: best LRs of all values within one "
