@@ -219,13 +219,13 @@ class Muon_adv(torch.optim.Optimizer):
             keyed.setdefault(key, []).append(m)
         buckets = [self._make_bucket(ms) for ms in keyed.values()]
         by_id = {id(m.param): m for m in members}
+        muon_b = {m.pair: m for m in muon if m.role is Role.LORA_B}
         pairs = []
         for a in muon:
             g = self.param_groups[a.group]
             if a.role is Role.LORA_A and g["spectral_scaling"] and g["lora_spectral_target"] == "product":
-                b = next((m for m in muon if m.role is Role.LORA_B and m.pair == a.pair), None)
-                if b is not None:
-                    pairs.append((a, b))
+                if a.pair in muon_b:  # with B on the auxiliary Adam, A keeps its own (factor) target
+                    pairs.append((a, muon_b[a.pair]))
         self._plan = _Plan(signature, buckets, [m for m in members if m.path != "muon"], by_id, pairs)
         return self._plan
 
