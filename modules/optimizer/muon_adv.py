@@ -401,11 +401,12 @@ class Muon_adv(torch.optim.Optimizer):
             s = torch.tensor([a.lora_scale for a, _ in group_pairs], device=A.device)
             sigma = torch.linalg.eigvalsh(root @ (P.mT @ P) @ root)[..., -1].clamp_min(0).sqrt() * s
             lr = torch.tensor([self.param_groups[a.group]["lr"] for a, _ in group_pairs], device=A.device)
-            target = lr * torch.tensor([scaling.spectral_target(a.base_fan_in, a.base_fan_out) for a, _ in group_pairs])
+            target = lr * torch.tensor(
+                [scaling.spectral_target(a.base_fan_in, a.base_fan_out) for a, _ in group_pairs], device=A.device
+            )
             kappa = torch.where(sigma > 0, target / sigma.clamp_min(1e-30), torch.ones_like(sigma)).tolist()
-            for (a, b), k in zip(group_pairs, kappa):
-                updates[id(a.param)].mul_(k)
-                updates[id(b.param)].mul_(k)
+            views = [updates[id(m.param)] for pair in group_pairs for m in pair]
+            torch._foreach_mul_(views, [k for k in kappa for _ in range(2)])
 
     def _decay_multiplier(self, m: _Member, schedule: list[float]) -> float:
         g = self.param_groups[m.group]
