@@ -36,13 +36,9 @@ from torch import Tensor
 
 from modules.optimizer import scaling
 from modules.optimizer.aux_adam import adamw_step
-from modules.optimizer.orthogonalize import gram_factor
 from modules.optimizer.param_spec import Role, infer_spec
 
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Additive damping handed to the exact Gram map: it cancels exactly in the exact polar factor and only keeps
-# the normalization finite when a Gram matrix is zero.
-_EXACT_EPS = 1e-12
 
 
 def _state_dtype(group: dict, p: Tensor) -> torch.dtype:
@@ -60,20 +56,32 @@ class _Pair:
     name: str
 
 
-def _inverse_sqrt(grams: Tensor) -> Tensor:
-    """(G)^{-1/2} of a batch of r×r PSD Gram matrices, as the exact-polar Gram factor (pseudo-inverse guard).
+def _inverse_sqrt(grams: Tensor, source_dtype: torch.dtype) -> Tensor:
+    """G^{-1/2} of a batch of r×r PSD Gram matrices by one batched eigh (float64), with the zero-factor guard.
 
-    The guard: eigenvalues that are zero (a zero factor, e.g. PEFT's lora_B at init) or below the exact map's
-    rank tolerance count as absent, so R is the pseudo-inverse square root. It is the limit δ → 0 of the
-    regularized (G + δ·I)^{-1/2}: the partner's momentum has no component along a factor's null directions
+    The guard: eigenvalues at or below `_rank_rtol(source_dtype)`·λ_max (all of them for a zero factor, e.g.
+    PEFT's lora_B at init) count as zero, so R is the pseudo-inverse square root. That is the limit δ → 0 of
+    the regularized (G + δ·I)^{-1/2}: the partner's momentum has no component along a factor's null directions
     (its gradient is the factor times something), so those directions meet δ^{-1/2} only multiplied by zero.
-    In the projector form this makes P the projector on the factor's actual (possibly empty) column space:
-    a zero lora_B contributes no msign(P_col·G) term, and lora_A, whose gradient is zero then, does not move.
+    In the projector form it makes P the projector on the factor's actual (possibly empty) column space: a zero
+    lora_B contributes no msign(P_col·G) term, and lora_A, whose gradient is then zero, does not move.
+    The cutoff sits above the rounding noise of a Gram formed in the source precision: eigenvalues below it
+    are not known to any digit, and inverting them (the exact map's 1e-6 cutoff on σ does) made a rank-1
+    gradient step 2000× its spectral budget in a float32 test.
     """
-    grams = grams.double()
-    # gram_factor needs X only for its shape; the square r×r Gram stands in for it
-    factor, _, _ = gram_factor(grams, method="exact", steps=1, eps=_EXACT_EPS, gram=grams)
-    return factor
+    lam, vecs = torch.linalg.eigh(grams.double())
+    tol = lam[..., -1:].clamp_min(0) * _rank_rtol(source_dtype)
+    inv = torch.where(lam > tol, lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(lam))
+    return (vecs * inv.unsqueeze(-2)) @ vecs.mT
+
+
+def _rank_rtol(dtype: torch.dtype) -> float:
+    """Relative eigenvalue cutoff of a Gram matrix formed in `dtype`: σ below 1e-3·σ_max (1e-6 in float64) is zero.
+
+    float32 Grams carry rounding noise of ~√(length)·ε32·λ_max ≈ 1e-6..1e-5·λ_max; σ/σ_max = 1e-3 is also about
+    where a 5-step Newton–Schulz iteration stops orthogonalizing, so this keeps LoRAMuon's msign on par with Muon.
+    """
+    return 1e-12 if dtype == torch.float64 else 1e-6
 
 
 class LoRAMuon(torch.optim.Optimizer):
@@ -323,11 +331,11 @@ class LoRAMuon(torch.optim.Optimizer):
         P = len(pairs)
 
         # R_down = (down·downᵀ)^{-1/2}, R_up = (upᵀ·up)^{-1/2}: one batched eigh for both
-        R = _inverse_sqrt(torch.cat([down @ down.mT, up.mT @ up]))
+        R = _inverse_sqrt(torch.cat([down @ down.mT, up.mT @ up]), compute)
         R_down, R_up = R[:P], R[P:]
         # msign(m_up·R_down)·R_down = m_up·K_up and R_up·msign(R_up·m_down) = K_down·m_down, all in r×r
         S = torch.cat([R_down @ (m_up.mT @ m_up).double() @ R_down, R_up @ (m_down @ m_down.mT).double() @ R_up])
-        F = _inverse_sqrt(S)
+        F = _inverse_sqrt(S, compute)
         K_up = (R_down @ F[:P] @ R_down).to(compute)
         K_down = (R_up @ F[P:] @ R_up).to(compute)
 
