@@ -96,22 +96,22 @@ def test_cells_best_lr_mean_std_and_divergence() -> None:
     assert cell.best.mean == pytest.approx(statistics.fmean([0.40, 0.46, 0.43]))
     assert cell.best.std == pytest.approx(statistics.stdev([0.40, 0.46, 0.43]))
     assert math.isinf(cell.points[2].mean)
-    assert not cell.best_at_edge([1e-3, 2e-3, 4e-3]) and cell.best_at_edge([2e-3, 4e-3])
+    assert not cell.best_at_edge()
+    assert cells(records[:6])[("a", "unet_w64", 8)].best_at_edge()  # only 1e-3 and 2e-3 ran: 2e-3 is the top
 
 
 def test_transfer_verdict_counts_grid_steps() -> None:
     def by_rank(best: dict[int, float]) -> dict:
         records = [_record("a", rank, lr, 0, 0.1 if lr == b else 0.2) for rank, b in best.items()
-                   for lr in (1e-3, 2e-3, 4e-3, 8e-3)]  # fmt: skip
+                   for lr in (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)]  # fmt: skip
         table = cells(records)
         return {rank: table[("a", "unet_w64", rank)] for rank in best}
 
-    assert transfer_verdict(by_rank({2: 1e-3, 8: 2e-3, 32: 2e-3}), True) == "transfers (within 1 step)"
-    assert transfer_verdict(by_rank({2: 1e-3, 8: 2e-3, 32: 8e-3}), True) == "does not transfer (3 steps apart)"
-    assert transfer_verdict(by_rank({2: 1e-3}), True) == "not measured"
-    grid = [1e-3, 2e-3, 4e-3, 8e-3]
-    assert transfer_verdict(by_rank({2: 2e-3, 8: 4e-3}), False, grid) == "transfers (within 1 step), partial"
-    assert transfer_verdict(by_rank({2: 4e-3, 8: 8e-3}), True, grid) == "transfers (within 1 step), best at grid edge"
+    assert transfer_verdict(by_rank({2: 2e-3, 8: 4e-3, 32: 4e-3}), True) == "transfers (within 1 step)"
+    assert transfer_verdict(by_rank({2: 2e-3, 8: 4e-3, 32: 1.6e-2}), True) == "does not transfer (3 steps apart)"
+    assert transfer_verdict(by_rank({2: 2e-3}), True) == "not measured"
+    assert transfer_verdict(by_rank({2: 2e-3, 8: 4e-3}), False) == "transfers (within 1 step), partial"
+    assert transfer_verdict(by_rank({2: 1.6e-2, 8: 3.2e-2}), True) == "transfers (within 1 step), best at grid edge"
 
 
 def test_default_sweep_grid_and_restriction() -> None:

@@ -34,10 +34,10 @@ class Cell:
         finite = [p for p in self.points if math.isfinite(p.mean)]
         return min(finite, key=lambda p: p.mean) if finite else None
 
-    def best_at_edge(self, grid: list[float]) -> bool:
-        """The best LR is the smallest or largest of the grid, so the true optimum may lie outside it."""
+    def best_at_edge(self) -> bool:
+        """The best LR is the smallest or largest LR that ran, so the true optimum may lie outside them."""
         best = self.best
-        return best is not None and len(grid) > 1 and (math.isclose(best.lr, grid[0]) or math.isclose(best.lr, grid[-1]))
+        return best is not None and len(self.points) > 1 and best.lr in (self.points[0].lr, self.points[-1].lr)
 
 
 def cells(records: list[dict]) -> dict[tuple[str, str, int], Cell]:
@@ -83,7 +83,7 @@ def grid_steps(lr_a: float, lr_b: float) -> int:
     return round(abs(math.log2(lr_a / lr_b)))
 
 
-def transfer_verdict(by_value: dict, complete: bool, grid: list[float] | None = None) -> str:
+def transfer_verdict(by_value: dict, complete: bool) -> str:
     """Does the best LR stay within one grid step across the axis values? (needs >= 2 values with a best LR)
     Flags a partial grid and best LRs at the grid's edge (where the true optimum may lie beyond it)."""
     bests = {v: c.best.lr for v, c in by_value.items() if c.best is not None}
@@ -91,7 +91,7 @@ def transfer_verdict(by_value: dict, complete: bool, grid: list[float] | None = 
         return "not measured"
     spread = grid_steps(max(bests.values()), min(bests.values()))
     verdict = "transfers (within 1 step)" if spread <= 1 else f"does not transfer ({spread} steps apart)"
-    if grid and any(c.best_at_edge(grid) for c in by_value.values()):
+    if any(c.best_at_edge() for c in by_value.values()):
         verdict += ", best at grid edge"
     return verdict if complete else verdict + ", partial"
 
@@ -131,14 +131,15 @@ def markdown_report(spec: SweepSpec, records: list[dict]) -> str:
                 elif best is None:
                     entries.append("all diverged")
                 else:
-                    edge = "*" if cell.best_at_edge(grid) else ""
+                    edge = "*" if cell.best_at_edge() else ""
                     partial = "" if len(cell.points) == len(grid) and best.seeds == len(spec.seeds) else " (partial)"
-                    entries.append(f"{fmt_lr(best.lr)}{edge}: {best.mean:.4f} ± {best.std:.4f}{partial}")
+                    spread = f" ± {best.std:.4f}" if best.seeds > 1 else " (1 seed)"
+                    entries.append(f"{fmt_lr(best.lr)}{edge}: {best.mean:.4f}{spread}{partial}")
             complete = all(v in row and len(row[v].points) == len(grid) for v in axis.values)
-            lines.append(f"| {optimizer} | " + " | ".join(entries) + f" | {transfer_verdict(row, complete, grid)} |")
+            lines.append(f"| {optimizer} | " + " | ".join(entries) + f" | {transfer_verdict(row, complete)} |")
         lines.append("")
-    lines.append("Entries: best LR: final validation loss mean ± std over seeds at that LR. `*`: the best LR is at "
-                 "the edge of the grid (the optimum may lie outside it). Transfer: best LRs of all values within one "
+    lines.append("Entries: best LR: final validation loss mean ± std over seeds at that LR. `*`: the best LR is the "
+                 "lowest or highest LR that ran (the optimum may lie beyond it); (partial): not every LR or seed ran. Transfer: best LRs of all values within one "
                  "factor-2 step.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
