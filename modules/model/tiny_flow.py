@@ -69,14 +69,20 @@ def _vae(factors: tuple[float, float]) -> AutoencoderKL:
     )  # fmt: skip
 
 
+def tiny_flux_transformer(guidance: bool, latent_channels: int = 16) -> FluxTransformer2DModel:
+    """Flux's transformer at toy width: 2 double-stream + 4 single-stream blocks, tokens of 2x2 latent patches."""
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=2, num_single_layers=4, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_HIDDEN, pooled_projection_dim=32, guidance_embeds=guidance,
+        axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+
+
 def _build_flux(guidance: bool) -> FluxPipeline:
     tokenizer = build_tiny_tokenizer()
     tokenizer_2 = build_tiny_t5_tokenizer()
     text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32, layers=2, projection_dim=32))
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=T5_HIDDEN, pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6),
-    )  # fmt: skip
+    transformer = tiny_flux_transformer(guidance)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **(DYNAMIC_SHIFT if guidance else SCHNELL_SHIFT))
     return FluxPipeline(
         scheduler=scheduler, vae=_vae(FLUX_VAE_FACTORS), text_encoder=text_encoder, tokenizer=tokenizer,

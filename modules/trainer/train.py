@@ -71,6 +71,10 @@ def ensure_base_model(config: Any) -> None:
     base = Path(config.model.base_model)
     if base.name == demo_paths(base.parent).base.name and (not base.exists() or (base / MARKER_NAME).is_file()):
         prepare_demo_base(base.parent)
+    elif base.name == "tiny_flux_base" and (not base.exists() or (base / MARKER_NAME).is_file()):
+        from modules.demo.flux import prepare_flux_demo_base  # the Flux demo's base, beside the SDXL demo's
+
+        prepare_flux_demo_base(base.parent)
     elif not (base / "model_index.json").is_file():
         raise FileNotFoundError(f"model.base_model: {base} is not a diffusers folder (no model_index.json)")
 
