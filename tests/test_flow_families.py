@@ -206,6 +206,7 @@ def test_sd3_lora_trains_and_loads_in_diffusers(tmp_path_factory, data_dirs):
         ({"saving": {"format": "kohya"}}, "saving.format"),
         ({"training": {"min_snr_gamma": 5.0}}, "training.min_snr_gamma"),
         ({"training": {"prediction_type": "epsilon"}}, "training.prediction_type"),
+        ({"sampling": {"sampler": "ddim"}}, "sampling.sampler"),
         ({"lora": {"train_text_encoders": {"text_encoder_2": True}}, "data": {"cache_text_embeddings": False}},
          "lora.train_text_encoders.text_encoder_2"),
     ],
