@@ -135,7 +135,8 @@ def markdown_report(spec: SweepSpec, records: list[dict]) -> str:
                     partial = "" if len(cell.points) == len(grid) and best.seeds == len(spec.seeds) else " (partial)"
                     spread = f" ± {best.std:.4f}" if best.seeds > 1 else " (1 seed)"
                     entries.append(f"{fmt_lr(best.lr)}{edge}: {best.mean:.4f}{spread}{partial}")
-            complete = all(v in row and len(row[v].points) == len(grid) for v in axis.values)
+            complete = all(v in row and len(row[v].points) == len(grid)
+                           and all(p.seeds == len(spec.seeds) for p in row[v].points) for v in axis.values)
             lines.append(f"| {optimizer} | " + " | ".join(entries) + f" | {transfer_verdict(row, complete)} |")
         lines.append("")
     lines.append("Entries: best LR: final validation loss mean ± std over seeds at that LR. `*`: the best LR is the "
