@@ -146,11 +146,13 @@ def markdown_report(spec: SweepSpec, records: list[dict]) -> str:
 
 
 def plot_axis(spec: SweepSpec, records: list[dict], axis_name: str, path: Path) -> Path | None:
-    """Val loss vs LR (log2 axis), one panel per optimizer, one curve (mean ± std over seeds) per axis value."""
+    """Val loss vs LR (log2 axis), one panel per optimizer, one curve (mean ± std over seeds) per axis value; losses
+    above 1.5x a panel's lowest are cut off at its top (diverging LRs would flatten the basin)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     by_opt = axis_cells(spec, cells(in_sweep(spec, records)), axis_name)
     if not by_opt:
@@ -165,7 +167,13 @@ def plot_axis(spec: SweepSpec, records: list[dict], axis_name: str, path: Path) 
             if finite:
                 ax.errorbar([p.lr for p in finite], [p.mean for p in finite], yerr=[p.std for p in finite],
                             marker="o", markersize=3, capsize=2, label=str(value))  # fmt: skip
+        shown = [p.mean for c in by_opt[optimizer].values() for p in c.points if math.isfinite(p.mean)]
+        if shown and max(shown) > 1.5 * min(shown):  # keep the basin readable: blow-ups leave the top of the panel
+            ax.set_ylim(0.98 * min(shown), 1.5 * min(shown))
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({p.lr for c in by_opt[optimizer].values() for p in c.points}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:.2g}"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_title(optimizer, fontsize=9)
         ax.set_xlabel("learning rate", fontsize=8)
         ax.set_ylabel("final val loss", fontsize=8)
