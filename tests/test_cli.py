@@ -107,3 +107,13 @@ def test_missing_config_argument_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main([])
     assert info.value.code == 2 and "--config" in capsys.readouterr().err
+
+
+def test_missing_base_model_folder_is_one_line_error(tmp_path, capsys):
+    """Bad input found when the run opens the model (not by the schema) also ends in one line naming it."""
+    missing = tmp_path / "no_such_model"
+    rc = cli.main(["--config", str(DEMO), "--set", f"model.base_model={missing}", f"saving.output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1 and err[0].startswith("error: ") and str(missing) in err[0]
+    assert "--debug" in err[0]

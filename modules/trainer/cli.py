@@ -15,6 +15,7 @@ from modules.config.schema import TrainConfig, config_warnings
 
 EXIT_CONFIG_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_RUN_ERROR = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        # Bad input found once models and data are opened (missing folder, wrong family, empty dataset):
+        # one line, like config errors; --debug keeps the traceback for real bugs.
+        if args.debug:
+            raise
+        print(f"error: {e} (--debug shows the traceback)", file=sys.stderr)
+        return EXIT_RUN_ERROR
     return int(result or 0)
 
 
