@@ -383,23 +383,22 @@ class Muon_adv(torch.optim.Optimizer):
         """lora_spectral_target='product': scale each pair so that ‖s·(ΔB·A + B·ΔA)‖₂ = lr·√(base_out/base_in).
 
         The first-order change is s·[ΔB B]·[A; ΔA], rank ≤ 2r: its σ_max² is the largest eigenvalue of
-        S·(PᵀP)·S with P = [ΔB B], S = (Q·Qᵀ)^{1/2}, Q = [A; ΔA] — two 2r×2r eigenproblems, batched per shape.
+        (PᵀP)·(Q·Qᵀ) with P = [ΔB B], Q = [A; ΔA]: a 2r×2r eigenproblem, batched per shape.
         """
         by_shape: dict[tuple, list[tuple[_Member, _Member]]] = {}
         for a, b in pairs:
             if id(a.param) in updates and id(b.param) in updates:
                 by_shape.setdefault((tuple(a.param.shape), tuple(b.param.shape)), []).append((a, b))
         for group_pairs in by_shape.values():
-            A = torch.stack([a.param.reshape(a.param.shape[0], -1) for a, _ in group_pairs]).float()
-            dA = torch.stack([updates[id(a.param)].reshape(A.shape[1:]) for a, _ in group_pairs]).float()
-            B = torch.stack([b.param.reshape(b.param.shape[0], -1) for _, b in group_pairs]).float()
-            dB = torch.stack([updates[id(b.param)].reshape(B.shape[1:]) for _, b in group_pairs]).float()
-            P = torch.cat([dB, B], dim=-1)  # (n, out, 2r)
-            Q = torch.cat([A, dA], dim=-2)  # (n, 2r, in)
-            lam_q, vec_q = torch.linalg.eigh(Q @ Q.mT)
-            root = (vec_q * lam_q.clamp_min(0).sqrt().unsqueeze(-2)) @ vec_q.mT
-            s = torch.tensor([a.lora_scale for a, _ in group_pairs], device=A.device)
-            sigma = torch.linalg.eigvalsh(root @ (P.mT @ P) @ root)[..., -1].clamp_min(0).sqrt() * s
+            A = _stack32([a.param.reshape(a.param.shape[0], -1) for a, _ in group_pairs])  # (n, r, in)
+            dA = _stack32([updates[id(a.param)].reshape(A.shape[1:]) for a, _ in group_pairs])
+            B = _stack32([b.param.reshape(b.param.shape[0], -1) for _, b in group_pairs])  # (n, out, r)
+            dB = _stack32([updates[id(b.param)].reshape(B.shape[1:]) for _, b in group_pairs])
+            # The 2r×2r Grams of Q = [A; ΔA] and P = [ΔB B] block by block: no concatenated copies.
+            gram_q = _sym_blocks(A @ A.mT, A @ dA.mT, dA @ dA.mT)
+            gram_p = _sym_blocks(dB.mT @ dB, dB.mT @ B, B.mT @ B)
+            sigma = _max_sqrt_eig_product(gram_q, gram_p).to(A.dtype)
+            sigma = sigma * torch.tensor([a.lora_scale for a, _ in group_pairs], device=A.device)
             lr = torch.tensor([self.param_groups[a.group]["lr"] for a, _ in group_pairs], device=A.device)
             target = lr * torch.tensor(
                 [scaling.spectral_target(a.base_fan_in, a.base_fan_out) for a, _ in group_pairs], device=A.device
@@ -554,6 +553,44 @@ def _write_back(buffer: Tensor, computed: Tensor, index: Tensor | None) -> None:
             buffer.copy_(computed)
     else:
         buffer[index] = computed.to(buffer.dtype)
+
+
+def _stack32(tensors: list[Tensor]) -> Tensor:
+    """torch.stack(tensors) in float32, without a copy when they are consecutive slices of one stacked buffer
+    (the updates of a Muon bucket are views of its `out`; copying them costs more than the Grams)."""
+    first = tensors[0]
+    numel = first.numel()
+    if (
+        first.dtype == torch.float32
+        and all(t.is_contiguous() and t.shape == first.shape for t in tensors)
+        and all(t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for t in tensors)
+        and all(t.storage_offset() == first.storage_offset() + k * numel for k, t in enumerate(tensors))
+    ):
+        return first.as_strided((len(tensors), *first.shape), (numel, *first.stride()), first.storage_offset())
+    stacked = torch.stack(tensors)
+    return stacked if stacked.dtype == torch.float32 else stacked.float()
+
+
+def _sym_blocks(top_left: Tensor, top_right: Tensor, bottom_right: Tensor) -> Tensor:
+    """The symmetric (n, 2r, 2r) float64 matrix [[TL, TR], [TRᵀ, BR]] (float64: the eigenproblem is tiny)."""
+    top = torch.cat([top_left, top_right], dim=-1)
+    bottom = torch.cat([top_right.mT, bottom_right], dim=-1)
+    return torch.cat([top, bottom], dim=-2).double()
+
+
+def _max_sqrt_eig_product(gram_q: Tensor, gram_p: Tensor) -> Tensor:
+    """√λ_max(G_P·G_Q) for symmetric PSD batches: = √λ_max(Lᵀ·G_P·L) with G_Q = L·Lᵀ.
+
+    Cholesky instead of an eigendecomposition for the square root: batched eigh with eigenvectors
+    is two orders of magnitude slower than eigvalsh on CPU. Singular G_Q (ΔA = 0 on the first LoRA
+    step, when B = 0) fails Cholesky; those matrices take the eigh square root instead.
+    """
+    chol, info = torch.linalg.cholesky_ex(gram_q)
+    failed = info != 0
+    if bool(failed.any()):
+        lam, vec = torch.linalg.eigh(gram_q[failed])
+        chol[failed] = vec * lam.clamp_min(0).sqrt().unsqueeze(-2)  # V·Λ^½: (V·Λ^½)(V·Λ^½)ᵀ = G_Q
+    return torch.linalg.eigvalsh(chol.mT @ gram_p @ chol)[..., -1].clamp_min(0).sqrt()
 
 
 def _schedule_factor(group: dict) -> float:
