@@ -25,13 +25,7 @@ PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline}
 BAD_LOAD = re.compile(r"not loaded|unexpected|missing|not compatible|not found|were not used|filter out", re.I)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are op-overhead bound; one thread avoids oversubscription stalls on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from modules.optimizer.orthogonalize import (
 SHAPES = [(3, 8, 256), (3, 256, 8), (2, 48, 64)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (and contention on a shared machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

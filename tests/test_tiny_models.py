@@ -17,13 +17,7 @@ PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline}
 BUILDERS = {"sdxl": build_tiny_sdxl, "sd15": build_tiny_sd15}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are op-overhead bound; one thread avoids oversubscription stalls on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def unet_prediction(pipe, seed=0):
