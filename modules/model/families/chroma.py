@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from modules.model.families.base import TextEmbeddings
-from modules.model.families.flow import latent_image_ids, pack_latents, unpack_latents
 from modules.model.families.flux import FluxFamily
 
 
@@ -29,26 +28,11 @@ class ChromaFamily(FluxFamily):
         keep = (positions <= mask.sum(dim=1, keepdim=True)).to(hidden.dtype)
         return {"encoder_hidden_states": hidden, "attention_mask": keep}
 
-    def backbone_kwargs(self, backbone: nn.Module, text: TextEmbeddings, batch_size: int, dtype: torch.dtype) -> dict:
-        return {}
-
-    def predict(
-        self, backbone: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextEmbeddings, conditioning: dict
-    ) -> torch.Tensor:
+    def backbone_kwargs(self, backbone: nn.Module, text: TextEmbeddings, noisy: torch.Tensor) -> dict:
+        """No pooled CLIP or guidance; the text mask extended by the always-visible image tokens
+        (ChromaPipeline._prepare_attention_mask)."""
         batch, _, height, width = noisy.shape
-        dtype, device = noisy.dtype, noisy.device
-        context = text["encoder_hidden_states"].to(dtype)
         image_tokens = (height // 2) * (width // 2)
-        # Text mask extended by the always-visible image tokens (ChromaPipeline._prepare_attention_mask).
-        mask = torch.cat([text["attention_mask"].to(device, dtype), torch.ones(batch, image_tokens, device=device, dtype=dtype)], dim=1)
-        out = backbone(
-            hidden_states=pack_latents(noisy),
-            timestep=timesteps.to(dtype),
-            encoder_hidden_states=context,
-            img_ids=latent_image_ids(height, width, device, dtype),
-            txt_ids=torch.zeros(context.shape[1], 3, device=device, dtype=dtype),
-            attention_mask=mask,
-            return_dict=False,
-            **conditioning,
-        )[0]
-        return unpack_latents(out, height, width)
+        text_mask = text["attention_mask"].to(noisy.device, noisy.dtype)
+        image_mask = torch.ones(batch, image_tokens, device=noisy.device, dtype=noisy.dtype)
+        return {"attention_mask": torch.cat([text_mask, image_mask], dim=1)}

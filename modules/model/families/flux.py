@@ -29,18 +29,18 @@ class FluxFamily(FlowMatchingFamily):
         hidden = t5(t5_ids.to(t5.device), output_hidden_states=False)[0]
         return {"encoder_hidden_states": hidden, "pooled": pooled}
 
-    def backbone_kwargs(self, backbone: nn.Module, text: TextEmbeddings, batch_size: int, dtype: torch.dtype) -> dict:
+    def backbone_kwargs(self, backbone: nn.Module, text: TextEmbeddings, noisy: torch.Tensor) -> dict:
         """What the transformer takes besides latents, timestep and ids (pooled CLIP, guidance)."""
-        kwargs: dict[str, Any] = {"pooled_projections": text["pooled"].to(dtype)}
+        kwargs: dict[str, Any] = {"pooled_projections": text["pooled"].to(noisy.dtype)}
         if unwrap(backbone).config.guidance_embeds:
             device = text["pooled"].device
-            kwargs["guidance"] = torch.full((batch_size,), self.train_guidance, device=device, dtype=torch.float32)
+            kwargs["guidance"] = torch.full((noisy.shape[0],), self.train_guidance, device=device, dtype=torch.float32)
         return kwargs
 
     def predict(
         self, backbone: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextEmbeddings, conditioning: dict
     ) -> torch.Tensor:
-        batch, _, height, width = noisy.shape
+        _, _, height, width = noisy.shape
         dtype, device = noisy.dtype, noisy.device
         context = text["encoder_hidden_states"].to(dtype)
         out = backbone(
@@ -50,7 +50,7 @@ class FluxFamily(FlowMatchingFamily):
             img_ids=latent_image_ids(height, width, device, dtype),
             txt_ids=torch.zeros(context.shape[1], 3, device=device, dtype=dtype),
             return_dict=False,
-            **self.backbone_kwargs(backbone, text, batch, dtype),
+            **self.backbone_kwargs(backbone, text, noisy),
             **conditioning,
         )[0]
         return unpack_latents(out, height, width)
