@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from modules.config.schema import TrainConfig
-from modules.data.synthetic import write_concept_dataset
 from modules.model.families import get_family
 from modules.model.families.flow import latent_image_ids, pack_latents, unpack_latents
 from modules.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
 from modules.trainer.flow_objective import FlowMatchObjective, dynamic_shift_mu, shift_sigmas
 from modules.trainer.train import train
+from tests.builders import concept_data_dirs, tiny_train_config
 
 CPU = torch.device("cpu")
 
@@ -109,28 +109,20 @@ def test_family_prediction_matches_one_pipeline_euler_step(kind, family_name):
 # ---- training runs ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flow_data")
-    write_concept_dataset(root / "train", count=4, size=64, seed=1)
-    write_concept_dataset(root / "val", count=2, size=64, seed=7)
-    return root / "train", root / "val"
+    return concept_data_dirs(tmp_path_factory.mktemp("flow_data"), train_count=4)
+
+
+FLOW_RUN = {
+    "lora": {"rank": 4, "alpha": 2.0},  # alpha != rank: the file must carry the 0.5 scale
+    "schedule": {"max_steps": 2},
+    "training": {"batch_size": 2, "seed": 3, "timestep_sampling": "logit_normal"},
+    "validation": {"every_n_steps": 2, "num_timesteps": 2},
+    "saving": {"format": "diffusers"},
+}
 
 
 def make_config(family: str, base: Path, data_dirs, out: Path, **sections) -> TrainConfig:
-    train_dir, val_dir = data_dirs
-    cfg = {
-        "model": {"family": family, "base_model": str(base)},
-        "lora": {"rank": 4, "alpha": 2.0},  # alpha != rank: the file must carry the 0.5 scale
-        "data": {"folders": [{"path": str(train_dir)}], "resolution": 64, "bucketing": False},
-        "optimizer": {"type": "muon_adv"},
-        "schedule": {"max_steps": 2},
-        "training": {"batch_size": 2, "seed": 3, "timestep_sampling": "logit_normal"},
-        "validation": {"every_n_steps": 2, "folder": str(val_dir), "num_timesteps": 2},
-        "saving": {"output_dir": str(out), "name": "run", "format": "diffusers"},
-        "logging": {"tensorboard": False},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    return TrainConfig.model_validate(cfg)
+    return tiny_train_config(family, base, data_dirs, out, defaults=FLOW_RUN, **sections)
 
 
 def check_lora_file_reproduces(family_name: str, base: Path, result, components: tuple[str, ...]) -> None:

@@ -8,38 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.config.schema import TrainConfig
-from modules.data.synthetic import write_concept_dataset
 from modules.model.families import get_family
 from modules.model.tiny import tiny_pipeline_dir
 from modules.trainer.metrics import read_metrics
 from modules.trainer.train import train
+from tests.builders import concept_data_dirs, tiny_train_config
 
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_concept_dataset(root / "train", count=6, size=64, seed=1)
-    write_concept_dataset(root / "val", count=2, size=64, seed=7)
-    return root / "train", root / "val"
+    return concept_data_dirs(tmp_path_factory.mktemp("data"), train_count=6)
 
 
-def make_config(kind: str, base: Path, data_dirs, out: Path, **sections) -> TrainConfig:
-    train_dir, val_dir = data_dirs
-    cfg = {
-        "model": {"family": kind, "base_model": str(base)},
-        "lora": {"rank": 4},
-        "data": {"folders": [{"path": str(train_dir)}], "resolution": 64, "bucketing": False},
-        "optimizer": {"type": "muon_adv"},
-        "schedule": {"max_steps": 3},
-        "training": {"batch_size": 2, "seed": 3},
-        "validation": {"every_n_steps": 3, "folder": str(val_dir), "num_timesteps": 2},
-        "saving": {"output_dir": str(out), "name": "run"},
-        "logging": {"tensorboard": False},
-    }
-    for section, values in sections.items():
-        cfg[section] = values if not isinstance(values, dict) else {**cfg.get(section, {}), **values}
-    return TrainConfig.model_validate(cfg)
+make_config = tiny_train_config
 
 
 def base_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
