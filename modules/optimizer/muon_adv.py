@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from modules.optimizer import aux_adam, scaling
+from modules.optimizer import aux_adam, distributed, scaling
 from modules.optimizer.orthogonalize import METHODS, ROUTES, choose_route, gram_factor, orthogonalize, small_gram
 from modules.optimizer.param_spec import Role, infer_spec
 
@@ -173,6 +173,7 @@ class Muon_adv(torch.optim.Optimizer):
             adam_betas=tuple(adam_betas), adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, **extra,
         )  # fmt: skip
         self._plan: _Plan | None = None
+        self.orthogonalized_last_step = 0  # matrices this process orthogonalized in its last step (distributed.py)
         super().__init__(params, defaults)
         self._build_members()  # validate roles and pairs now, not at the first step
 
@@ -286,22 +287,31 @@ class Muon_adv(torch.optim.Optimizer):
                 loss = closure()
         plan = self._get_plan()
         # Phase 1 reads gradients and old state only, so a non-finite gradient leaves everything untouched.
-        works = [w for w in (self._prepare(b) for b in plan.buckets) if w is not None]
+        rank, world_size = distributed.world()
+        works = [w for w in (self._prepare(b, defer_gram=world_size > 1) for b in plan.buckets) if w is not None]
         aux = [m for m in plan.aux if m.param.grad is not None]
         if not self._all_finite(works, aux):
             return loss
         schedule = [_schedule_factor(g) for g in self.param_groups]
         updates: dict[int, Tensor] = {}  # id(param) -> update to subtract (param-shaped view)
-        for work in works:
-            updates.update(self._finish(work))
+        # Under DDP each process orthogonalizes its share of the matrices, then all gather (distributed.py).
+        split = self._split(works, rank, world_size) if world_size > 1 else None
+        outs = [self._orthogonalize(w, split.rows(i) if split else slice(None)) for i, w in enumerate(works)]
+        if split is not None:
+            distributed.exchange_rows(outs, split)
+        self.orthogonalized_last_step = split.owned() if split else sum(len(w.members) for w in works)
+        for work, out in zip(works, outs):
+            updates.update(self._finish(work, out))
         if plan.pairs:
             self._rescale_pairs(plan.pairs, updates)
         self._apply_muon(plan, updates, schedule)
         self._aux_step(aux, schedule)
         return loss
 
-    def _prepare(self, bucket: _Bucket) -> _Work | None:
+    def _prepare(self, bucket: _Bucket, defer_gram: bool = False) -> _Work | None:
         """Stack the gradients and form the orthogonalizer's input u, without touching the state.
+
+        defer_gram: leave the Gram route's Gram matrices to _orthogonalize (each process forms only its share's).
 
         Nesterov: u = g + β·(m' − g) with m' = β·m + (1−β)·g, i.e. u = lerp(g, m, β²) from the OLD m;
         without Nesterov u = m' = lerp(g, m, β). The new momentum is then a lerp of m and u (see _finish).
@@ -321,7 +331,7 @@ class Muon_adv(torch.optim.Optimizer):
         beta = bucket.group["beta1"]
         u.lerp_(m32, beta * beta if bucket.group["nesterov"] else beta)
         route = choose_route(bucket.shape, bucket.group["ortho_route"])
-        gram = small_gram(u) if route == "gram" else None
+        gram = small_gram(u) if route == "gram" and not defer_gram else None
         if gram is not None:
             norm = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()
         else:
@@ -341,8 +351,22 @@ class Muon_adv(torch.optim.Optimizer):
         warnings.warn(f"{type(self).__name__}: non-finite gradient in {shown}; step skipped, state unchanged", stacklevel=3)
         return False
 
-    def _finish(self, work: _Work) -> dict[int, Tensor]:
-        """Commit the momentum, orthogonalize u, scale; returns the updates (views of the bucket's out buffer)."""
+    def _split(self, works: list[_Work], rank: int, world_size: int) -> distributed.RowSplit:
+        costs = [
+            distributed.orthogonalization_flops(w.bucket.shape, w.route, w.bucket.group["orthogonalizer"], w.bucket.group["ns_steps"])
+            for w in works
+        ]  # fmt: skip
+        return distributed.split_rows([len(w.members) for w in works], costs, rank=rank, world_size=world_size)
+
+    def _scales(self, work: _Work, rows: slice) -> tuple[Tensor, Tensor]:
+        """(lr·target, spectral flag) of the work's rows `rows`."""
+        lr = torch.tensor([self.param_groups[m.group]["lr"] for m in work.members[rows]], device=work.u.device)
+        return lr * _rows(work.bucket.target, work.index)[rows], _rows(work.bucket.spectral, work.index)[rows]
+
+    def _orthogonalize(self, work: _Work, rows: slice) -> Tensor:
+        """Commit the momentum (every row), orthogonalize u's rows `rows` (all of them unless the step is split
+        across processes) and return the update buffer of all the work's rows, of which `rows` are written: scaled
+        to their final size, except under AdaMuon, whose second moment comes after (_finish)."""
         bucket, members, index, u = work.bucket, work.members, work.index, work.u
         g = bucket.group
         beta = g["beta1"]
@@ -352,29 +376,46 @@ class Muon_adv(torch.optim.Optimizer):
             work.m32.copy_(u)
         _write_back(bucket.momentum, work.m32, index)
 
-        damping = _rows(bucket.damping, index)
-        lr = torch.tensor([self.param_groups[m.group]["lr"] for m in members], device=u.device)
-        scale = lr * _rows(bucket.target, index)  # size per unit spectral norm (or per KJ-scaled O)
-        spectral = _rows(bucket.spectral, index)
-        method, steps = g["orthogonalizer"], g["ns_steps"]
+        whole = rows == slice(None)
+        mine = u[rows]
         if work.route == "gram":
             out = bucket.out if index is None else bucket.out[: len(members)]
-            factor, sigma, wide = gram_factor(u, method=method, steps=steps, eps=damping, gram=work.gram)
+        elif not whole:
+            out = torch.empty_like(u)
+        if mine.shape[0] == 0:
+            return out  # this process has no share of this bucket
+        damping = _rows(bucket.damping, index)[rows]
+        scale, spectral = self._scales(work, rows)  # size per unit spectral norm (or per KJ-scaled O)
+        method, steps = g["orthogonalizer"], g["ns_steps"]
+        if work.route == "gram":
+            gram = None if work.gram is None else work.gram[rows]
+            factor, sigma, wide = gram_factor(mine, method=method, steps=steps, eps=damping, gram=gram)
             if not self._adaptive:
                 # Fold spectral scale and lr into the small factor: one big product per matrix.
                 factor = factor * _coefficient(spectral, scale, sigma)[:, None, None]
-            torch.bmm(factor, u, out=out) if wide else torch.bmm(u, factor, out=out)
+            target = out[rows]
+            torch.bmm(factor, mine, out=target) if wide else torch.bmm(mine, factor, out=target)
         else:
-            out, sigma = orthogonalize(u, method=method, steps=steps, eps=damping, route="iterative",
-                                       compute_sigma=not self._adaptive)  # fmt: skip
-            out = out.contiguous()  # tall matrices come back as a transposed view; params need plain views
+            result, sigma = orthogonalize(mine, method=method, steps=steps, eps=damping, route="iterative",
+                                          compute_sigma=not self._adaptive)  # fmt: skip
+            if whole:
+                out = target = result.contiguous()  # tall matrices come back as a transposed view; params need plain views
+            else:
+                target = out[rows]
+                target.copy_(result)
+            if not self._adaptive:
+                target.mul_(_coefficient(spectral, scale, sigma)[:, None, None])
+        return out
+
+    def _finish(self, work: _Work, out: Tensor) -> dict[int, Tensor]:
+        """AdaMuon's second moment and scaling (every row: replicated state); returns the updates (views of out)."""
         if self._adaptive:
-            sigma = self._second_moment(bucket, out, members, index)
-        if self._adaptive or work.route != "gram":
+            sigma = self._second_moment(work.bucket, out, work.members, work.index)
+            scale, spectral = self._scales(work, slice(None))
             out.mul_(_coefficient(spectral, scale, sigma)[:, None, None])
-        for m in members:
+        for m in work.members:
             self.state[m.param]["step"] += 1
-        return {id(m.param): out[i].view(m.param.shape) for i, m in enumerate(members)}
+        return {id(m.param): out[i].view(m.param.shape) for i, m in enumerate(work.members)}
 
     def _second_moment(self, bucket: _Bucket, out: Tensor, members: list[_Member], index: Tensor | None) -> Tensor:
         raise NotImplementedError  # Muon_adv has none (see AdaMuon_adv)
