@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from modules.optimizer import scaling
+from modules.optimizer import distributed, scaling
 from modules.optimizer.aux_adam import adamw_step
 from modules.optimizer.param_spec import Role, infer_spec
 
@@ -147,6 +147,7 @@ class LoRAMuon(torch.optim.Optimizer):
             adam_betas=tuple(adam_betas), adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
         )  # fmt: skip
         self._plan: tuple[dict[tuple, list[_Pair]], list[dict]] | None = None
+        self.orthogonalized_last_step = 0  # LoRA pairs this process stepped in its last step (distributed.py)
         super().__init__(params, defaults)
         self._build_plan()  # pairing errors surface at construction
 
@@ -243,10 +244,27 @@ class LoRAMuon(torch.optim.Optimizer):
             return loss
         for group in aux_groups:
             self._aux_adam(group)
+        jobs = []
         for (m, n, r, *_), pairs in buckets.items():
             active = [pair for pair in pairs if pair.down.grad is not None or pair.up.grad is not None]
             if active:
-                self._pair_step(active, m, n, r)
+                jobs.append((active, m, n, r))
+        # Under DDP each process computes its share of the pairs, then all gather (distributed.py).
+        rank, world_size = distributed.world()
+        split = None
+        if world_size > 1:
+            costs = [distributed.lora_pair_flops(m, n, r) for _, m, n, r in jobs]
+            split = distributed.split_rows([len(job[0]) for job in jobs], costs, rank=rank, world_size=world_size)
+        results = [self._pair_step(*job, split.rows(i) if split else slice(None)) for i, job in enumerate(jobs)]
+        if split is not None:  # the new down and up stacks of a bucket share its split
+            both = distributed.RowSplit(rank, world_size, tuple(s for s in split.starts for _ in range(2)))
+            distributed.exchange_rows([t for down, up in results for t in (down, up)], both)
+        self.orthogonalized_last_step = split.owned() if split else sum(len(job[0]) for job in jobs)
+        for (pairs, m, n, r), (down, up) in zip(jobs, results):
+            m_downs, m_ups = [self.state[p.down]["momentum"] for p in pairs], [self.state[p.up]["momentum"] for p in pairs]
+            self._rebalance(pairs, down, up, m_downs, m_ups)
+            torch._foreach_copy_([p.down.view(r, n) for p in pairs], list(down.unbind(0)))
+            torch._foreach_copy_([p.up.view(m, r) for p in pairs], list(up.unbind(0)))
         return loss
 
     def _grads_finite(self) -> bool:
@@ -320,15 +338,21 @@ class LoRAMuon(torch.optim.Optimizer):
                 values[f"{side}_q"].append(q)
         return {k: torch.tensor(v, dtype=dtype, device=device).view(-1, 1, 1) for k, v in values.items()}
 
-    def _pair_step(self, pairs: list[_Pair], m: int, n: int, r: int) -> None:
+    def _pair_step(self, pairs: list[_Pair], m: int, n: int, r: int, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """Update every pair's momenta; return stacks (P, r, n) and (P, m, r) of the factors in which the pairs
+        `rows` (all of them unless the step is split across processes) hold their new values (before rebalancing)."""
         m_downs, m_ups = self._momenta(pairs)
         device = pairs[0].down.device
         compute = torch.promote_types(pairs[0].down.dtype, torch.float32)
-        down = torch.stack([p.down.view(r, n) for p in pairs]).to(compute)  # (P, r, n)
-        up = torch.stack([p.up.view(m, r) for p in pairs]).to(compute)  # (P, m, r)
-        m_down = torch.stack([x.view(r, n) for x in m_downs]).to(compute)
-        m_up = torch.stack([x.view(m, r) for x in m_ups]).to(compute)
-        P = len(pairs)
+        downs = torch.stack([p.down.view(r, n) for p in pairs]).to(compute)  # (P, r, n)
+        ups = torch.stack([p.up.view(m, r) for p in pairs]).to(compute)  # (P, m, r)
+        mine = pairs[rows]
+        if not mine:
+            return downs, ups  # this process has no share of this bucket
+        down, up = downs[rows], ups[rows]  # views: the new values land in the stacks
+        m_down = torch.stack([x.view(r, n) for x in m_downs[rows]]).to(compute)
+        m_up = torch.stack([x.view(m, r) for x in m_ups[rows]]).to(compute)
+        P = len(mine)
 
         # R_down = (down·downᵀ)^{-1/2}, R_up = (upᵀ·up)^{-1/2}: one batched eigh for both
         R = _inverse_sqrt(torch.cat([down @ down.mT, up.mT @ up]), compute)
@@ -339,12 +363,10 @@ class LoRAMuon(torch.optim.Optimizer):
         K_up = (R_down @ F[:P] @ R_down).to(compute)
         K_down = (R_up @ F[P:] @ R_up).to(compute)
 
-        c = self._pair_scalars(pairs, device, compute)
+        c = self._pair_scalars(mine, device, compute)
         up.mul_(c["up_q"]).baddbmm_(m_up, K_up * c["up_coef"])
         down.mul_(c["down_q"]).baddbmm_(K_down * c["down_coef"], m_down)
-        self._rebalance(pairs, down, up, m_downs, m_ups)
-        torch._foreach_copy_([p.down.view(r, n) for p in pairs], list(down.unbind(0)))
-        torch._foreach_copy_([p.up.view(m, r) for p in pairs], list(up.unbind(0)))
+        return downs, ups
 
     def _rebalance(self, pairs: list[_Pair], down: Tensor, up: Tensor, m_downs: list[Tensor], m_ups: list[Tensor]) -> None:
         """Gauge rebalancing: c = (σ_max(down)/σ_max(up))^{α/2}; up ← c·up, down ← down/c, m_up ← m_up/c, m_down ← c·m_down.
