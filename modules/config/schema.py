@@ -53,7 +53,17 @@ class ModelConfig(Section):
     family: Family = Field(description="Model family: selects loading, LoRA targets and the training objective.")
     base_model: str = Field(
         min_length=1,
-        description="Local diffusers folder of the base model (relative paths resolve against the working directory).",
+        description=(
+            "Local diffusers folder of the base model, or one .safetensors checkpoint as downloaded (SDXL/SD1.5 LDM, "
+            "Flux.1/Chroma BFL transformer, SD3.5); relative paths resolve against the working directory."
+        ),
+    )
+    components_from: str | None = Field(
+        default=None,
+        description=(
+            "Diffusers folder of the same family supplying what a single-file base_model lacks (VAE, text encoders, "
+            "tokenizers, scheduler, configs); only with a .safetensors base_model."
+        ),
     )
     train_dtype: Dtype = Field(
         default="float32", description="dtype the denoiser and text encoders are loaded in for training."

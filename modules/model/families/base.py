@@ -51,17 +51,18 @@ class ModelFamily(ABC):
 
         return getattr(diffusers, self.pipeline_class_name)
 
-    def check_folder(self, path: str | Path) -> Path:
-        """A clear error for a missing folder or a folder holding another family's pipeline."""
+    def check_folder(self, path: str | Path, field: str = "model.base_model") -> Path:
+        """A clear error for a missing folder or a folder holding another family's pipeline (`field` names the
+        config key the folder came from)."""
         folder = Path(path)
         index = folder / "model_index.json"
         if not index.is_file():
-            raise FileNotFoundError(f"model.base_model: {folder} is not a diffusers folder (no model_index.json)")
+            raise FileNotFoundError(f"{field}: {folder} is not a diffusers folder (no model_index.json)")
         class_name = json.loads(index.read_text()).get("_class_name", "")
         accepted = (self.pipeline_class_name, *self.compatible_pipelines())
         if class_name not in accepted:
             raise ValueError(
-                f"model.base_model: {folder} holds a {class_name}, not a {self.name} pipeline "
+                f"{field}: {folder} holds a {class_name}, not a {self.name} pipeline "
                 f"({' or '.join(accepted)}); check model.family"
             )
         return folder
@@ -69,8 +70,18 @@ class ModelFamily(ABC):
     def compatible_pipelines(self) -> tuple[str, ...]:
         return ()
 
-    def load(self, path: str | Path, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-        """Components (unet, vae, text encoders, tokenizers, scheduler) from a local folder; never downloads."""
+    def load(
+        self, path: str | Path, *, dtype: torch.dtype = torch.float32, components_from: str | Path | None = None
+    ) -> dict[str, Any]:
+        """Components (unet, vae, text encoders, tokenizers, scheduler) from a local folder, or from a single
+        `.safetensors` checkpoint plus the diffusers folder `components_from` (modules.model.single_file); never
+        downloads."""
+        from modules.model.single_file import is_single_file, load_single_file
+
+        if is_single_file(path):
+            return load_single_file(self, path, dtype=dtype, components_from=components_from)
+        if components_from is not None:
+            raise ValueError(f"model.components_from: only used when model.base_model is a .safetensors file, not the folder {path}")
         folder = self.check_folder(path)
         pipeline = self.pipeline_class.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
         return dict(pipeline.components)
