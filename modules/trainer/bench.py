@@ -31,7 +31,9 @@ def _reference_setup(run) -> tuple[Any, Any, list[dict[str, torch.Tensor]], Any]
     from modules.optimizer.factory import build_optimizer
 
     config, family = run.config, run.family
-    components = family.load(config.model.base_model, dtype=DTYPES[config.model.train_dtype])
+    components = family.load(
+        config.model.base_model, dtype=DTYPES[config.model.train_dtype], components_from=config.model.components_from
+    )
     unet = components["unet"].to(run.parts.accelerator.device)
     unet.requires_grad_(False)
     lora_layers = sorted(

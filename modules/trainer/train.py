@@ -75,6 +75,8 @@ def ensure_base_model(config: Any) -> None:
         from modules.demo.flux import prepare_flux_demo_base  # the Flux demo's base, beside the SDXL demo's
 
         prepare_flux_demo_base(base.parent)
+    elif base.suffix == ".safetensors":  # a single-file checkpoint: family.load checks it and components_from
+        return
     elif not (base / "model_index.json").is_file():
         raise FileNotFoundError(f"model.base_model: {base} is not a diffusers folder (no model_index.json)")
 
@@ -237,7 +239,9 @@ def build_run(config: Any) -> Run:
     device = accelerator.device
 
     family = get_family(config.model.family)
-    components = family.load(config.model.base_model, dtype=DTYPES[config.model.train_dtype])
+    components = family.load(
+        config.model.base_model, dtype=DTYPES[config.model.train_dtype], components_from=config.model.components_from
+    )
     if components["vae"].dtype != DTYPES[config.model.vae_dtype]:
         components["vae"].to(dtype=DTYPES[config.model.vae_dtype])
     trained = setup_trainable(config, family, components)
