@@ -303,6 +303,23 @@ class ScheduleConfig(Section):
     epochs: int | None = Field(default=None, ge=1, description="Epochs to train; set this or max_steps.")
 
 
+class EMAConfig(Section):
+    enabled: bool = Field(
+        default=False,
+        description="Keep an exponential moving average of the trained weights; saved files, validation and samples use it.",
+    )
+    decay: float = Field(
+        default=0.999, ge=0, lt=1, description="EMA decay per optimizer step (averages over about 1/(1-decay) steps)."
+    )
+    update_every: int = Field(
+        default=1, ge=1, description="Update the average every N optimizer steps (with decay^N, same horizon)."
+    )
+    warmup: bool = Field(
+        default=True, description="Warm-up: the n-th update uses min(decay, (1+n)/(10+n)), so early averages follow training."
+    )
+    on_cpu: bool = Field(default=False, description="Keep the EMA weights in CPU memory (saves accelerator memory).")
+
+
 class TrainingConfig(Section):
     batch_size: int = Field(default=1, ge=1, description="Images per micro-batch.")
     gradient_accumulation: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
@@ -324,6 +341,7 @@ class TrainingConfig(Section):
         default=None, gt=0, description="Min-SNR loss weighting gamma (5 is common); null disables it."
     )
     noise_offset: float = Field(default=0.0, ge=0, description="Noise offset (per-channel constant added to noise).")
+    ema: EMAConfig = Field(default_factory=EMAConfig, description="Exponential moving average of the trained weights.")
 
 
 # --------------------------------------------------------------------------- sampling / validation
@@ -377,6 +395,17 @@ class SavingConfig(Section):
     )
     save_every_n_steps: int | None = Field(default=None, ge=1, description="Intermediate save every N steps.")
     save_every_n_epochs: int | None = Field(default=None, ge=1, description="Intermediate save every N epochs.")
+    checkpoint_every_n_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Write a resumable checkpoint (weights, optimizer, LR scheduler, RNG, data position, EMA) every N steps "
+            "to <output_dir>/checkpoints/stepNNNNNN; Ctrl-C / SIGTERM also writes one. null: only on Ctrl-C."
+        ),
+    )
+    keep_last_n_checkpoints: int = Field(
+        default=2, ge=0, description="Keep the newest N checkpoints, delete older ones (0 keeps all)."
+    )
     dtype: Dtype = Field(default="float32", description="dtype of the saved weights.")
 
 
@@ -396,6 +425,14 @@ class TrainConfig(Section):
     )
     model: ModelConfig = Field(description="The base model.")
     method: Method = Field(default="lora", description="lora: train adapters; finetune: train the full denoiser.")
+    resume: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Continue a run: 'latest' (the newest loadable checkpoint in <saving.output_dir>/checkpoints; starts "
+            "fresh when there is none) or a checkpoint folder; null starts fresh."
+        ),
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings (method: lora).")
     data: DataConfig = Field(description="Training images and their processing.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer and its switches.")

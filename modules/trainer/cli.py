@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override fields, e.g. --set optimizer.lr=2e-3 lora.rank=8 (values parsed as YAML; repeatable)",
     )
+    parser.add_argument(
+        "--resume",
+        metavar="latest|DIR",
+        help="continue from the newest loadable checkpoint of the run (latest) or from a checkpoint folder "
+        "(same as --set resume=...)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
@@ -55,7 +61,8 @@ def summary(cfg: TrainConfig) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = args.overrides + ([f"resume={args.resume}"] if args.resume else [])
+        cfg = load_config(args.config, overrides)
     except ConfigError as e:
         if args.debug:
             traceback.print_exc()
@@ -70,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary(cfg), flush=True)
 
     # Imported here so that config errors never pay for torch/diffusers imports.
+    from modules.trainer.checkpoint import CheckpointError
     from modules.trainer.train import run_training
 
     try:
@@ -77,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, CheckpointError) as e:
         # Bad input found once models and data are opened (missing folder, wrong family, empty dataset):
         # one line, like config errors; --debug keeps the traceback for real bugs.
         if args.debug:

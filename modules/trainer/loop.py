@@ -31,6 +31,15 @@ class TrainState:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
 
 
+class StopTraining(Exception):
+    """Raised by a step hook to end the run after that step, without the end hooks (the run is not finished):
+    Ctrl-C / SIGTERM once the step's checkpoint is written. `checkpoint` is where the run can resume from."""
+
+    def __init__(self, step: int, checkpoint: Any = None) -> None:
+        super().__init__(f"stopped after step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 @dataclass
 class StepParts:
     """The fixed pieces a step works with (built once by train.py)."""

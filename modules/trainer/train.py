@@ -3,6 +3,7 @@
 Output layout under `saving.output_dir`:
     <name>.safetensors              the final LoRA (kohya layout by default) — finetune: <name>/ diffusers folder
     <name>-step000100.safetensors   intermediate saves (saving.save_every_n_steps / _epochs)
+    checkpoints/step000100/         resumable checkpoints (saving.checkpoint_every_n_steps, Ctrl-C; checkpoint.py)
     samples/step000100_00.png       sample images (sampling.every_n_steps)
     logs/metrics.jsonl, logs/tensorboard/   metrics (logging.log_dir overrides logs/)
     cache/                          latent / text-embedding caches (data.cache_dir overrides)
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,12 @@ import torch
 from modules.model.adapters import LoraSettings, add_lora, check_dora_compatible, enable_gradient_checkpointing
 from modules.model.families import ModelFamily, get_family
 from modules.optimizer.factory import build_optimizer
-from modules.trainer.loop import LoopHooks, StepParts, TrainState, endless, run_loop
-from modules.trainer.metrics import MetricsLogger, progress_bar
+from modules.trainer.checkpoint import (
+    Checkpointer, DataPosition, StopSignal, drop_metrics_after, find_checkpoint, restore_run, trained_parameters,
+)  # fmt: skip
+from modules.trainer.ema import EMA
+from modules.trainer.loop import LoopHooks, StepParts, StopTraining, TrainState, endless, run_loop
+from modules.trainer.metrics import METRICS_FILE, MetricsLogger, progress_bar
 from modules.trainer.schedule import build_lr_scheduler
 
 logger = logging.getLogger("tuneonce.train")
@@ -58,6 +64,9 @@ class RunResult:
     samples: list[Path] = field(default_factory=list)
     seconds: float = 0.0
     components: dict[str, Any] = field(default_factory=dict, repr=False)  # the trained pipeline components
+    resumed_from: Path | None = None  # the checkpoint this run continued
+    interrupted: bool = False  # stopped by Ctrl-C / SIGTERM before the last step
+    checkpoint: Path | None = None  # the checkpoint written when interrupted
 
 
 # ---- model ----------------------------------------------------------------------------------------------------------
@@ -276,8 +285,8 @@ def build_run(config: Any) -> Run:
 class RunEvents:
     """What happens around the steps: logging, validation, samples and saves (main process only for files)."""
 
-    def __init__(self, run: Run, result: RunResult, *, show_progress: bool) -> None:
-        self.run, self.result, self.config = run, result, run.config
+    def __init__(self, run: Run, result: RunResult, *, show_progress: bool, ema: EMA | None = None) -> None:
+        self.run, self.result, self.config, self.ema = run, result, run.config, ema
         accelerator = run.parts.accelerator
         self.main = accelerator.is_main_process
         logging_cfg = self.config.logging
@@ -299,10 +308,20 @@ class RunEvents:
             )  # fmt: skip
         self.last_epoch = 0
 
+    def weights(self) -> AbstractContextManager:
+        """The weights that validation, samples and saved files use: the EMA's when it is on (as OneTrainer saves)."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
+
+    def resumed(self, state: TrainState, saved_epoch: int) -> None:
+        self.last_epoch = saved_epoch
+        self.bar.n = self.bar.last_print_n = state.step
+        self.bar.refresh()
+
     def validate(self, state: TrainState) -> None:
         if self.validator is None or (self.result.val_losses and self.result.val_losses[-1][0] == state.step):
             return
-        value = self.validator.loss(self.run.parts.backbone)
+        with self.weights():
+            value = self.validator.loss(self.run.parts.backbone)
         self.result.val_losses.append((state.step, value))
         self.metrics.log(state.step, {"val_loss": value})
         self.bar.write(f"step {state.step}: validation loss {value:.5f}")
@@ -311,16 +330,18 @@ class RunEvents:
         from modules.trainer.sampling import sample_images
 
         if self.main and self.config.sampling.prompts:
-            self.result.samples += sample_images(
-                self.run.family, self.run.components, self.config.sampling.prompts, samples_dir=self.run.paths.samples_dir,
-                step=state.step, sampler=self.config.sampling.sampler, default_size=self.config.data.resolution,
-                device=self.run.parts.accelerator.device,
-            )  # fmt: skip
+            with self.weights():
+                self.result.samples += sample_images(
+                    self.run.family, self.run.components, self.config.sampling.prompts, samples_dir=self.run.paths.samples_dir,
+                    step=state.step, sampler=self.config.sampling.sampler, default_size=self.config.data.resolution,
+                    device=self.run.parts.accelerator.device,
+                )  # fmt: skip
 
     def save(self, suffix: str) -> None:
         if self.main:
             run = self.run
-            self.result.saved.append(save_outputs(self.config, run.family, run.components, run.trained, run.paths, suffix, self.depth))
+            with self.weights():
+                self.result.saved.append(save_outputs(self.config, run.family, run.components, run.trained, run.paths, suffix, self.depth))
 
     def on_step(self, state: TrainState, loss: torch.Tensor) -> None:
         cfg, total = self.config, self.run.total_steps
@@ -356,17 +377,43 @@ class RunEvents:
         self.metrics.close()
 
 
+def build_ema(config: Any, run: Run) -> EMA | None:
+    ema = config.training.ema
+    if not ema.enabled:
+        return None
+    return EMA(trained_parameters(run.trained), decay=ema.decay, update_every=ema.update_every, warmup=ema.warmup, on_cpu=ema.on_cpu)
+
+
 def train(config: Any, *, show_progress: bool = True) -> RunResult:
-    """Build the run, validate once at step 0 (the baseline), train, and save; returns what happened."""
+    """Build the run, resume it from a checkpoint (`resume:`) or validate once at step 0 (the baseline), train with
+    checkpoints, and save; Ctrl-C / SIGTERM stop after the current step with a checkpoint. Returns what happened."""
     started = time.perf_counter()
     run = build_run(config)
+    accelerator = run.parts.accelerator
     result = RunResult(steps=0, final_loss=float("nan"), components=run.components)
-    events = RunEvents(run, result, show_progress=show_progress)
-    state = TrainState()
+    ema = build_ema(config, run)
+    snapshot = find_checkpoint(config.resume, run.paths.output_dir, rank=accelerator.process_index) if config.resume else None
+    if snapshot is not None and accelerator.is_main_process and config.logging.jsonl:
+        drop_metrics_after(run.paths.log_dir / METRICS_FILE, snapshot.step)  # the killed run's steps are redone
+    events = RunEvents(run, result, show_progress=show_progress, ema=ema)
+    state, position = TrainState(), DataPosition(run.loader.batch_sampler)
+    saving = config.saving
+    checkpointer = Checkpointer(run, position, ema, every=saving.checkpoint_every_n_steps, keep_last=saving.keep_last_n_checkpoints)
+    on_step = ([lambda state, loss: ema.update(state.step)] if ema else []) + [events.on_step, checkpointer.on_step]
     try:
-        events.validate(state)
-        batches = endless(lambda: run.loader, state)
-        run_loop(run.parts, batches, state, total_steps=run.total_steps, hooks=LoopHooks([events.on_step], [events.on_end]))
+        if snapshot is None:
+            events.validate(state)
+        else:
+            restore_run(snapshot, run, state, ema)
+            events.resumed(state, snapshot.epoch)
+            result.resumed_from = snapshot.path
+            logger.info("resumed from %s (step %d)", snapshot.path, state.step)
+        batches = position.track(endless(lambda: run.loader, state))
+        with StopSignal() as checkpointer.stop:
+            run_loop(run.parts, batches, state, total_steps=run.total_steps, hooks=LoopHooks(on_step, [events.on_end]))
+        result.steps = state.step
+    except StopTraining as stopped:
+        result.steps, result.interrupted, result.checkpoint = stopped.step, True, stopped.checkpoint
     finally:
         events.close()
     result.seconds = time.perf_counter() - started
@@ -376,6 +423,9 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
 def run_training(config: Any) -> int:
     """Entry point of the CLI: train, print where the results are, return the exit code."""
     result = train(config)
+    if result.interrupted:
+        print(f"stopped after step {result.steps}; checkpoint {result.checkpoint} (continue with --resume latest)")
+        return 130  # like a shell's Ctrl-C
     print(f"trained {result.steps} steps in {result.seconds:.1f}s; final loss {result.final_loss:.4f}")
     if result.val_losses:
         first, last = result.val_losses[0][1], result.val_losses[-1][1]
