@@ -82,13 +82,27 @@ def batch_text(parts: StepParts, batch: dict[str, Any]) -> TextEmbeddings:
         return parts.family.encode_text(parts.components, captions)
 
 
+def draw_noise(parts: StepParts, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timesteps of this process's samples. Under DDP every process draws them for the whole global batch
+    from the same generator and keeps its own slice (the sampler gives rank r the r-th slice of each global batch), so
+    N processes train on exactly the noise one process with the global batch would draw."""
+    world, rank = parts.accelerator.num_processes, parts.accelerator.process_index
+    n = latents.shape[0]
+    everyone = latents if world == 1 else latents.new_empty((n * world, *latents.shape[1:]))
+    noise = make_noise(everyone, parts.generator, parts.noise_offset)
+    timesteps = parts.objective.sample_timesteps(
+        everyone.shape[0], parts.generator, latents.device, latent_shape=tuple(everyone.shape)
+    )  # flow objectives shift by resolution
+    if world == 1:
+        return noise, timesteps
+    mine = slice(rank * n, (rank + 1) * n)
+    return noise[mine], timesteps[mine]
+
+
 def compute_loss(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
     latents = batch_latents(parts, batch)
     text = batch_text(parts, batch)
-    noise = make_noise(latents, parts.generator, parts.noise_offset)
-    timesteps = parts.objective.sample_timesteps(
-        latents.shape[0], parts.generator, latents.device, latent_shape=tuple(latents.shape)
-    )  # flow objectives shift by resolution
+    noise, timesteps = draw_noise(parts, latents)
     noisy = parts.objective.add_noise(latents, noise, timesteps)
     conditioning = parts.family.conditioning(batch, text, latents.device, parts.dtype)
     prediction = parts.family.predict(parts.backbone, noisy, timesteps, text, conditioning)
@@ -106,12 +120,31 @@ def train_step(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
         loss = compute_loss(parts, batch)
         accelerator.backward(loss)  # divides by the accumulation steps; scales the loss for fp16
         if accelerator.sync_gradients:
+            average_text_encoder_grads(parts)
             if parts.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)
             parts.optimizer.step()
             parts.lr_scheduler.step()
             parts.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def average_text_encoder_grads(parts: StepParts) -> None:
+    """Under DDP, average the gradients of trained text encoders over the processes (one all_reduce).
+
+    Families encode text with the pipeline's own modules, not with accelerate's DDP wrappers, and DDP averages only
+    gradients whose forward went through its wrapper (the backbone's). Gradients DDP did average are unchanged by a
+    second average (they are equal on every process).
+    """
+    if parts.accelerator.num_processes == 1 or len(parts.trained_modules) < 2:
+        return
+    grads = [p.grad for m in parts.trained_modules[1:] for p in m.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= parts.accelerator.num_processes
+    torch._foreach_copy_(grads, [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 StepHook = Callable[[TrainState, torch.Tensor], None]

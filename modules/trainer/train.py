@@ -168,15 +168,17 @@ def build_data(config: Any, family: ModelFamily, components: dict[str, Any], pat
     def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
         return {k: v.float().cpu() for k, v in family.encode_text(components, captions).items()}
 
-    for dataset in (train_set, val_set):
-        if dataset is None:
-            continue
-        in_memory = len(dataset) <= IN_MEMORY_CACHE_ITEMS
-        if config.data.cache_latents:
-            dataset.cache_latents(encode_images, encoder_id=encoder_id(config, "vae"), cache_dir=paths.cache_dir, in_memory=in_memory)
-        if config.data.cache_text_embeddings and not trains_text:
-            ids = "+".join(encoder_id(config, name) for name in family.text_encoders)
-            dataset.cache_text_embeddings(encode_captions, encoder_id=ids, cache_dir=paths.cache_dir, in_memory=in_memory)
+    # Under DDP the main process fills the caches first; the others then read its files instead of encoding again.
+    with accelerator.main_process_first():
+        for dataset in (train_set, val_set):
+            if dataset is None:
+                continue
+            in_memory = len(dataset) <= IN_MEMORY_CACHE_ITEMS
+            if config.data.cache_latents:
+                dataset.cache_latents(encode_images, encoder_id=encoder_id(config, "vae"), cache_dir=paths.cache_dir, in_memory=in_memory)
+            if config.data.cache_text_embeddings and not trains_text:
+                ids = "+".join(encoder_id(config, name) for name in family.text_encoders)
+                dataset.cache_text_embeddings(encode_captions, encoder_id=ids, cache_dir=paths.cache_dir, in_memory=in_memory)
     # Each process takes its slice of the same global batches (the sampler shards; the loader is not prepared).
     loader = train_set.dataloader(
         config.training.batch_size, num_replicas=accelerator.num_processes, rank=accelerator.process_index
@@ -237,13 +239,16 @@ def optimizer_to_step(accelerator: Any, prepared: Any) -> torch.optim.Optimizer:
 
 def build_run(config: Any) -> Run:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     ensure_base_model(config)
     paths = RunPaths.from_config(config)
     paths.output_dir.mkdir(parents=True, exist_ok=True)
     tcfg = config.training
-    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.gradient_accumulation)
+    accelerator = Accelerator(
+        mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.gradient_accumulation,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )  # under DDP: adapters the forward never reaches (SDXL's last text-encoder layer) get no gradient
     set_seed(tcfg.seed)
     device = accelerator.device
 
@@ -276,7 +281,7 @@ def build_run(config: Any) -> Run:
         family=family, components=components, objective=objective, accelerator=accelerator,
         optimizer=optimizer_to_step(accelerator, prepared[-1]),
         lr_scheduler=lr_scheduler, trained_modules=list(prepared[:-1]), params=[info.param for info in infos],
-        generator=torch.Generator(device=device).manual_seed(tcfg.seed + accelerator.process_index), max_grad_norm=tcfg.max_grad_norm,
+        generator=torch.Generator(device=device).manual_seed(tcfg.seed), max_grad_norm=tcfg.max_grad_norm,  # same on every rank: loop.draw_noise
         noise_offset=tcfg.noise_offset, train_text=trains_text, dtype=DTYPES[config.model.train_dtype],
     )  # fmt: skip
     return Run(config, family, components, trained, parts, infos, loader, val_set, paths, total_steps)
@@ -346,7 +351,9 @@ class RunEvents:
     def on_step(self, state: TrainState, loss: torch.Tensor) -> None:
         cfg, total = self.config, self.run.total_steps
         if state.step % cfg.logging.every_n_steps == 0 or state.step == total:
-            value, lr = float(loss), self.run.parts.optimizer.param_groups[0]["lr"]
+            accelerator = self.run.parts.accelerator
+            value = float(accelerator.reduce(loss, "mean") if accelerator.num_processes > 1 else loss)  # the global batch's
+            lr = self.run.parts.optimizer.param_groups[0]["lr"]
             self.result.final_loss = value
             self.metrics.log(state.step, {"loss": value, "lr": lr, "epoch": state.epoch})
             self.bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
