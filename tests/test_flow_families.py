@@ -195,7 +195,6 @@ def test_sd3_lora_trains_and_loads_in_diffusers(tmp_path_factory, data_dirs):
 @pytest.mark.parametrize(
     "sections, key",
     [
-        ({"saving": {"format": "kohya"}}, "saving.format"),
         ({"training": {"min_snr_gamma": 5.0}}, "training.min_snr_gamma"),
         ({"training": {"prediction_type": "epsilon"}}, "training.prediction_type"),
         ({"sampling": {"sampler": "ddim"}}, "sampling.sampler"),

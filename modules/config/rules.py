@@ -139,7 +139,8 @@ def validation_has_data(cfg: TrainConfig) -> list[Problem]:
 
 
 def flow_family_settings(cfg: TrainConfig) -> list[Problem]:
-    """Flux/Chroma/SD3: prediction_type auto, no min-SNR, the default (flow) sampler, LoRA files in diffusers layout."""
+    """Flux/Chroma/SD3: prediction_type auto, no min-SNR, the default (flow) sampler; SD3 LoRA files in diffusers layout
+    (Flux/Chroma write kohya's BFL layout)."""
     if cfg.model.family not in FLOW_FAMILIES:
         return []
     family, out = cfg.model.family, []
@@ -149,7 +150,7 @@ def flow_family_settings(cfg: TrainConfig) -> list[Problem]:
         out.append(("training.min_snr_gamma", f"min-SNR weighting is for epsilon/v-prediction models, not {family}; set it null"))
     if cfg.sampling.sampler != "default":
         out.append(("sampling.sampler", f"{family} samples with its flow-matching scheduler; set it to default"))
-    if cfg.method == "lora" and cfg.saving.format == "kohya":
+    if cfg.method == "lora" and cfg.saving.format == "kohya" and family not in ("flux", "chroma"):
         out.append(("saving.format", f"the kohya layout is not written for {family} yet; set saving.format: diffusers"))
     return out
 

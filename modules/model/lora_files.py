@@ -7,10 +7,18 @@ Layouts (REFERENCE §7):
 - diffusers / PEFT: ``unet.<module path>.lora_A.weight``, ``.lora_B.weight``, ``.lora_magnitude_vector.weight``,
   ``text_encoder.…``, ``text_encoder_2.…``; alphas travel in the file metadata (``lora_adapter_metadata``).
 
+Flux.1 / Chroma in the kohya layout use Black Forest Labs' module names (``lora_unet_double_blocks_0_img_attn_qkv``,
+as sd-scripts writes them and ComfyUI / diffusers load them): our separate to_q/to_k/to_v (and single blocks'
+proj_mlp) LoRAs become one LoRA of the fused projection, exactly: down factors stacked (rank = sum of ranks), up
+factor block-diagonal. T5 text encoders are ``lora_te3_`` (kohya's prefix; diffusers 0.42 loads only CLIP's).
+
 Module paths are the diffusers ones, which diffusers' ``load_lora_weights`` and ComfyUI both map; the few names
 whose underscores diffusers' kohya converter cannot undo are written in the original SD (sgm) spelling instead.
 Known limits of diffusers 0.42 (not of the files): its kohya converter keeps a single alpha for attention layers
 when a file mixes alphas, and it drops kohya ``dora_scale`` keys; use the diffusers layout for DoRA in diffusers.
+Its kohya-Flux converter splits ``single_blocks.N.linear1`` only at Flux.1's published width, drops the layers
+outside the blocks (img_in, txt_in, time_in, vector_in, guidance_in, final_layer: it names them without the
+``transformer.`` prefix), ignores final_layer alphas, and rejects ``lora_te3_`` (T5) keys; ComfyUI loads all of these.
 """
 from __future__ import annotations
 
@@ -120,6 +128,28 @@ def is_sdxl_like(components: Mapping[str, nn.Module]) -> bool:
     return getattr(config, "addition_embed_type", None) == "text_time"
 
 
+FLUX_LIKE_TRANSFORMERS = ("FluxTransformer2DModel", "ChromaTransformer2DModel")
+KOHYA_T5_PREFIX = "lora_te3"  # sd-scripts' prefix for the T5 encoder of Flux / SD3
+
+
+def backbone_class(components: Mapping[str, nn.Module]) -> str:
+    """Class name of the denoiser (unet or transformer) inside any PEFT/DDP wrapper."""
+    model = components.get("transformer", components.get("unet"))
+    while model is not None and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    model = getattr(model, "module", model)
+    return type(model).__name__ if model is not None else ""
+
+
+def is_flux_like(components: Mapping[str, nn.Module]) -> bool:
+    """Flux.1 / Chroma: the kohya layout uses BFL's module names for these."""
+    return backbone_class(components) in FLUX_LIKE_TRANSFORMERS
+
+
+def _is_t5_path(path: str) -> bool:
+    return ".SelfAttention." in path or ".DenseReluDense." in path or path.startswith(("encoder.block.", "text_model.encoder.block."))
+
+
 def kohya_prefixes(sdxl: bool) -> dict[str, str]:
     """Component name -> kohya key prefix."""
     text = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"} if sdxl else {"text_encoder": "lora_te"}
@@ -136,17 +166,101 @@ def kohya_module_name(component: str, path: str, sdxl: bool) -> str:
     return f"{prefixes[component]}_{path.replace('.', '_')}"
 
 
+def _kohya_entries(stem: str, w: LoraModuleWeights) -> dict[str, torch.Tensor]:
+    entries = {f"{stem}.lora_down.weight": w.down, f"{stem}.lora_up.weight": w.up,
+               f"{stem}.alpha": torch.tensor(w.alpha, dtype=torch.float32)}  # fmt: skip
+    if w.magnitude is not None:
+        # kohya/LyCORIS/ComfyUI keep the per-output-channel norm as (out, 1) / (out, 1, 1, 1), PEFT as (out,)
+        # / (1, out, 1, 1); same numbers, and ComfyUI picks the norm axis from this shape.
+        entries[f"{stem}.dora_scale"] = w.magnitude.reshape(w.up.shape[0], *([1] * (w.down.ndim - 1)))
+    return entries
+
+
 def to_kohya_state_dict(weights: list[LoraModuleWeights], sdxl: bool) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for w in weights:
-        stem = kohya_module_name(w.component, w.path, sdxl)
-        state[f"{stem}.lora_down.weight"] = w.down
-        state[f"{stem}.lora_up.weight"] = w.up
-        state[f"{stem}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
-        if w.magnitude is not None:
-            # kohya/LyCORIS/ComfyUI keep the per-output-channel norm as (out, 1) / (out, 1, 1, 1), PEFT as (out,)
-            # / (1, out, 1, 1); same numbers, and ComfyUI picks the norm axis from this shape.
-            state[f"{stem}.dora_scale"] = w.magnitude.reshape(w.up.shape[0], *([1] * (w.down.ndim - 1)))
+        state.update(_kohya_entries(kohya_module_name(w.component, w.path, sdxl), w))
+    return state
+
+
+def _module_out_features(model: nn.Module) -> dict[str, int]:
+    """Output width of every Linear-like module by its unwrapped path (LoRA-wrapped or not)."""
+    out: dict[str, int] = {}
+    for name, module in model.named_modules():
+        features = getattr(module, "out_features", None)
+        if isinstance(features, int):
+            out.setdefault(_strip_wrapper_prefix(name), features)
+    return out
+
+
+def fuse_lora_parts(parts: list[LoraModuleWeights | None], rows: list[int], name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One LoRA (down, up, alpha) acting exactly as the given LoRAs on stacked output rows.
+
+    ``parts[i]`` adapts output rows ``rows[i]`` (None: no LoRA there, its up rows stay zero). The fused down factor
+    stacks the parts' down factors (rank = sum of ranks), the up factor is block-diagonal. If the parts' scales
+    alpha/r differ, each up block carries its own scale and the fused alpha equals its rank (scale 1).
+    """
+    present = [p for p in parts if p is not None]
+    if any(p.magnitude is not None for p in present):
+        raise ValueError(f"{name}: a DoRA magnitude cannot be fused into one BFL module; set saving.format: diffusers")
+    if any(p.down.ndim != 2 for p in present):
+        raise ValueError(f"{name}: only Linear LoRAs can be fused")
+    scales = [p.alpha / p.rank for p in present]
+    total = sum(p.rank for p in present)
+    same_scale = all(s == scales[0] for s in scales)
+    down = torch.cat([p.down for p in present], dim=0)
+    up = present[0].up.new_zeros(sum(rows), total)
+    row, col = 0, 0
+    for part, height in zip(parts, rows):
+        if part is not None:
+            if part.up.shape[0] != height:
+                raise ValueError(f"{name}: LoRA of {part.path} has {part.up.shape[0]} output rows, the model {height}")
+            up[row:row + height, col:col + part.rank] = part.up if same_scale else part.up * (part.alpha / part.rank)
+            col += part.rank
+        row += height
+    return down, up, scales[0] * total if same_scale else float(total)
+
+
+def to_kohya_bfl_state_dict(weights: list[LoraModuleWeights], transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """kohya keys with BFL module names for a Flux/Chroma transformer's LoRAs (text encoders: lora_te1 / lora_te3).
+
+    A LoRA on a module with no BFL counterpart is an error naming it (the file would silently lose it otherwise).
+    """
+    from modules.model.single_file.flux_bfl import flux_modules, swap_halves
+
+    backbone = {w.path: w for w in weights if w.component in UNET_COMPONENTS}
+    rows = _module_out_features(transformer)
+    state: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for module in flux_modules(set(backbone)):
+        stem = f"lora_unet_{module.bfl.replace('.', '_')}"
+        parts = [backbone.get(path) for path in module.parts]
+        if len(parts) == 1:
+            (only,) = parts
+            down, up, alpha = only.down, only.up, only.alpha
+            if only.magnitude is not None:
+                magnitude = only.magnitude.reshape(up.shape[0], *([1] * (down.ndim - 1)))
+                state[f"{stem}.dora_scale"] = swap_halves(magnitude) if module.swap_halves else magnitude
+        else:
+            down, up, alpha = fuse_lora_parts(parts, [rows[path] for path in module.parts], stem)
+        state[f"{stem}.lora_down.weight"] = down
+        state[f"{stem}.lora_up.weight"] = swap_halves(up) if module.swap_halves else up
+        state[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        used.update(path for path, part in zip(module.parts, parts) if part is not None)
+    unmapped = sorted(set(backbone) - used)
+    if unmapped:
+        raise ValueError(
+            f"kohya BFL layout: no BFL module for the LoRA on transformer.{unmapped[0]}"
+            + (f" (+{len(unmapped) - 1} more)" if len(unmapped) > 1 else "")
+            + "; drop it from lora.targets or set saving.format: diffusers"
+        )
+    text = [w for w in weights if w.component not in UNET_COMPONENTS]
+    for w in text:
+        if _is_t5_path(w.path):
+            stem = f"{KOHYA_T5_PREFIX}_{_strip_text_model(w.path).replace('.', '_')}"
+        else:
+            stem = kohya_module_name(w.component, w.path, sdxl=True)  # CLIP-L is lora_te1 in Flux files
+        state.update(_kohya_entries(stem, w))
     return state
 
 

@@ -23,10 +23,13 @@ from torch import nn
 from modules.model.lora_files import (
     LORA_ADAPTER_METADATA_KEY,
     LoraModuleWeights,
+    backbone_class,
     collect_lora_weights,
     diffusers_adapter_metadata,
+    is_flux_like,
     is_sdxl_like,
     to_diffusers_state_dict,
+    to_kohya_bfl_state_dict,
     to_kohya_state_dict,
 )
 
@@ -53,6 +56,31 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return SAVE_DTYPES[dtype]
 
 
+def base_model_version(components: Mapping[str, nn.Module], sdxl: bool | None = None) -> tuple[str, str]:
+    """(kohya's ss_base_model_version, modelspec architecture) of the model the LoRA was trained on.
+
+    kohya sd-scripts' values: sd_v1, sd_v2, sdxl_base_v1-0, flux1, chroma; "sd3" for SD3/3.5 (sd-scripts' SD3 value
+    not verified here).
+    """
+    name = backbone_class(components)
+    model = components.get("transformer")
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if name == "FluxTransformer2DModel":
+        dev = bool(getattr(getattr(model, "config", None), "guidance_embeds", True))
+        return "flux1", "flux-1-dev" if dev else "flux-1-schnell"
+    if name == "ChromaTransformer2DModel":
+        return "chroma", "chroma"
+    if name == "SD3Transformer2DModel":
+        return "sd3", "stable-diffusion-3"
+    if is_sdxl_like(components) if sdxl is None else sdxl:
+        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
+    unet = components.get("unet")
+    unet = unet.get_base_model() if hasattr(unet, "get_base_model") else unet
+    if getattr(getattr(unet, "config", None), "cross_attention_dim", None) == 1024:
+        return "sd_v2", "stable-diffusion-v2"
+    return "sd_v1", "stable-diffusion-v1"
+
+
 def lora_metadata(
     weights: list[LoraModuleWeights],
     *,
@@ -63,12 +91,15 @@ def lora_metadata(
     optimizer: Mapping[str, Any] | None = None,
     depth: Mapping[str, int] | int | None = None,
     training: Mapping[str, Any] | None = None,
+    version: tuple[str, str] | None = None,
 ) -> dict[str, str]:
     """Safetensors metadata: kohya's ss_* keys that apply, modelspec keys, and tuneonce_* keys (all strings).
 
     ``training`` may carry ss-style facts the trainer knows (steps, epoch, learning_rate, resolution, ...); each
-    becomes ``ss_<name>``.
+    becomes ``ss_<name>``. ``version``: (ss_base_model_version, modelspec architecture) from
+    ``base_model_version``; None picks SDXL or SD1 from ``sdxl``.
     """
+    ss_version, architecture = version or (("sdxl_base_v1-0", "stable-diffusion-xl-v1-base") if sdxl else ("sd_v1", "stable-diffusion-v1"))
     rank = Counter(w.rank for w in weights).most_common(1)[0][0]
     alpha = Counter(w.alpha for w in weights).most_common(1)[0][0]
     dora = any(w.magnitude is not None for w in weights)
@@ -86,14 +117,14 @@ def lora_metadata(
         "ss_network_dim": str(rank),
         "ss_network_alpha": _number(alpha),
         "ss_network_args": json.dumps(network_args),
-        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
-        "ss_v2": "False",
+        "ss_base_model_version": ss_version,
+        "ss_v2": str(ss_version == "sd_v2"),
         "ss_sd_model_name": Path(base_model).name if base_model else "",
         "ss_output_name": output_name,
         "ss_network_train_unet_only": str(not text_encoder_trained),
         "ss_network_train_text_encoder_only": str(not any(c in ("unet", "transformer") for c in components)),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ("stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v1") + "/lora",
+        "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": output_name,
         "tuneonce_version": _tuneonce_version(),
@@ -147,7 +178,14 @@ def lora_state_dict(
         raise ValueError(f"LoRA layout {layout!r} is not one of {', '.join(LORA_LAYOUTS)}")
     weights = collect_lora_weights(components, adapter_name)
     sdxl = is_sdxl_like(components) if sdxl is None else sdxl
-    state = to_kohya_state_dict(weights, sdxl) if layout == "kohya" else to_diffusers_state_dict(weights)
+    if layout == "diffusers":
+        state = to_diffusers_state_dict(weights)
+    elif is_flux_like(components):
+        state = to_kohya_bfl_state_dict(weights, components["transformer"])
+    elif "transformer" in components:
+        raise ValueError(f"the kohya layout is written for Flux/Chroma transformers, not {backbone_class(components)}; set saving.format: diffusers")
+    else:
+        state = to_kohya_state_dict(weights, sdxl)
     target = resolve_dtype(dtype)
     return {
         key: value.detach().to("cpu", dtype=target if target is not None and not key.endswith(".alpha") else None)
@@ -173,7 +211,8 @@ def save_lora(
 ) -> Path:
     """Save the PEFT LoRA adapters of ``components`` ({"unet": ..., "text_encoder": ..., ...}) as one file.
 
-    ``layout`` "kohya" (default; loads in ComfyUI, A1111/Forge, kohya, and diffusers' ``load_lora_weights``) or
+    ``layout`` "kohya" (default; loads in ComfyUI, A1111/Forge, kohya, and diffusers' ``load_lora_weights``; Flux
+    and Chroma with BFL module names, fused projections as one LoRA) or
     "diffusers" (PEFT key names, alphas in diffusers' ``lora_adapter_metadata``). ``dtype`` None keeps the trained
     dtype. ``sdxl`` picks lora_te1/lora_te2 vs lora_te naming; inferred from the components when None.
     Returns the written path.
@@ -193,6 +232,7 @@ def save_lora(
         optimizer=optimizer,
         depth=depth,
         training=training,
+        version=base_model_version(components, sdxl),
     )
     metadata["format"] = "pt"
     if layout == "diffusers":
