@@ -151,6 +151,41 @@ def test_product_target_sets_first_order_delta_w(cls, b_zero):
     assert abs(torch.linalg.matrix_norm(first_order, ord=2).item() / target - 1) < 0.02
 
 
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_product_target_is_exact_for_every_pair_of_mixed_buckets(cls):
+    """Pairs whose A share a bucket while their B do not (and the reverse), a pair at PEFT init (B = 0), a pair on
+    the iterative route, and a pair whose A has no gradient: every pair with both updates gets
+    ‖s·(ΔB·A + B·ΔA)‖₂ = lr·√(base_out/base_in) to fp32 rounding; the incomplete pair keeps B's own target."""
+    gen = _gen(11)
+    shapes = {"p0": (4, 40, 56), "p1": (4, 40, 24), "p2": (4, 32, 56), "p3": (6, 12, 10), "p4": (4, 40, 56)}
+    scales = {"p0": 0.5, "p1": 2.0, "p2": 1.0, "p3": 1.0, "p4": 0.5}
+    groups, factors = [], {}
+    for pair, (r, fan_in, fan_out) in shapes.items():
+        A = nn.Parameter(torch.randn(r, fan_in, generator=gen, dtype=torch.float64) / fan_in**0.5)
+        B = nn.Parameter(torch.randn(fan_out, r, generator=gen, dtype=torch.float64) * (pair != "p2"))
+        A.grad = None if pair == "p4" else torch.randn(r, fan_in, generator=gen, dtype=torch.float64)
+        B.grad = torch.randn(fan_out, r, generator=gen, dtype=torch.float64)
+        groups += _pair_groups(A, B, scale=scales[pair], pair=pair, depth=2)
+        factors[pair] = (A, B, A.detach().clone(), B.detach().clone())
+    lr = 1e-3
+    opt = cls(groups, lr=lr, weight_decay=0.0, lora_spectral_target="product")
+    for _ in range(2):  # the second step has ΔA ≠ 0 at p2 (B = 0 only at the start)
+        before = {k: (A.detach().clone(), B.detach().clone()) for k, (A, B, _, _) in factors.items()}
+        opt.step()
+    for pair, (A, B, _, _) in factors.items():
+        A0, B0 = before[pair]
+        dA, dB = A.detach() - A0, B.detach() - B0
+        r, fan_in, fan_out = shapes[pair]
+        if pair == "p4":
+            assert torch.equal(dA, torch.zeros_like(dA))
+            own = lr * math.sqrt(fan_out / r) / scales[pair]  # B's factor target, 1/s folded into B's step
+            assert torch.linalg.matrix_norm(dB, ord=2).item() == pytest.approx(own, rel=1e-5)
+            continue
+        first_order = scales[pair] * (dB @ A0 + B0 @ dA)
+        norm = torch.linalg.matrix_norm(first_order, ord=2).item()
+        assert norm == pytest.approx(lr * math.sqrt(fan_out / fan_in), rel=1e-5), pair
+
+
 # ------------------------------------------------------------------------------------------ decay
 
 

@@ -50,3 +50,31 @@ def test_lora_pair_decay_makes_the_product_decay_like_a_dense_matrix():
 def test_bad_input_is_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _first_order_grams(A, B, dA, dB):
+    """The 2r×2r Grams of Q = [A; ΔA] and P = [ΔB B] from r×r blocks, as the optimizer forms them."""
+    gram_q = scaling.sym_blocks(A @ A.mT, A @ dA.mT, dA @ dA.mT)
+    gram_p = scaling.sym_blocks(dB.mT @ dB, dB.mT @ B, B.mT @ B)
+    return gram_q, gram_p
+
+
+@pytest.mark.parametrize("case", ["general", "peft_init_b_zero", "first_step_da_zero", "rank_deficient_a"])
+def test_lora_product_sigma_equals_dense_spectral_norm(case):
+    """σ_max(ΔB·A + B·ΔA) from 2r×2r Grams only, against the dense SVD of the out×in change (fp32 inputs)."""
+    gen = torch.Generator().manual_seed(7)
+    n, r, fan_in, fan_out = 6, 4, 48, 40
+    A = torch.randn(n, r, fan_in, generator=gen) / fan_in**0.5
+    B = torch.randn(n, fan_out, r, generator=gen) * 0.02
+    dA = torch.randn(n, r, fan_in, generator=gen) * 1e-3
+    dB = torch.randn(n, fan_out, r, generator=gen) * 1e-3
+    if case in ("peft_init_b_zero", "first_step_da_zero"):
+        B.zero_()
+    if case == "first_step_da_zero":  # PEFT's first step: grad_A = 0 when B = 0, so ΔA = 0 too
+        dA.zero_()
+    if case == "rank_deficient_a":
+        A[:, -1] = A[:, 0]  # repeated row: A·Aᵀ singular
+    sigma = scaling.lora_product_sigma(*_first_order_grams(A, B, dA, dB))
+    dense = torch.linalg.matrix_norm((dB @ A + B @ dA).double(), ord=2)
+    assert (dense > 0).all()
+    torch.testing.assert_close(sigma, dense, rtol=1e-5, atol=0)

@@ -82,6 +82,7 @@ class _Bucket:
     spectral: Tensor  # (B,) bool: scale by the exact σ_max
     adam_eps: Tensor | None = None  # (B,) AdaMuon second-moment eps
     index: dict = field(default_factory=dict)  # id(param) -> row
+    pair_role: Role | None = None  # LORA_A / LORA_B: every member is that factor of a product-target pair
 
 
 @dataclass
@@ -96,6 +97,7 @@ class _Work:
     route: str
     gram: Tensor | None
     norm: Tensor  # ‖u‖_F per matrix (also the finiteness check)
+    update_gram: Tensor | None = None  # r×r Gram of each final update (product target, Gram route; see _orthogonalize)
 
 
 @dataclass
@@ -211,15 +213,6 @@ class Muon_adv(torch.optim.Optimizer):
             return self._plan
         members = self._build_members()
         muon = [m for m in members if m.path == "muon"]
-        keyed: dict[tuple, list[_Member]] = {}
-        for m in muon:
-            g = self.param_groups[m.group]
-            p = m.param
-            key = (_matrix_shape(p), p.device, g["state_dtype"], g["orthogonalizer"], g["ns_steps"],
-                   choose_route(_matrix_shape(p), g["ortho_route"]), g["beta1"], g["nesterov"], g.get("beta2"))  # fmt: skip
-            keyed.setdefault(key, []).append(m)
-        buckets = [self._make_bucket(ms) for ms in keyed.values()]
-        by_id = {id(m.param): m for m in members}
         muon_b = {m.pair: m for m in muon if m.role is Role.LORA_B}
         pairs = []
         for a in muon:
@@ -227,10 +220,22 @@ class Muon_adv(torch.optim.Optimizer):
             if a.role is Role.LORA_A and g["spectral_scaling"] and g["lora_spectral_target"] == "product":
                 if a.pair in muon_b:  # with B on the auxiliary Adam, A keeps its own (factor) target
                     pairs.append((a, muon_b[a.pair]))
+        # Product-target factors get buckets of their own, one role each: the pair rescale then works per bucket.
+        pair_role = {id(m.param): m.role for pair in pairs for m in pair}
+        keyed: dict[tuple, list[_Member]] = {}
+        for m in muon:
+            g = self.param_groups[m.group]
+            p = m.param
+            key = (_matrix_shape(p), p.device, g["state_dtype"], g["orthogonalizer"], g["ns_steps"],
+                   choose_route(_matrix_shape(p), g["ortho_route"]), g["beta1"], g["nesterov"], g.get("beta2"),
+                   pair_role.get(id(p)))  # fmt: skip
+            keyed.setdefault(key, []).append(m)
+        buckets = [self._make_bucket(ms, key[-1]) for key, ms in keyed.items()]
+        by_id = {id(m.param): m for m in members}
         self._plan = _Plan(signature, buckets, [m for m in members if m.path != "muon"], by_id, pairs)
         return self._plan
 
-    def _make_bucket(self, members: list[_Member]) -> _Bucket:
+    def _make_bucket(self, members: list[_Member], pair_role: Role | None = None) -> _Bucket:
         group = self.param_groups[members[0].group]
         shape = _matrix_shape(members[0].param)
         device = members[0].param.device
@@ -275,6 +280,7 @@ class Muon_adv(torch.optim.Optimizer):
             spectral=torch.tensor(spectral, dtype=torch.bool, device=device),
             adam_eps=torch.tensor(eps, **f32) if self._adaptive else None,
             index={id(m.param): i for i, m in enumerate(members)},
+            pair_role=pair_role,
         )
 
     # ------------------------------------------------------------------------------------------ step
@@ -303,7 +309,7 @@ class Muon_adv(torch.optim.Optimizer):
         for work, out in zip(works, outs):
             updates.update(self._finish(work, out))
         if plan.pairs:
-            self._rescale_pairs(plan.pairs, updates)
+            self._rescale_pairs(plan, works, outs)
         self._apply_muon(plan, updates, schedule)
         self._aux_step(aux, schedule)
         return loss
@@ -393,6 +399,9 @@ class Muon_adv(torch.optim.Optimizer):
             if not self._adaptive:
                 # Fold spectral scale and lr into the small factor: one big product per matrix.
                 factor = factor * _coefficient(spectral, scale, sigma)[:, None, None]
+                if whole and gram is not None and _gram_is_rank_sized(bucket):
+                    # The product target needs each update's r×r Gram: (F·U)(F·U)ᵀ = F·(U·Uᵀ)·F (F symmetric).
+                    work.update_gram = factor @ gram @ factor
             target = out[rows]
             torch.bmm(factor, mine, out=target) if wide else torch.bmm(mine, factor, out=target)
         else:
@@ -420,33 +429,61 @@ class Muon_adv(torch.optim.Optimizer):
     def _second_moment(self, bucket: _Bucket, out: Tensor, members: list[_Member], index: Tensor | None) -> Tensor:
         raise NotImplementedError  # Muon_adv has none (see AdaMuon_adv)
 
-    def _rescale_pairs(self, pairs: list[tuple[_Member, _Member]], updates: dict[int, Tensor]) -> None:
+    def _rescale_pairs(self, plan: _Plan, works: list[_Work], outs: list[Tensor]) -> None:
         """lora_spectral_target='product': scale each pair so that ‖s·(ΔB·A + B·ΔA)‖₂ = lr·√(base_out/base_in).
 
-        The first-order change is s·[ΔB B]·[A; ΔA], rank ≤ 2r: its σ_max² is the largest eigenvalue of
-        (PᵀP)·(Q·Qᵀ) with P = [ΔB B], Q = [A; ΔA]: a 2r×2r eigenproblem, batched per shape.
+        The first-order change is s·P·Q with P = [ΔB B], Q = [A; ΔA] (rank ≤ 2r); its σ_max comes from the
+        2r×2r Grams G_Q = Q·Qᵀ and G_P = Pᵀ·P (scaling.lora_product_sigma), whose r×r blocks are formed per
+        bucket, where the updates already lie stacked: the parameters are copied into the bucket's scratch
+        (its u is spent by now), A·Aᵀ / Bᵀ·B and the cross terms A·ΔAᵀ / ΔBᵀ·B are one batched product each,
+        and each update's own Gram comes from the Gram route's r×r data when it has them (_orthogonalize).
+        Nothing of the base layer's size is formed; each pair's κ then scales its two update rows in place.
         """
-        by_shape: dict[tuple, list[tuple[_Member, _Member]]] = {}
-        for a, b in pairs:
-            if id(a.param) in updates and id(b.param) in updates:
-                by_shape.setdefault((tuple(a.param.shape), tuple(b.param.shape)), []).append((a, b))
-        for group_pairs in by_shape.values():
-            A = _stack32([a.param.reshape(a.param.shape[0], -1) for a, _ in group_pairs])  # (n, r, in)
-            dA = _stack32([updates[id(a.param)].reshape(A.shape[1:]) for a, _ in group_pairs])
-            B = _stack32([b.param.reshape(b.param.shape[0], -1) for _, b in group_pairs])  # (n, out, r)
-            dB = _stack32([updates[id(b.param)].reshape(B.shape[1:]) for _, b in group_pairs])
-            # The 2r×2r Grams of Q = [A; ΔA] and P = [ΔB B] block by block: no concatenated copies.
-            gram_q = _sym_blocks(A @ A.mT, A @ dA.mT, dA @ dA.mT)
-            gram_p = _sym_blocks(dB.mT @ dB, dB.mT @ B, B.mT @ B)
-            sigma = _max_sqrt_eig_product(gram_q, gram_p).to(A.dtype)
-            sigma = sigma * torch.tensor([a.lora_scale for a, _ in group_pairs], device=A.device)
-            lr = torch.tensor([self.param_groups[a.group]["lr"] for a, _ in group_pairs], device=A.device)
-            target = lr * torch.tensor(
-                [scaling.spectral_target(a.base_fan_in, a.base_fan_out) for a, _ in group_pairs], device=A.device
-            )
-            kappa = torch.where(sigma > 0, target / sigma.clamp_min(1e-30), torch.ones_like(sigma)).tolist()
-            views = [updates[id(m.param)] for pair in group_pairs for m in pair]
-            torch._foreach_mul_(views, [k for k in kappa for _ in range(2)])
+        chunks: dict[int, list[Tensor]] = {}  # r -> per-bucket (n, 2r, 2r) Grams, in order
+        row: dict[int, tuple[int, int]] = {}  # id(param) -> (r, row in the concatenation of chunks[r])
+        placed: list[tuple[Tensor, int, int]] = []  # (a bucket's updates, r, row of its first update)
+        for work, out in zip(works, outs):
+            role = work.bucket.pair_role
+            if role is None:
+                continue
+            n = len(work.members)
+            params = work.bucket.scratch[:n]
+            torch._foreach_copy_(list(params.unbind(0)), [m.param.reshape(work.bucket.shape) for m in work.members])
+            update_gram = work.update_gram
+            if role is Role.LORA_A:  # Q = [A; ΔA]
+                update_gram = out @ out.mT if update_gram is None else update_gram
+                gram = scaling.sym_blocks(params @ params.mT, params @ out.mT, update_gram)
+            else:  # P = [ΔB B]
+                update_gram = out.mT @ out if update_gram is None else update_gram
+                gram = scaling.sym_blocks(update_gram, out.mT @ params, params.mT @ params)
+            r = gram.shape[-1] // 2
+            first = sum(len(c) for c in chunks.setdefault(r, []))
+            chunks[r].append(gram)
+            row.update((id(m.param), (r, first + i)) for i, m in enumerate(work.members))
+            placed.append((out, r, first))
+        ready: dict[int, list[tuple[_Member, _Member]]] = {}  # r -> pairs with both updates this step
+        for a, b in plan.pairs:
+            if id(a.param) in row and id(b.param) in row:
+                ready.setdefault(row[id(a.param)][0], []).append((a, b))
+        kappa: dict[int, Tensor] = {}  # r -> multiplier per row of chunks[r] (1 where the partner has no update)
+        for r, pairs in ready.items():
+            grams = torch.cat(chunks[r])
+            device = grams.device
+            q = torch.tensor([row[id(a.param)][1] for a, _ in pairs], device=device)
+            p = torch.tensor([row[id(b.param)][1] for _, b in pairs], device=device)
+            sigma = scaling.lora_product_sigma(grams[q], grams[p]).float()
+            sigma = sigma * torch.tensor([a.lora_scale for a, _ in pairs], device=device)
+            target = torch.tensor(
+                [self.param_groups[a.group]["lr"] * scaling.spectral_target(a.base_fan_in, a.base_fan_out) for a, _ in pairs],
+                device=device,
+            )  # fmt: skip
+            k = torch.where(sigma > 0, target / sigma.clamp_min(1e-30), torch.ones_like(sigma))
+            kappa[r] = torch.ones(len(grams), device=device)
+            kappa[r][q] = k
+            kappa[r][p] = k
+        for out, r, first in placed:
+            if r in kappa:
+                out.mul_(kappa[r][first : first + len(out)][:, None, None])
 
     def _decay_multiplier(self, m: _Member, schedule: list[float]) -> float:
         g = self.param_groups[m.group]
@@ -596,42 +633,10 @@ def _write_back(buffer: Tensor, computed: Tensor, index: Tensor | None) -> None:
         buffer[index] = computed.to(buffer.dtype)
 
 
-def _stack32(tensors: list[Tensor]) -> Tensor:
-    """torch.stack(tensors) in float32, without a copy when they are consecutive slices of one stacked buffer
-    (the updates of a Muon bucket are views of its `out`; copying them costs more than the Grams)."""
-    first = tensors[0]
-    numel = first.numel()
-    if (
-        first.dtype == torch.float32
-        and all(t.is_contiguous() and t.shape == first.shape for t in tensors)
-        and all(t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for t in tensors)
-        and all(t.storage_offset() == first.storage_offset() + k * numel for k, t in enumerate(tensors))
-    ):
-        return first.as_strided((len(tensors), *first.shape), (numel, *first.stride()), first.storage_offset())
-    stacked = torch.stack(tensors)
-    return stacked if stacked.dtype == torch.float32 else stacked.float()
-
-
-def _sym_blocks(top_left: Tensor, top_right: Tensor, bottom_right: Tensor) -> Tensor:
-    """The symmetric (n, 2r, 2r) float64 matrix [[TL, TR], [TRᵀ, BR]] (float64: the eigenproblem is tiny)."""
-    top = torch.cat([top_left, top_right], dim=-1)
-    bottom = torch.cat([top_right.mT, bottom_right], dim=-1)
-    return torch.cat([top, bottom], dim=-2).double()
-
-
-def _max_sqrt_eig_product(gram_q: Tensor, gram_p: Tensor) -> Tensor:
-    """√λ_max(G_P·G_Q) for symmetric PSD batches: = √λ_max(Lᵀ·G_P·L) with G_Q = L·Lᵀ.
-
-    Cholesky instead of an eigendecomposition for the square root: batched eigh with eigenvectors
-    is two orders of magnitude slower than eigvalsh on CPU. Singular G_Q (ΔA = 0 on the first LoRA
-    step, when B = 0) fails Cholesky; those matrices take the eigh square root instead.
-    """
-    chol, info = torch.linalg.cholesky_ex(gram_q)
-    failed = info != 0
-    if bool(failed.any()):
-        lam, vec = torch.linalg.eigh(gram_q[failed])
-        chol[failed] = vec * lam.clamp_min(0).sqrt().unsqueeze(-2)  # V·Λ^½: (V·Λ^½)(V·Λ^½)ᵀ = G_Q
-    return torch.linalg.eigvalsh(chol.mT @ gram_p @ chol)[..., -1].clamp_min(0).sqrt()
+def _gram_is_rank_sized(bucket: _Bucket) -> bool:
+    """Whether the bucket's small Gram (orthogonalize.small_gram) is the r×r one the product target needs."""
+    rows, cols = bucket.shape
+    return (bucket.pair_role is Role.LORA_A and rows <= cols) or (bucket.pair_role is Role.LORA_B and rows > cols)
 
 
 def _schedule_factor(group: dict) -> float:

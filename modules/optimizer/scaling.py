@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 
+import torch
+from torch import Tensor
+
 
 def _check_fans(fan_in: int, fan_out: int, depth: int = 1) -> None:
     if fan_in < 1 or fan_out < 1:
@@ -79,3 +82,28 @@ def lora_pair_decay_multiplier(weight_decay: float, base_fan_in: int, schedule_f
     not the factor's r). So c = √(1 − λ): the split of LoRA-Muon (REFERENCE §5), applied to the 1/width rule.
     """
     return math.sqrt(1.0 - width_decay(weight_decay, base_fan_in, schedule_factor))
+
+
+def sym_blocks(top_left: Tensor, top_right: Tensor, bottom_right: Tensor) -> Tensor:
+    """The symmetric batch [[TL, TR], [TRᵀ, BR]] in float64 (the eigenproblems built from it are tiny)."""
+    top = torch.cat([top_left, top_right], dim=-1)
+    bottom = torch.cat([top_right.mT, bottom_right], dim=-1)
+    return torch.cat([top, bottom], dim=-2).double()
+
+
+def lora_product_sigma(gram_q: Tensor, gram_p: Tensor) -> Tensor:
+    """σ_max(P·Q) per batch entry, from G_Q = Q·Qᵀ and G_P = Pᵀ·P (symmetric PSD, (..., k, k)).
+
+    For a LoRA pair, P = [ΔB B] and Q = [A; ΔA] (k = 2r), so P·Q = ΔB·A + B·ΔA is the first-order change
+    of B·A, and its spectral norm comes from 2r×2r matrices only: σ² = λ_max(G_P·G_Q) = λ_max(Lᵀ·G_P·L)
+    with G_Q = L·Lᵀ. Cholesky for L, because batched eigh with eigenvectors is two orders of magnitude
+    slower than eigvalsh on CPU; a singular G_Q (ΔA = 0 on PEFT's first step, where B = 0) fails Cholesky
+    and takes the eigh square root V·Λ^½ instead. Exact up to rounding: no iteration count, no estimate.
+    """
+    gram_q, gram_p = gram_q.double(), gram_p.double()
+    chol, info = torch.linalg.cholesky_ex(gram_q)
+    failed = info != 0
+    if bool(failed.any()):
+        lam, vec = torch.linalg.eigh(gram_q[failed])
+        chol[failed] = vec * lam.clamp_min(0).sqrt().unsqueeze(-2)  # (V·Λ^½)(V·Λ^½)ᵀ = G_Q
+    return torch.linalg.eigvalsh(chol.mT @ gram_p @ chol)[..., -1].clamp_min(0).sqrt()
