@@ -321,7 +321,11 @@ class EMAConfig(Section):
 
 
 class TrainingConfig(Section):
-    batch_size: int = Field(default=1, ge=1, description="Images per micro-batch.")
+    batch_size: int = Field(
+        default=1, ge=1,
+        description="Images per micro-batch on each process (GPU); the global batch of one optimizer step is "
+        "batch_size × processes × gradient_accumulation.",
+    )
     gradient_accumulation: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float | None = Field(
         default=1.0, gt=0, description="Clip the gradient norm to this; null disables clipping."
