@@ -9,9 +9,8 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import threading
+import multiprocessing
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from modules.config.schema import TrainConfig
 from modules.model.tiny import tiny_pipeline_dir
 from modules.trainer import checkpoint as ckpt
 from modules.trainer import loop
@@ -28,19 +28,21 @@ from tests.builders import concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parent.parent
-STEPS, EVERY = 8, 3  # 6 images, batch 2: 3 batches an epoch, so the checkpoint at step 6 ends an epoch
+STEPS, EVERY = 6, 2  # 6 images, batch 2: 3 batches an epoch (Ctrl-C at step 3 stops at an epoch's end)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tiny_pipeline_dir("sd15", tmp_path_factory)
     data = concept_data_dirs(tmp_path_factory.mktemp("data"), train_count=6)
+    cache = tmp_path_factory.mktemp("cache")  # latents and text embeddings encoded once for all the runs
 
     def config(out: Path, **sections):
         defaults = {
+            "data": {"cache_dir": str(cache)},
             "schedule": {"max_steps": STEPS},
             "training": {"batch_size": 2, "seed": 3, "ema": {"enabled": True, "decay": 0.9}},
-            "validation": {"every_n_steps": 4, "folder": str(data[1]), "num_timesteps": 2},
+            "validation": {"every_n_steps": 3, "folder": str(data[1]), "num_timesteps": 2},
             "saving": {"output_dir": str(out), "name": "run", "checkpoint_every_n_steps": EVERY},
         }
         return tiny_train_config("sd15", base, data, out, defaults=defaults, **sections)
@@ -50,7 +52,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(setup, tmp_path_factory):
-    """The uninterrupted run (its checkpoints step000003 and step000006 serve the fallback tests)."""
+    """The uninterrupted run (its checkpoints step000002 and step000004 serve the fallback tests)."""
     _, config = setup
     out = tmp_path_factory.mktemp("reference")
     return out, train(config(out), show_progress=False)
@@ -72,59 +74,52 @@ def assert_same_run(result, reference_result, out: Path, reference_out: Path) ->
     assert result.steps == STEPS
 
 
-KILLED_RUN = """
-import json, sys, time
-sys.path.insert(0, {root!r})
-import torch
-torch.set_num_threads(1)
-from modules.config.schema import TrainConfig
-from modules.trainer import loop
-from modules.trainer.train import train
+def killed_run(config_json: str, block_at: int, blocked) -> None:
+    """The run in a forked process, held inside the forward of step `block_at` (after the step-4 checkpoint) until
+    it is killed."""
+    torch.set_num_threads(1)
+    calls, real = [0], loop.compute_loss
 
-calls, real = [0], loop.compute_loss
-def blocking(parts, batch):  # step {block}: stay inside the forward until killed
-    calls[0] += 1
-    if calls[0] == {block}:
-        print("BLOCKED", flush=True)
-        time.sleep(600)
-    return real(parts, batch)
-loop.compute_loss = blocking
-train(TrainConfig.model_validate(json.load(open({config!r}))), show_progress=False)
-"""
+    def blocking(parts, batch):
+        calls[0] += 1
+        if calls[0] == block_at:
+            blocked.set()
+            time.sleep(600)
+        return real(parts, batch)
+
+    loop.compute_loss = blocking
+    train(TrainConfig.model_validate_json(config_json), show_progress=False)
 
 
 def test_run_killed_with_sigkill_resumes_bit_identical(setup, reference, tmp_path):
     _, config = setup
     out = tmp_path / "run"
-    (tmp_path / "config.json").write_text(config(out).model_dump_json())
-    script = KILLED_RUN.format(root=str(ROOT), block=EVERY * 2 + 1, config=str(tmp_path / "config.json"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    watchdog = threading.Timer(300, proc.kill)
-    watchdog.start()
+    # A forked child starts without importing torch/diffusers again; it is killed as any process would be.
+    context = multiprocessing.get_context("fork")
+    blocked = context.Event()
+    child = context.Process(target=killed_run, args=(config(out).model_dump_json(), 6, blocked), daemon=True)
+    child.start()
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("BLOCKED"):
-                break
-        assert lines and lines[-1].startswith("BLOCKED"), "the training subprocess ended early:\n" + "".join(lines[-20:])
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
+        deadline = time.monotonic() + 300
+        while not blocked.wait(0.1):
+            assert child.is_alive(), f"the training process ended early (exit code {child.exitcode})"
+            assert time.monotonic() < deadline, "the training process did not reach step 6"
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(60)
+        assert child.exitcode == -signal.SIGKILL
     finally:
-        watchdog.cancel()
-        proc.kill()
-        proc.stdout.close()
+        if child.is_alive():
+            child.kill()
     root = out / "checkpoints"
-    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step000003", "step000006"]
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step000002", "step000004"]
     assert not (out / "run.safetensors").exists()
 
     result = train(config(out, resume="latest"), show_progress=False)
-    assert result.resumed_from == root / "step000006"
+    assert result.resumed_from == root / "step000004"
     reference_out, reference_result = reference
     assert_same_run(result, reference_result, out, reference_out)
     steps = [r["step"] for r in read_metrics(out / "logs" / "metrics.jsonl") if "loss" in r]
-    assert steps == list(range(1, STEPS + 1))  # the killed run's step 7 was dropped and logged again
+    assert steps == list(range(1, STEPS + 1))  # the killed run's step 5 was dropped and logged again
 
 
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(setup, reference, tmp_path, monkeypatch):
@@ -132,23 +127,23 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(setup, referen
     out = tmp_path / "run"
     calls, real = [0], loop.compute_loss
 
-    def interrupted_in_step_4(parts, batch):
+    def interrupted_in_step_3(parts, batch):
         calls[0] += 1
-        if calls[0] == 4:
+        if calls[0] == 3:
             signal.raise_signal(signal.SIGINT)
         return real(parts, batch)
 
-    monkeypatch.setattr(loop, "compute_loss", interrupted_in_step_4)
+    monkeypatch.setattr(loop, "compute_loss", interrupted_in_step_3)
     handler = signal.getsignal(signal.SIGINT)
     stopped = train(config(out), show_progress=False)
     assert signal.getsignal(signal.SIGINT) is handler  # the run's handler is gone again
     monkeypatch.setattr(loop, "compute_loss", real)
-    assert stopped.interrupted and stopped.steps == 4
-    assert stopped.checkpoint == out / "checkpoints" / "step000004"
-    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step000003", "step000004"]
+    assert stopped.interrupted and stopped.steps == 3
+    assert stopped.checkpoint == out / "checkpoints" / "step000003"
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step000002", "step000003"]
     assert not (out / "run.safetensors").exists()  # not finished: no final file
 
-    result = train(config(out, resume=str(out / "checkpoints" / "step000004")), show_progress=False)
+    result = train(config(out, resume=str(out / "checkpoints" / "step000003")), show_progress=False)
     reference_out, reference_result = reference
     assert_same_run(result, reference_result, out, reference_out)
 
@@ -158,13 +153,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(setup, reference, 
     reference_out, reference_result = reference
     out = tmp_path / "run"
     shutil.copytree(reference_out / "checkpoints", out / "checkpoints")
-    weights = out / "checkpoints" / "step000006" / ckpt.WEIGHTS
+    weights = out / "checkpoints" / "step000004" / ckpt.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated by a crash of the disk, not by us
     with caplog.at_level(logging.WARNING, logger="tuneonce.checkpoint"):
         result = train(config(out, resume="latest"), show_progress=False)
     warnings = [r.getMessage() for r in caplog.records if r.name == "tuneonce.checkpoint"]
-    assert any("step000006" in w and "weights.safetensors" in w for w in warnings), warnings
-    assert result.resumed_from == out / "checkpoints" / "step000003"
+    assert any("step000004" in w and "weights.safetensors" in w for w in warnings), warnings
+    assert result.resumed_from == out / "checkpoints" / "step000002"
     assert_same_run(result, reference_result, out, reference_out)
 
 
@@ -173,21 +168,21 @@ def test_out_of_disk_during_save_keeps_the_previous_checkpoint(setup, tmp_path, 
     out = tmp_path / "run"
     real = ckpt.write_safetensors
 
-    def disk_full_at_step_6(tensors, path):
-        if "step000006" in str(path) and path.name == ckpt.OPTIMIZER:
+    def disk_full_at_step_2(tensors, path):
+        if "step000002" in str(path) and path.name == ckpt.OPTIMIZER:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(tensors, path)
 
-    monkeypatch.setattr(ckpt, "write_safetensors", disk_full_at_step_6)
+    monkeypatch.setattr(ckpt, "write_safetensors", disk_full_at_step_2)
     with pytest.raises(ckpt.CheckpointError) as failure:
-        train(config(out), show_progress=False)
+        train(config(out, saving={"checkpoint_every_n_steps": 1}), show_progress=False)
     message = str(failure.value)
-    assert "step000006" in message and "No space left on device" in message and "step000003 is intact" in message
+    assert "step000002" in message and "No space left on device" in message and "step000001 is intact" in message
     assert "\n" not in message
     root = out / "checkpoints"
-    assert [p.name for p in root.iterdir()] == ["step000003"]  # no half-written folder left behind
-    snapshot = ckpt.read_checkpoint(root / "step000003")
-    assert snapshot.step == 3 and snapshot.optimizer["state"] and snapshot.ema["num_updates"] == 3
+    assert [p.name for p in root.iterdir()] == ["step000001"]  # no half-written folder left behind
+    snapshot = ckpt.read_checkpoint(root / "step000001")
+    assert snapshot.step == 1 and snapshot.optimizer["state"] and snapshot.ema["num_updates"] == 1
 
 
 @pytest.mark.parametrize("change", ["rank", "base_model"])
@@ -202,24 +197,24 @@ def test_resuming_another_adapter_shape_or_model_is_a_clear_error(setup, referen
         other = tmp_path / "other_base"
         shutil.copytree(base, other)
         cfg, expected = config(out, resume="latest", model={"base_model": str(other)}), f"model.base_model={base}"
-    with pytest.raises(ckpt.ResumeMismatch, match="step000006") as failure:
+    with pytest.raises(ckpt.ResumeMismatch, match="step000004") as failure:
         train(cfg, show_progress=False)
     assert expected in str(failure.value) and "\n" not in str(failure.value)
 
 
 def test_unreadable_checkpoints_are_named_with_the_reason(reference, tmp_path):
     reference_out, _ = reference
-    good = reference_out / "checkpoints" / "step000003"
+    good = reference_out / "checkpoints" / "step000002"
     breakages = {
         "state.json": lambda p: (p / ckpt.MANIFEST).write_text("{not json"),
         "optimizer.safetensors": lambda p: (p / ckpt.OPTIMIZER).unlink(),
         "rng_rank0.json": lambda p: (p / "rng_rank0.json").write_text(json.dumps({"rng": {"__tensor__": "x"}, "tensors": {}}) + " " * 10),
     }
     for what, breaking in breakages.items():
-        broken = tmp_path / what / "step000003"
+        broken = tmp_path / what / "step000002"
         shutil.copytree(good, broken)
         breaking(broken)
-        with pytest.raises(ckpt.CorruptCheckpoint, match="checkpoint step000003") as failure:
+        with pytest.raises(ckpt.CorruptCheckpoint, match="checkpoint step000002") as failure:
             ckpt.read_checkpoint(broken)
         assert "\n" not in str(failure.value)
     with pytest.raises(ckpt.CheckpointError, match="none of the 1 checkpoints"):

@@ -144,8 +144,9 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
 
 
 def write_json(data: Any, path: Path) -> None:
+    text = json.dumps(data)  # one write: json.dump to a file writes every token separately
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
