@@ -185,20 +185,31 @@ def test_out_of_disk_during_save_keeps_the_previous_checkpoint(setup, tmp_path, 
     assert snapshot.step == 1 and snapshot.optimizer["state"] and snapshot.ema["num_updates"] == 1
 
 
-@pytest.mark.parametrize("change", ["rank", "base_model"])
-def test_resuming_another_adapter_shape_or_model_is_a_clear_error(setup, reference, tmp_path, change):
-    base, config = setup
+def test_resuming_another_adapter_shape_is_a_clear_error(setup, reference, tmp_path):
+    _, config = setup
     reference_out, _ = reference
     out = tmp_path / "run"
     shutil.copytree(reference_out / "checkpoints", out / "checkpoints")
-    if change == "rank":
-        cfg, expected = config(out, resume="latest", lora={"rank": 8}), "lora.rank: 4 -> 8"
-    else:
-        other = tmp_path / "other_base"
-        shutil.copytree(base, other)
-        cfg, expected = config(out, resume="latest", model={"base_model": str(other)}), f"model.base_model={base}"
     with pytest.raises(ckpt.ResumeMismatch, match="step000004") as failure:
-        train(cfg, show_progress=False)
+        train(config(out, resume="latest", lora={"rank": 8}), show_progress=False)
+    message = str(failure.value)
+    assert "lora.rank: 4 -> 8" in message and "lora_A" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("change", ["base_model", "family", "method"])
+def test_resuming_another_model_or_method_is_a_clear_error(setup, reference, tmp_path, change):
+    base, config = setup
+    reference_out, _ = reference
+    snapshot = ckpt.read_checkpoint(reference_out / "checkpoints" / "step000004")
+    other = {
+        "base_model": ({"model": {"base_model": str(tmp_path / "other_base")}}, f"model.base_model={base}"),
+        "family": ({"model": {"family": "sd2"}}, "model.family=sd15, this run has sd2"),
+        "method": ({"method": "finetune"}, "is a lora run, this run is finetune"),
+    }
+    sections, expected = other[change]
+    params = ckpt.trained_parameters({"unet": reference[1].components["unet"]})
+    with pytest.raises(ckpt.ResumeMismatch, match="step000004") as failure:
+        ckpt.check_fits(snapshot, config(tmp_path, **sections), params)  # checked before any weight is touched
     assert expected in str(failure.value) and "\n" not in str(failure.value)
 
 
@@ -246,3 +257,22 @@ def test_cli_resume_flag_sets_the_config_field(capsys):
     demo = ROOT / "training_presets" / "demo_sdxl_lora.yaml"
     assert cli.main(["--config", str(demo), "--resume", "latest", "--dry-run"]) == 0
     assert "resume: latest" in capsys.readouterr().out
+
+
+def test_full_finetune_with_adamw_and_accumulation_resumes_bit_identical(setup, tmp_path):
+    """The whole backbone and AdamW's state (tensor step counts) go through a checkpoint taken mid-epoch, between
+    accumulation windows."""
+    _, config = setup
+    sections = dict(
+        method="finetune", optimizer={"type": "adamw", "lr": 1e-4}, schedule={"max_steps": 2},
+        training={"gradient_accumulation": 2, "ema": {"enabled": False}}, validation={"every_n_steps": 0},
+    )  # fmt: skip
+    whole = train(config(tmp_path / "whole", saving={"checkpoint_every_n_steps": 1}, **sections), show_progress=False)
+    out = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole" / "checkpoints", out / "checkpoints")
+    snapshot = ckpt.read_checkpoint(out / "checkpoints" / "step000001")
+    assert snapshot.sampler["position"] == 2 and len(snapshot.weights) == len(list(whole.components["unet"].parameters()))
+    resumed = train(config(out, resume="latest", **sections), show_progress=False)
+    assert resumed.resumed_from == out / "checkpoints" / "step000001" and resumed.steps == 2
+    ours, theirs = resumed.components["unet"].state_dict(), whole.components["unet"].state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -514,8 +514,9 @@ class Checkpointer:
         return self.last
 
     def on_step(self, state: TrainState, loss: torch.Tensor) -> None:
-        due = bool(self.every) and state.step % self.every == 0 and state.step < self.run.total_steps
-        stopping = self.stop_requested()
+        last = state.step >= self.run.total_steps  # the run ends and saves its final files anyway
+        due = bool(self.every) and state.step % self.every == 0 and not last
+        stopping = self.stop_requested() and not last
         if due or stopping:
             self.save(state)
         if stopping:
