@@ -22,8 +22,10 @@ FAMILY_TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
     "flux": ("text_encoder",),  # CLIP-L; its T5 (text_encoder_2) LoRA is not loaded by diffusers' Flux loader
     "chroma": (),
     "sd3": ("text_encoder", "text_encoder_2"),  # CLIP-L, CLIP-G (diffusers' SD3 loader skips T5)
+    "zimage": (),  # diffusers' Z-Image and Qwen-Image LoRA loaders take the transformer only
+    "qwenimage": (),
 }
-FLOW_FAMILIES = ("flux", "chroma", "sd3")
+FLOW_FAMILIES = ("flux", "chroma", "sd3", "zimage", "qwenimage")
 
 
 def dora_vs_spectral(cfg: TrainConfig) -> list[Problem]:

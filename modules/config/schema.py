@@ -19,7 +19,7 @@ from modules.config.rules import FAMILY_TEXT_ENCODERS, MUON_FAMILY, check_rules,
 
 CONFIG_VERSION = 2  # bump together with a step in migrations.py
 
-Family = Literal["sd15", "sd2", "sdxl", "flux", "chroma", "sd3"]
+Family = Literal["sd15", "sd2", "sdxl", "flux", "chroma", "sd3", "zimage", "qwenimage"]
 Method = Literal["lora", "finetune"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 OptimizerType = Literal["muon_adv", "adamuon_adv", "lora_muon", "adamw", "torch_muon"]

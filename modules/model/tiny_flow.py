@@ -26,7 +26,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T
 
 from modules.model.tiny import TOKENIZER_WORDS, _text_config, build_tiny_tokenizer
 
-FLOW_KINDS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "sd3")
+FLOW_KINDS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "sd3", "zimage", "qwen-image")  # last two: tiny_qwen.py
 T5_MAX_LENGTH = 32  # tiny T5 context (the real ones use 256 / 512)
 T5_HIDDEN = 32
 
@@ -123,9 +123,11 @@ def _build_sd3() -> StableDiffusion3Pipeline:
 
 
 def build_tiny_flow_pipeline(kind: str, seed: int = 0):
-    """A tiny pipeline of `kind` ("flux-dev", "flux-schnell", "chroma", "sd3") with weights determined by `seed`."""
+    """A tiny pipeline of `kind` (FLOW_KINDS) with weights determined by `seed`."""
+    from modules.model.tiny_qwen import QWEN_BUILDERS  # imported here: it builds on this module's VAE
+
     builders = {"flux-dev": lambda: _build_flux(True), "flux-schnell": lambda: _build_flux(False),
-                "chroma": _build_chroma, "sd3": _build_sd3}  # fmt: skip
+                "chroma": _build_chroma, "sd3": _build_sd3, **QWEN_BUILDERS}  # fmt: skip
     if kind not in builders:
         raise ValueError(f"unknown tiny flow pipeline kind {kind!r}; expected one of {', '.join(FLOW_KINDS)}")
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state untouched

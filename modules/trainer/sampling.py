@@ -59,7 +59,7 @@ def sample_images(
             image = pipeline(
                 prompt=p.prompt,
                 negative_prompt=p.negative_prompt or None,
-                guidance_scale=p.cfg,
+                **family.guidance_kwargs(p.cfg),
                 num_inference_steps=p.steps,
                 width=p.width or default_size,
                 height=p.height or default_size,

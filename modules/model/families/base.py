@@ -94,6 +94,10 @@ class ModelFamily(ABC):
         """Extra keyword arguments of the pipeline call when sampling (e.g. the T5 length the model trains with)."""
         return {}
 
+    def guidance_kwargs(self, cfg: float) -> dict[str, Any]:
+        """The pipeline call's classifier-free guidance for a sample prompt's `cfg` (1 disables it)."""
+        return {"guidance_scale": cfg}
+
     # ---- objective -----------------------------------------------------------------------------------------------
     def default_prediction_type(self, components: dict[str, Any]) -> str:
         return components["scheduler"].config.get("prediction_type", "epsilon")

@@ -1,0 +1,125 @@
+"""Z-Image and Qwen-Image on the generic loop: each family's text encoding, latents and prediction against the real
+diffusers pipeline, and LoRA runs through `train()` whose files the pipelines' `load_lora_weights` load completely."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from modules.config.loading import load_config
+from modules.model.families import get_family
+from modules.model.families.flow import pack_latents, unpack_latents
+from modules.model.families.qwenimage import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
+from modules.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
+from modules.trainer.train import train
+from tests.builders import concept_data_dirs, tiny_train_config
+from tests.test_flow_families import FLOW_RUN, assert_adapters_trained, check_lora_file_reproduces
+
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = [("zimage", "zimage"), ("qwen-image", "qwenimage")]
+PROMPTS = ["a zxq star on a white background", "a red circle"]  # different lengths: padding and masks matter
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {family: build_tiny_flow_pipeline(kind, seed=1) for kind, family in KINDS}
+
+
+@pytest.mark.parametrize("family_name", ["zimage", "qwenimage"])
+def test_prediction_matches_one_pipeline_euler_step(pipes, family_name):
+    """From sigma 1 one Euler step to sigma 0 gives x - v: the pipeline's own prompt encoding, packing, RoPE shapes
+    and timestep convention must produce the velocity the family predicts for the same latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe, family = pipes[family_name], get_family(family_name)
+    latents = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    packs = family_name == "qwenimage"
+    # Qwen-Image's terminal stretch divides by zero with a single step; without it sigma 1 -> 0 is unchanged.
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift_terminal=None)
+    single = type(pipe)(**{**pipe.components, "scheduler": scheduler})
+    with torch.no_grad():
+        stepped = single(
+            prompt=PROMPTS[0], latents=pack_latents(latents) if packs else latents, num_inference_steps=1, height=64,
+            width=64, output_type="latent", **family.guidance_kwargs(1.0), **family.sampling_kwargs(pipe.components),
+        ).images  # fmt: skip
+        text = family.encode_text(pipe.components, PROMPTS[:1])
+        velocity = family.predict(pipe.transformer, latents, torch.ones(1), text, {})
+    stepped = unpack_latents(stepped, 16, 16) if packs else stepped
+    torch.testing.assert_close(velocity, latents - stepped, rtol=1e-4, atol=1e-5)
+
+
+def test_zimage_text_is_the_pipelines_unpadded_penultimate_layer(pipes):
+    pipe, family = pipes["zimage"], get_family("zimage")
+    with torch.no_grad():
+        expected = pipe._encode_prompt(list(PROMPTS), device=CPU, max_sequence_length=family.sequence_length(pipe.components, "tokenizer"))
+        text = family.encode_text(pipe.components, list(PROMPTS))
+    lengths = text["attention_mask"].sum(1).long().tolist()
+    assert lengths == [len(e) for e in expected] and lengths[0] > lengths[1]
+    for i, want in enumerate(expected):
+        torch.testing.assert_close(text["encoder_hidden_states"][i, : lengths[i]], want)
+
+
+def test_qwen_image_text_drops_exactly_the_system_prefix(pipes):
+    pipe, family = pipes["qwenimage"], get_family("qwenimage")
+    prefix = PROMPT_TEMPLATE.split("{}")[0]
+    assert len(pipe.tokenizer(prefix).input_ids) == TEMPLATE_PREFIX_TOKENS  # as with the published tokenizer
+    with torch.no_grad():
+        embeds, mask = pipe.encode_prompt(list(PROMPTS), device=CPU)
+        text = family.encode_text(pipe.components, list(PROMPTS))
+    width = embeds.shape[1]  # the pipeline pads to the longest prompt, the family to a fixed length
+    assert text["attention_mask"].shape[1] == family.sequence_length(pipe.components, "tokenizer") > width
+    torch.testing.assert_close(text["attention_mask"][:, :width], mask.float())
+    assert text["attention_mask"][:, width:].sum() == 0
+    torch.testing.assert_close(text["encoder_hidden_states"][:, :width] * mask[..., None], embeds * mask[..., None])
+
+
+def test_qwen_image_latents_invert_the_pipelines_decode_normalization(pipes):
+    """The pipeline decodes `latents * std + mean` (per channel, on a frame axis); encoding must be its inverse."""
+    pipe, family = pipes["qwenimage"], get_family("qwenimage")
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        raw = pipe.vae.encode(pixels.unsqueeze(2)).latent_dist.mean
+        latents = family.encode_latents(pipe.vae, pixels)
+    assert latents.shape == (2, 16, 16, 16)
+    config = pipe.vae.config
+    decoded_input = latents.unsqueeze(2) / (1.0 / torch.tensor(config.latents_std).view(1, 16, 1, 1, 1))
+    torch.testing.assert_close(decoded_input + torch.tensor(config.latents_mean).view(1, 16, 1, 1, 1), raw, rtol=1e-5, atol=1e-5)
+
+
+# ---- training runs ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    return concept_data_dirs(tmp_path_factory.mktemp("new_family_data"), train_count=4)
+
+
+# Qwen-Image's last block: its text-stream output is discarded, so the text queries, attention output and MLP get no
+# gradient (the text keys and values still feed the image tokens).
+QWEN_IDLE = ("transformer_blocks.2.attn.add_q_proj", "transformer_blocks.2.attn.to_add_out", "transformer_blocks.2.txt_mlp.net.0.proj", "transformer_blocks.2.txt_mlp.net.2")
+
+
+@pytest.mark.parametrize("kind, family_name, idle", [("zimage", "zimage", ()), ("qwen-image", "qwenimage", QWEN_IDLE)])
+def test_lora_trains_and_loads_in_diffusers(tmp_path_factory, data_dirs, kind, family_name, idle):
+    base = tiny_flow_pipeline_dir(kind, tmp_path_factory)
+    out = tmp_path_factory.mktemp(f"{family_name}_lora")
+    result = train(tiny_train_config(family_name, base, data_dirs, out, defaults=FLOW_RUN), show_progress=False)
+    assert_adapters_trained(result, idle=idle)
+    check_lora_file_reproduces(family_name, base, result, ("transformer",))
+
+
+def test_wrong_family_for_folder_and_text_encoder_lora_are_clear_errors(tmp_path_factory, tmp_path):
+    base = tiny_flow_pipeline_dir("zimage", tmp_path_factory)
+    with pytest.raises(ValueError, match="holds a ZImagePipeline, not a qwenimage pipeline"):
+        get_family("qwenimage").load(base)
+    with pytest.raises(ValueError, match=r"lora\.train_text_encoders\.text_encoder: family zimage has no text_encoder"):
+        tiny_train_config("zimage", base, (tmp_path, tmp_path), tmp_path, lora={"train_text_encoders": {"text_encoder": True}},
+                          data={"cache_text_embeddings": False})  # fmt: skip
+
+
+@pytest.mark.parametrize("preset, family", [("zimage_lora", "zimage"), ("qwen_image_lora", "qwenimage")])
+def test_presets_use_the_transfer_recipe(preset, family):
+    cfg = load_config(ROOT / "training_presets" / f"{preset}.yaml")
+    assert cfg.model.family == family and cfg.method == "lora" and cfg.saving.format == "diffusers"
+    assert cfg.optimizer.type == "muon_adv" and (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (1e-3, 0.1)
+    assert cfg.optimizer.spectral_scaling and cfg.optimizer.depth_scaled_eps
