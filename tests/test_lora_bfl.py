@@ -173,3 +173,51 @@ def test_config_accepts_kohya_for_flux_and_chroma_only(tmp_path):
         assert config.saving.format == "kohya"
     with pytest.raises(ValueError, match=r"saving\.format"):
         tiny_train_config("sd3", tmp_path, (tmp_path, tmp_path), tmp_path, saving={"format": "kohya"})
+
+
+def _peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def test_kohya_bfl_file_loads_back_into_peft(tmp_path):
+    """Our own files (every layer, linear1 included, mixed ranks/alphas, T5) read back factor for factor; a fused
+    LoRA trained as one (all parts share its down factor) loads too, acting as the file says."""
+    from modules.model.lora_files import load_lora_into_peft
+
+    every_linear = r"(single_)?transformer_blocks\.\d+\..*|x_embedder|proj_out"
+    # proj_mlp with its own rank at the same scale alpha/r (fused parts with different scales come back with the
+    # scale folded into their up factor: same LoRA, other factors; covered by the diffusers test above).
+    pipe, components = _adapt("chroma", targets=every_linear, rank_pattern={"proj_mlp": 2}, alpha_pattern={"proj_mlp": 4})
+    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"]))
+    _randomize_lora(pipe.text_encoder, 5)
+    components["text_encoder"] = pipe.text_encoder
+    path = save_lora(tmp_path / "lora.safetensors", components, layout="kohya")
+    with safe_open(str(path), framework="pt") as handle:
+        assert any(k.startswith("lora_te3_encoder_block_0_") for k in handle.keys())
+
+    _, fresh = _adapt("chroma", targets=every_linear, rank_pattern={"proj_mlp": 2}, alpha=1)
+    fresh_text = build_tiny_flow_pipeline("chroma").text_encoder
+    fresh_text.add_adapter(LoraConfig(r=2, lora_alpha=1, target_modules=["q", "v"]))
+    fresh["text_encoder"] = fresh_text
+    load_lora_into_peft(path, fresh)
+    for name, model in components.items():
+        expected, got = _peft_state(model), _peft_state(fresh[name])
+        assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected), name
+    inputs = _inputs(pipe.transformer.config)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh["transformer"](**inputs)[0], pipe.transformer(**inputs)[0], rtol=1e-6, atol=1e-6)
+
+    # A fused qkv LoRA as other trainers write it: one rank-2 LoRA over q, k and v (not block-diagonal).
+    g = torch.Generator().manual_seed(6)
+    down, up = torch.randn(2, 32, generator=g), torch.randn(96, 2, generator=g)
+    stem = "lora_unet_double_blocks_0_img_attn_qkv"
+    from safetensors.torch import save_file
+
+    save_file({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(1.0)},
+              str(tmp_path / "fused.safetensors"))  # fmt: skip
+    _, shared = _adapt("chroma", targets=r"transformer_blocks\.0\.attn\.to_[qkv]", rank_pattern={"to_q": 2, "to_k": 2, "to_v": 2})
+    load_lora_into_peft(tmp_path / "fused.safetensors", shared)
+    for i, part in enumerate(("to_q", "to_k", "to_v")):
+        layer = shared["transformer"].get_submodule(f"transformer_blocks.0.attn.{part}")
+        delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+        torch.testing.assert_close(delta, up[32 * i:32 * (i + 1)] @ down * 0.5)

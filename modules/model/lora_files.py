@@ -264,6 +264,82 @@ def to_kohya_bfl_state_dict(weights: list[LoraModuleWeights], transformer: nn.Mo
     return state
 
 
+def _split_fused(stem: str, down: torch.Tensor, up: torch.Tensor, alpha: float, parts: tuple[str, ...],
+                 rows: list[int], ranks: dict[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Per-part (down, up, alpha) of one fused BFL LoRA, for the parts the model adapts (with their ranks).
+
+    Exact in both cases that occur: our block-diagonal files (ranks add up, each part its own rank block) and a
+    fused LoRA trained as one (every part's rank equals the file's: all parts share the down factor).
+    """
+    file_rank = int(down.shape[0])
+    scale = alpha / file_rank
+    row_blocks = dict(zip(parts, torch.split(up, rows, dim=0)))
+    adapted = [p for p in parts if p in ranks]
+    for part in parts:
+        if part not in ranks and row_blocks[part].abs().sum() > 0:
+            raise ValueError(f"{stem}: the file adapts {part}, which has no LoRA in the model (add it to lora.targets)")
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    col = 0
+    block_diagonal = sum(ranks[p] for p in adapted) == file_rank
+    for part in adapted if block_diagonal else ():
+        block, end = row_blocks[part], col + ranks[part]
+        if torch.count_nonzero(block[:, :col]) or torch.count_nonzero(block[:, end:]):
+            block_diagonal = False
+            break
+        out[part] = (down[col:end], block[:, col:end], scale * ranks[part])
+        col += ranks[part]
+    if block_diagonal:
+        return out
+    if all(ranks[p] == file_rank for p in adapted):
+        return {part: (down, row_blocks[part], alpha) for part in adapted}
+    wanted = ", ".join(f"{p}: {ranks[p]}" for p in adapted)
+    raise ValueError(f"{stem}: a fused rank-{file_rank} LoRA does not split into the model's ranks ({wanted})")
+
+
+def kohya_bfl_to_module_keys(tensors: dict[str, torch.Tensor], components: Mapping[str, nn.Module],
+                             adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """A kohya BFL Flux/Chroma LoRA in per-module kohya keys of ``components`` (the inverse of
+    ``to_kohya_bfl_state_dict``); text encoder keys pass through, T5's ``lora_te3_`` renamed to its component."""
+    from modules.model.single_file.flux_bfl import flux_modules, swap_halves
+
+    transformer = components["transformer"]
+    ranks = {path: int(layer.r[adapter_name]) for path, layer in lora_modules(transformer, adapter_name).items()}
+    rows = _module_out_features(transformer)
+    table = {f"lora_unet_{m.bfl.replace('.', '_')}": m for m in flux_modules(set(rows))}
+    prefixes = kohya_prefixes(is_sdxl_like(components))
+    t5 = [c for c in components if c.startswith("text_encoder") and any(_is_t5_path(p) for p in lora_modules(components[c], adapter_name))]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        stem, _, suffix = key.partition(".")
+        if stem.startswith(f"{KOHYA_T5_PREFIX}_") and t5:
+            out[f"{prefixes[t5[0]]}_{stem[len(KOHYA_T5_PREFIX) + 1:]}.{suffix}"] = value
+        elif stem not in table:
+            out[key] = value  # text encoders, or a key the generic loader then reports as unmatched
+    for stem, module in table.items():
+        if f"{stem}.lora_down.weight" not in tensors:
+            continue
+        down, up = tensors[f"{stem}.lora_down.weight"], tensors.get(f"{stem}.lora_up.weight")
+        if up is None:
+            raise ValueError(f"{stem}: needs both its lora_down and lora_up weights")
+        up = swap_halves(up) if module.swap_halves else up
+        alpha = float(tensors[f"{stem}.alpha"].item()) if f"{stem}.alpha" in tensors else float(down.shape[0])
+        if len(module.parts) == 1:
+            pieces = {module.parts[0]: (down, up, alpha)}
+            if f"{stem}.dora_scale" in tensors:
+                scale = tensors[f"{stem}.dora_scale"]
+                out[f"{kohya_module_name('transformer', module.parts[0], True)}.dora_scale"] = (
+                    swap_halves(scale) if module.swap_halves else scale
+                )
+        else:
+            pieces = _split_fused(stem, down, up, alpha, module.parts, [rows[p] for p in module.parts], ranks)
+        for part, (part_down, part_up, part_alpha) in pieces.items():
+            name = kohya_module_name("transformer", part, True)
+            out[f"{name}.lora_down.weight"] = part_down
+            out[f"{name}.lora_up.weight"] = part_up
+            out[f"{name}.alpha"] = torch.tensor(part_alpha)
+    return out
+
+
 def to_diffusers_state_dict(weights: list[LoraModuleWeights]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for w in weights:
@@ -418,6 +494,8 @@ def load_lora_into_peft(
     """
     tensors, metadata = read_lora_file(path)
     layout = detect_layout(list(tensors))
+    if layout == "kohya" and is_flux_like(components):
+        tensors = kohya_bfl_to_module_keys(tensors, components, adapter_name)
     index = _key_index(components, adapter_name, layout, is_sdxl_like(components))
     suffixes = _KOHYA_SUFFIXES if layout == "kohya" else _DIFFUSERS_SUFFIXES
 
