@@ -72,6 +72,10 @@ def base_model_version(components: Mapping[str, nn.Module], sdxl: bool | None = 
         return "chroma", "chroma"
     if name == "SD3Transformer2DModel":
         return "sd3", "stable-diffusion-3"
+    if name == "ZImageTransformer2DModel":  # no sd-scripts value known; named after the model
+        return "z_image", "z-image"
+    if name == "QwenImageTransformer2DModel":
+        return "qwen_image", "qwen-image"
     if is_sdxl_like(components) if sdxl is None else sdxl:
         return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
     unet = components.get("unet")
