@@ -18,6 +18,7 @@ from modules.model.families import get_family
 from modules.model.single_file import detect_family, save_bfl_transformer
 from modules.model.single_file.flux_bfl import COMFY_PREFIX, bfl_to_diffusers, diffusers_to_bfl
 from modules.model.single_file.ldm import save_ldm_checkpoint
+from modules.model.single_file.sd3_mmdit import diffusers_to_mmdit
 from modules.model.tiny import build_tiny_pipeline, tiny_pipeline_dir
 from modules.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
 
@@ -133,6 +134,18 @@ def test_ldm_checkpoint_loads_through_diffusers_single_file(kind, tmp_path_facto
     torch.testing.assert_close(*outputs, rtol=1e-6, atol=1e-6)  # same weights; kernels may differ in the last bit
     with pytest.raises(ValueError, match=rf"{kind}\.safetensors is a {kind} checkpoint, not sd(15|xl); check model.family"):
         get_family("sd15" if kind == "sdxl" else "sdxl").load(path, components_from=tiny_pipeline_dir(kind, tmp_path_factory))
+
+
+def test_sd3_mmdit_transformer_file(tmp_path_factory, tmp_path):
+    """A transformer-only SD3.5 file in the original MMDiT layout (dual attention, qk norm): diffusers' converter
+    reads it; the VAE and the three text encoders come from components_from."""
+    original = build_tiny_flow_pipeline("sd3", seed=3).transformer
+    save_file({k: v.contiguous() for k, v in diffusers_to_mmdit(original.state_dict()).items()}, str(tmp_path / "sd35.safetensors"))
+    folder = tiny_flow_pipeline_dir("sd3", tmp_path_factory)
+    loaded = get_family("sd3").load(tmp_path / "sd35.safetensors", components_from=folder)
+    ours, theirs = loaded["transformer"].state_dict(), original.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert loaded["text_encoder_3"] is not None and loaded["vae"] is not None
 
 
 def test_bad_input_is_one_clear_line(folders, tmp_path):

@@ -175,5 +175,38 @@ def load_single_file(
             f"model.components_from to a diffusers {family.name} folder"
         )
     folder = family.check_folder(components_from, field="model.components_from")
-    pipeline = family.pipeline_class.from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=dtype)
+    keys = _file_keys(path)
+    # diffusers fills a component the file lacks from the config folder only if it finds diffusers-named weights
+    # there (not transformers' model.safetensors): load those from the folder here and pass them in.
+    missing = {name: _load_component(folder, name, dtype) for name, prefixes in ORIGINAL_COMPONENT_PREFIXES.items()
+               if name in _index(folder) and not any(k.startswith(prefixes) for k in keys)}  # fmt: skip
+    pipeline = family.pipeline_class.from_single_file(
+        str(path), config=str(folder), local_files_only=True, torch_dtype=dtype, **missing
+    )
     return dict(pipeline.components)
+
+
+# Key prefixes of each pipeline component inside original single-file checkpoints (SD1/SD2, SDXL, SD3/3.5).
+ORIGINAL_COMPONENT_PREFIXES: dict[str, tuple[str, ...]] = {
+    "vae": ("first_stage_model.", "vae."),
+    "text_encoder": ("cond_stage_model.", "conditioner.embedders.0.", "text_encoders.clip_l."),
+    "text_encoder_2": ("conditioner.embedders.1.", "text_encoders.clip_g."),
+    "text_encoder_3": ("text_encoders.t5xxl.",),
+}
+
+
+def _index(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "model_index.json").read_text())
+
+
+def _load_component(folder: Path, name: str, dtype: torch.dtype) -> Any:
+    """One model component of a diffusers folder, by the class model_index.json names (None if it has none)."""
+    import importlib
+
+    library, class_name = _index(folder)[name]
+    if class_name is None:
+        return None
+    if not (folder / name).is_dir():
+        raise ValueError(f"model.components_from: {folder} lacks {name}, which the single file does not hold either")
+    cls = getattr(importlib.import_module(library), class_name)
+    return cls.from_pretrained(str(folder / name), torch_dtype=dtype)
