@@ -10,6 +10,10 @@
 
 The VAE, text encoders, tokenizers and scheduler a transformer-only file lacks come from ``model.components_from``
 (a diffusers folder of the same family), or a one-line error names what is missing.
+
+Writers for the original layouts (``save_bfl_transformer``, ``ldm.save_ldm_checkpoint``,
+``sd3_mmdit.diffusers_to_mmdit``) export finetunes as single files and let the tests check the loaders exactly.
+Why diffusers' converter is not used for Flux/Chroma: it hard-codes Flux.1's width (3072, MLP 12288).
 """
 from __future__ import annotations
 
