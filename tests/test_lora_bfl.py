@@ -165,6 +165,16 @@ def test_bad_input_is_one_clear_line():
         to_kohya_bfl_state_dict(dora, components["transformer"])
 
 
+def test_base_model_version_per_family():
+    """kohya's ss_base_model_version values (sd-scripts: flux1, chroma, sdxl_base_v1-0, sd_v1) and modelspec names."""
+    from modules.model.saving import base_model_version
+
+    versions = {kind: base_model_version({"transformer": build_tiny_flow_pipeline(kind).transformer})
+                for kind in ("flux-dev", "flux-schnell", "chroma", "sd3")}  # fmt: skip
+    assert versions == {"flux-dev": ("flux1", "flux-1-dev"), "flux-schnell": ("flux1", "flux-1-schnell"),
+                        "chroma": ("chroma", "chroma"), "sd3": ("sd3", "stable-diffusion-3")}  # fmt: skip
+
+
 def test_config_accepts_kohya_for_flux_and_chroma_only(tmp_path):
     from tests.builders import tiny_train_config
 

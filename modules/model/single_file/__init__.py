@@ -129,8 +129,11 @@ def load_flux_transformer(family: str, path: Path, *, dtype: torch.dtype, compon
 
     raw = load_file(str(path))
     bfl = any(k.startswith(("double_blocks.", COMFY_PREFIX + "double_blocks.")) for k in raw)
-    # Own aligned copies (not views into the file buffer), like the tensors a freshly built model holds.
-    state = {k: v.to(dtype=dtype, copy=True) for k, v in (bfl_to_diffusers(raw) if bfl else raw).items()}
+    converted = bfl_to_diffusers(raw) if bfl else raw
+    del raw
+    # Own aligned copies (not views into the file buffer), like the tensors a freshly built model holds; popped one
+    # by one so a 12B checkpoint is not held twice.
+    state = {k: converted.pop(k).to(dtype=dtype, copy=True) for k in list(converted)}
     base_file = components_from / "transformer" / "config.json" if components_from is not None else None
     base = json.loads(base_file.read_text()) if base_file is not None and base_file.is_file() else None
     config = flux_transformer_config(family, state, base)
