@@ -132,12 +132,16 @@ FLUX_LIKE_TRANSFORMERS = ("FluxTransformer2DModel", "ChromaTransformer2DModel")
 KOHYA_T5_PREFIX = "lora_te3"  # sd-scripts' prefix for the T5 encoder of Flux / SD3
 
 
-def backbone_class(components: Mapping[str, nn.Module]) -> str:
-    """Class name of the denoiser (unet or transformer) inside any PEFT/DDP wrapper."""
+def unwrapped_backbone(components: Mapping[str, nn.Module]) -> nn.Module | None:
+    """The denoiser (transformer or unet) inside any DDP / PEFT wrapper; None if the components hold none."""
     model = components.get("transformer", components.get("unet"))
-    while model is not None and hasattr(model, "get_base_model"):
-        model = model.get_base_model()
     model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone_class(components: Mapping[str, nn.Module]) -> str:
+    """Class name of the denoiser (unet or transformer), "" if none is among the components."""
+    model = unwrapped_backbone(components)
     return type(model).__name__ if model is not None else ""
 
 

@@ -31,6 +31,7 @@ from modules.model.lora_files import (
     to_diffusers_state_dict,
     to_kohya_bfl_state_dict,
     to_kohya_state_dict,
+    unwrapped_backbone,
 )
 
 LoraLayout = Literal["kohya", "diffusers"]
@@ -62,11 +63,11 @@ def base_model_version(components: Mapping[str, nn.Module], sdxl: bool | None = 
     kohya sd-scripts' values: sd_v1, sd_v2, sdxl_base_v1-0, flux1, chroma; "sd3" for SD3/3.5 (sd-scripts' SD3 value
     not verified here).
     """
-    name = backbone_class(components)
-    model = components.get("transformer")
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = unwrapped_backbone(components)
+    name = type(model).__name__
+    config = getattr(model, "config", None)
     if name == "FluxTransformer2DModel":
-        dev = bool(getattr(getattr(model, "config", None), "guidance_embeds", True))
+        dev = bool(getattr(config, "guidance_embeds", True))
         return "flux1", "flux-1-dev" if dev else "flux-1-schnell"
     if name == "ChromaTransformer2DModel":
         return "chroma", "chroma"
@@ -78,9 +79,7 @@ def base_model_version(components: Mapping[str, nn.Module], sdxl: bool | None = 
         return "qwen_image", "qwen-image"
     if is_sdxl_like(components) if sdxl is None else sdxl:
         return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
-    unet = components.get("unet")
-    unet = unet.get_base_model() if hasattr(unet, "get_base_model") else unet
-    if getattr(getattr(unet, "config", None), "cross_attention_dim", None) == 1024:
+    if getattr(config, "cross_attention_dim", None) == 1024:
         return "sd_v2", "stable-diffusion-v2"
     return "sd_v1", "stable-diffusion-v1"
 
