@@ -139,6 +139,8 @@ def test_wrong_family_for_folder_and_text_encoder_lora_are_clear_errors(tmp_path
     with pytest.raises(ValueError, match=r"lora\.train_text_encoders\.text_encoder: family zimage has no text_encoder"):
         tiny_train_config("zimage", base, (tmp_path, tmp_path), tmp_path, lora={"train_text_encoders": {"text_encoder": True}},
                           data={"cache_text_embeddings": False})  # fmt: skip
+    with pytest.raises(ValueError, match=r"saving\.format: the kohya layout is not written for qwenimage"):
+        tiny_train_config("qwenimage", base, (tmp_path, tmp_path), tmp_path, saving={"format": "kohya"})
 
 
 @pytest.mark.parametrize("preset, family", [("zimage_lora", "zimage"), ("qwen_image_lora", "qwenimage")])
