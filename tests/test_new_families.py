@@ -51,6 +51,27 @@ def test_prediction_matches_one_pipeline_euler_step(pipes, family_name):
     torch.testing.assert_close(velocity, latents - stepped, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family_name, latent_hw", [("zimage", (16, 16)), ("qwenimage", (16, 16)), ("qwenimage", (128, 96))])
+def test_training_shift_is_the_samplers(pipes, family_name, latent_hw):
+    """Training timesteps are shifted as the folder's scheduler shifts sampling sigmas: Z-Image's fixed 3.0, Qwen-Image's
+    exponential resolution-dependent shift (its terminal stretch only rescales the sampling schedule's end)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    from modules.trainer.flow_objective import shift_sigmas
+
+    pipe, family = pipes[family_name], get_family(family_name)
+    objective = family.build_objective(pipe.components)
+    config = pipe.scheduler.config
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, shift_terminal=None)
+    h, w = latent_hw
+    mu = calculate_shift((h // 2) * (w // 2), config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    sigmas = [0.9, 0.5, 0.1]
+    scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+    ours = shift_sigmas(torch.tensor(sigmas), objective.shift_for((1, 16, h, w)))
+    torch.testing.assert_close(ours, scheduler.sigmas[:3].float(), rtol=1e-5, atol=1e-6)
+
+
 def test_zimage_text_is_the_pipelines_unpadded_penultimate_layer(pipes):
     pipe, family = pipes["zimage"], get_family("zimage")
     with torch.no_grad():
