@@ -308,9 +308,8 @@ class Muon_adv(torch.optim.Optimizer):
         self.orthogonalized_last_step = split.owned() if split else sum(len(w.members) for w in works)
         for work, out in zip(works, outs):
             updates.update(self._finish(work, out))
-        if plan.pairs:
-            self._rescale_pairs(plan, works, outs)
-        self._apply_muon(plan, updates, schedule)
+        kappa = self._pair_scales(plan, works, outs) if plan.pairs else {}
+        self._apply_muon(plan, updates, schedule, kappa)
         self._aux_step(aux, schedule)
         return loss
 
@@ -429,19 +428,19 @@ class Muon_adv(torch.optim.Optimizer):
     def _second_moment(self, bucket: _Bucket, out: Tensor, members: list[_Member], index: Tensor | None) -> Tensor:
         raise NotImplementedError  # Muon_adv has none (see AdaMuon_adv)
 
-    def _rescale_pairs(self, plan: _Plan, works: list[_Work], outs: list[Tensor]) -> None:
-        """lora_spectral_target='product': scale each pair so that ‖s·(ΔB·A + B·ΔA)‖₂ = lr·√(base_out/base_in).
+    def _pair_scales(self, plan: _Plan, works: list[_Work], outs: list[Tensor]) -> dict[int, float]:
+        """lora_spectral_target='product': the multiplier κ of each pair's two updates (id(param) -> κ) that makes
+        ‖s·(ΔB·A + B·ΔA)‖₂ = lr·√(base_out/base_in). _apply_muon folds κ into the parameter update.
 
         The first-order change is s·P·Q with P = [ΔB B], Q = [A; ΔA] (rank ≤ 2r); its σ_max comes from the
         2r×2r Grams G_Q = Q·Qᵀ and G_P = Pᵀ·P (scaling.lora_product_sigma), whose r×r blocks are formed per
         bucket, where the updates already lie stacked: the parameters are copied into the bucket's scratch
         (its u is spent by now), A·Aᵀ / Bᵀ·B and the cross terms A·ΔAᵀ / ΔBᵀ·B are one batched product each,
         and each update's own Gram comes from the Gram route's r×r data when it has them (_orthogonalize).
-        Nothing of the base layer's size is formed; each pair's κ then scales its two update rows in place.
+        Nothing of the base layer's size is formed.
         """
         chunks: dict[int, list[Tensor]] = {}  # r -> per-bucket (n, 2r, 2r) Grams, in order
         row: dict[int, tuple[int, int]] = {}  # id(param) -> (r, row in the concatenation of chunks[r])
-        placed: list[tuple[Tensor, int, int]] = []  # (a bucket's updates, r, row of its first update)
         for work, out in zip(works, outs):
             role = work.bucket.pair_role
             if role is None:
@@ -460,12 +459,11 @@ class Muon_adv(torch.optim.Optimizer):
             first = sum(len(c) for c in chunks.setdefault(r, []))
             chunks[r].append(gram)
             row.update((id(m.param), (r, first + i)) for i, m in enumerate(work.members))
-            placed.append((out, r, first))
         ready: dict[int, list[tuple[_Member, _Member]]] = {}  # r -> pairs with both updates this step
         for a, b in plan.pairs:
             if id(a.param) in row and id(b.param) in row:
                 ready.setdefault(row[id(a.param)][0], []).append((a, b))
-        kappa: dict[int, Tensor] = {}  # r -> multiplier per row of chunks[r] (1 where the partner has no update)
+        kappa: dict[int, float] = {}
         for r, pairs in ready.items():
             grams = torch.cat(chunks[r])
             device = grams.device
@@ -478,12 +476,9 @@ class Muon_adv(torch.optim.Optimizer):
                 device=device,
             )  # fmt: skip
             k = torch.where(sigma > 0, target / sigma.clamp_min(1e-30), torch.ones_like(sigma))
-            kappa[r] = torch.ones(len(grams), device=device)
-            kappa[r][q] = k
-            kappa[r][p] = k
-        for out, r, first in placed:
-            if r in kappa:
-                out.mul_(kappa[r][first : first + len(out)][:, None, None])
+            for (a, b), value in zip(pairs, k.tolist()):
+                kappa[id(a.param)] = kappa[id(b.param)] = value
+        return kappa
 
     def _decay_multiplier(self, m: _Member, schedule: list[float]) -> float:
         g = self.param_groups[m.group]
@@ -496,7 +491,8 @@ class Muon_adv(torch.optim.Optimizer):
             return scaling.lora_pair_decay_multiplier(wd, m.base_fan_in, schedule[m.group])
         return 1.0 - scaling.width_decay(wd, m.fan_in, schedule[m.group])
 
-    def _apply_muon(self, plan: _Plan, updates: dict[int, Tensor], schedule: list[float]) -> None:
+    def _apply_muon(self, plan: _Plan, updates: dict[int, Tensor], schedule: list[float], kappa: dict[int, float]) -> None:
+        """W ← decay·W − κ·Δ (κ: the product target's pair multiplier, else 1)."""
         if not updates:
             return
         params = [plan.members[k].param for k in updates]
@@ -504,7 +500,13 @@ class Muon_adv(torch.optim.Optimizer):
         if any(x != 1.0 for x in mults):
             torch._foreach_mul_(params, mults)
         steps = [u if u.dtype == p.dtype else u.to(p.dtype) for u, p in zip(updates.values(), params)]
-        torch._foreach_sub_(params, steps)
+        if kappa:
+            # κ rides on the update pass (a 0-d one broadcasts) instead of a pass of its own over the updates.
+            ones = {key: torch.ones((), dtype=key[0], device=key[1]) for key in {(p.dtype, p.device) for p in params}}
+            coefficients = [-kappa.get(k, 1.0) for k in updates]
+            torch._foreach_addcmul_(params, steps, [ones[(p.dtype, p.device)] for p in params], coefficients)
+        else:
+            torch._foreach_sub_(params, steps)
 
     def _aux_step(self, members: list[_Member], schedule: list[float]) -> None:
         """The auxiliary AdamW (and sign-SGD for LoRA A): one foreach call per kind and state dtype."""
