@@ -3,13 +3,13 @@ pipeline's system template (whose 34 prefix tokens are dropped), Flux-style 2x2 
 shapes, and a causal 3D VAE (frame axis, per-channel latent mean/std instead of one scale and shift)."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from modules.model.families.base import TextEmbeddings
-from modules.model.families.flow import FlowMatchingFamily, pack_latents, unpack_latents, unwrap
+from modules.model.families.flow import FlowMatchingFamily, pack_latents, unpack_latents
 from modules.model.families.zimage import LLM_ATTENTION, LLM_FEED_FORWARD
 
 # QwenImagePipeline.prompt_template_encode and prompt_template_encode_start_idx (the template's prefix length in
@@ -40,7 +40,6 @@ class QwenImageFamily(FlowMatchingFamily):
     text_encoder_blocks = ("model.language_model.layers.",)
     t5_tokenizer = "tokenizer"
     t5_max_length = 512  # QwenImagePipeline's default max_sequence_length (prompt tokens after the template prefix)
-    train_guidance: ClassVar[float] = 1.0  # only for guidance-distilled transformers (guidance_embeds); the base has none
 
     def sequence_length(self, components: dict[str, Any], tokenizer: str) -> int:
         """Prompt tokens kept after the template prefix: the pipeline's 512, within the tokenizer's context."""
@@ -70,21 +69,18 @@ class QwenImageFamily(FlowMatchingFamily):
     ) -> torch.Tensor:
         batch, _, height, width = noisy.shape
         dtype = noisy.dtype
-        guidance = None
-        if unwrap(backbone).config.guidance_embeds:
-            guidance = torch.full((batch,), self.train_guidance, device=noisy.device, dtype=torch.float32)
         out = backbone(
             hidden_states=pack_latents(noisy),
             timestep=timesteps.to(dtype),  # sigma in [0, 1], as the pipeline passes timestep / 1000
             encoder_hidden_states=text["encoder_hidden_states"].to(dtype),
             encoder_hidden_states_mask=text["attention_mask"].to(noisy.device),
-            img_shapes=[(1, height // 2, width // 2)] * batch,
-            guidance=guidance,
+            img_shapes=[(1, height // 2, width // 2)] * batch,  # (frames, token rows, token columns) per image
             return_dict=False,
             **conditioning,
         )[0]
         return unpack_latents(out, height, width)
 
     def guidance_kwargs(self, cfg: float) -> dict[str, Any]:
-        """Qwen-Image's classifier-free guidance is `true_cfg_scale` (its `guidance_scale` is the distilled input)."""
+        """Qwen-Image's classifier-free guidance is `true_cfg_scale` (its `guidance_scale` feeds a guidance embedding
+        that the published transformer does not have; none is passed in training either)."""
         return {"true_cfg_scale": cfg}
