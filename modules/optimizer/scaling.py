@@ -85,10 +85,10 @@ def lora_pair_decay_multiplier(weight_decay: float, base_fan_in: int, schedule_f
 
 
 def sym_blocks(top_left: Tensor, top_right: Tensor, bottom_right: Tensor) -> Tensor:
-    """The symmetric batch [[TL, TR], [TRᵀ, BR]] in float64 (the eigenproblems built from it are tiny)."""
+    """The symmetric batch [[TL, TR], [TRᵀ, BR]] from its three distinct blocks."""
     top = torch.cat([top_left, top_right], dim=-1)
     bottom = torch.cat([top_right.mT, bottom_right], dim=-1)
-    return torch.cat([top, bottom], dim=-2).double()
+    return torch.cat([top, bottom], dim=-2)
 
 
 def lora_product_sigma(gram_q: Tensor, gram_p: Tensor) -> Tensor:
@@ -99,8 +99,12 @@ def lora_product_sigma(gram_q: Tensor, gram_p: Tensor) -> Tensor:
     with G_Q = L·Lᵀ. Cholesky for L, because batched eigh with eigenvectors is two orders of magnitude
     slower than eigvalsh on CPU; a singular G_Q (ΔA = 0 on PEFT's first step, where B = 0) fails Cholesky
     and takes the eigh square root V·Λ^½ instead. Exact up to rounding: no iteration count, no estimate.
+
+    Works in the Grams' dtype: float32 is enough, since every step keeps errors relative to each block's own
+    scale (Cholesky is backward stable under diagonal scaling) as long as ΔB·A and B·ΔA do not cancel, and
+    orthogonalized updates follow the gradient, so they add. Against a float64 SVD of the dense change: ≤ 4e-7
+    relative for ‖ΔA‖/‖A‖, ‖ΔB‖/‖B‖ from 1e-6 to 1 (float64 here was 4× slower on CPU for the same answer).
     """
-    gram_q, gram_p = gram_q.double(), gram_p.double()
     chol, info = torch.linalg.cholesky_ex(gram_q)
     failed = info != 0
     if bool(failed.any()):
