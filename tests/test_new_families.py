@@ -2,6 +2,7 @@
 diffusers pipeline, and LoRA runs through `train()` whose files the pipelines' `load_lora_weights` load completely."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -122,10 +123,11 @@ QWEN_IDLE = ("transformer_blocks.2.attn.add_q_proj", "transformer_blocks.2.attn.
 
 
 @pytest.mark.parametrize(
-    "kind, family_name, idle, architecture",
-    [("zimage", "zimage", (), "z-image"), ("qwen-image", "qwenimage", QWEN_IDLE, "qwen-image")],
+    "kind, family_name, idle, architecture, depth",
+    # Z-Image's depth: 2 main layers + the longer refiner chain (1 block); Qwen-Image: its 3 joint blocks.
+    [("zimage", "zimage", (), "z-image", 3), ("qwen-image", "qwenimage", QWEN_IDLE, "qwen-image", 3)],
 )
-def test_lora_trains_and_loads_in_diffusers(tmp_path_factory, data_dirs, kind, family_name, idle, architecture):
+def test_lora_trains_and_loads_in_diffusers(tmp_path_factory, data_dirs, kind, family_name, idle, architecture, depth):
     from safetensors import safe_open
 
     base = tiny_flow_pipeline_dir(kind, tmp_path_factory)
@@ -134,7 +136,9 @@ def test_lora_trains_and_loads_in_diffusers(tmp_path_factory, data_dirs, kind, f
     assert_adapters_trained(result, idle=idle)
     check_lora_file_reproduces(family_name, base, result, ("transformer",))
     with safe_open(str(result.saved[0]), "pt") as saved:
-        assert saved.metadata()["modelspec.architecture"] == f"{architecture}/lora"
+        metadata = saved.metadata()
+    assert metadata["modelspec.architecture"] == f"{architecture}/lora"
+    assert json.loads(metadata["tuneonce_depth"]) == {"transformer": depth}
 
 
 @pytest.mark.parametrize("family_name, cfg, negative", [("zimage", 1.0, None), ("qwenimage", 4.0, "blurry")])
