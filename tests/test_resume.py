@@ -231,6 +231,19 @@ def test_unreadable_checkpoints_are_named_with_the_reason(reference, tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="none of the 1 checkpoints"):
         ckpt.find_checkpoint(str(tmp_path / "state.json"), tmp_path)
     assert ckpt.find_checkpoint("latest", tmp_path / "fresh") is None  # nothing to resume yet: start fresh
+    with pytest.raises(FileNotFoundError, match="resume: .*step000009 does not exist"):
+        ckpt.find_checkpoint(str(tmp_path / "step000009"), tmp_path)
+
+
+def test_other_lora_targets_are_named(setup, reference, tmp_path):
+    _, config = setup
+    reference_out, reference_result = reference
+    snapshot = ckpt.read_checkpoint(reference_out / "checkpoints" / "step000004")
+    params = ckpt.trained_parameters({"unet": reference_result.components["unet"]})
+    fewer = {k: p for k, p in params.items() if ".to_k." not in k}  # as if lora.targets left out to_k
+    with pytest.raises(ckpt.ResumeMismatch, match="trains other layers than this run .*lora.targets: 'default' -> 'attn'"
+                       r".*0 of this run's parameters missing, \d+ extra \(e.g. unet\..*to_k"):
+        ckpt.check_fits(snapshot, config(tmp_path, lora={"targets": "attn"}), fewer)
 
 
 def test_nested_state_round_trips_through_json_and_safetensors(tmp_path):

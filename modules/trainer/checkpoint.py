@@ -334,10 +334,10 @@ def find_checkpoint(resume: str, output_dir: str | Path, *, rank: int = 0) -> Sn
         root = checkpoints_root(output_dir)
     else:
         root = Path(resume)
+        if not root.is_dir():
+            raise FileNotFoundError(f"resume: {root} does not exist (a checkpoint folder, a folder of them, or 'latest')")
         if (root / MANIFEST).is_file() or _NAME.match(root.name):
             return read_checkpoint(root, rank=rank)  # the one asked for: no silent fallback
-        if not root.is_dir():
-            raise FileNotFoundError(f"resume: {root} is neither a checkpoint folder nor a folder of checkpoints")
     candidates = list_checkpoints(root)
     if not candidates:
         if resume != "latest":

@@ -430,11 +430,15 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
 def run_training(config: Any) -> int:
     """Entry point of the CLI: train, print where the results are, return the exit code."""
     result = train(config)
+    if result.resumed_from is not None:
+        print(f"resumed from {result.resumed_from}")
     if result.interrupted:
         print(f"stopped after step {result.steps}; checkpoint {result.checkpoint} (continue with --resume latest)")
         return 130  # like a shell's Ctrl-C
     print(f"trained {result.steps} steps in {result.seconds:.1f}s; final loss {result.final_loss:.4f}")
-    if result.val_losses:
+    if result.val_losses and result.val_losses[0][0] != 0:  # resumed: the step-0 baseline is in the first run's log
+        print(f"validation loss {result.val_losses[-1][1]:.5f} at step {result.val_losses[-1][0]}")
+    elif result.val_losses:
         first, last = result.val_losses[0][1], result.val_losses[-1][1]
         print(f"validation loss {first:.5f} -> {last:.5f} ({last / first:.3f}x)")
     for path in result.saved:
