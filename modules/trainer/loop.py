@@ -72,9 +72,14 @@ def batch_latents(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
         return parts.family.encode_latents(vae, batch["pixel_values"].to(device, non_blocking=True)).to(parts.dtype)
 
 
+def cached_text_to(text: TextEmbeddings, device: torch.device, dtype: torch.dtype) -> TextEmbeddings:
+    """Cached text embeddings (stored in float32) on `device`, floating ones in the backbone's `dtype`."""
+    return {k: v.to(device, dtype if v.is_floating_point() else v.dtype, non_blocking=True) for k, v in text.items()}
+
+
 def batch_text(parts: StepParts, batch: dict[str, Any]) -> TextEmbeddings:
     if "text_embeddings" in batch:  # cached by the data pipeline
-        return {k: v.to(parts.accelerator.device, non_blocking=True) for k, v in batch["text_embeddings"].items()}
+        return cached_text_to(batch["text_embeddings"], parts.accelerator.device, parts.dtype)
     captions = list(batch["caption"])
     if parts.train_text:
         return parts.family.encode_text(parts.components, captions)

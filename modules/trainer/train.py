@@ -238,13 +238,16 @@ def optimizer_to_step(accelerator: Any, prepared: Any) -> torch.optim.Optimizer:
 
 
 def build_run(config: Any) -> Run:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     ensure_base_model(config)
     paths = RunPaths.from_config(config)
     paths.output_dir.mkdir(parents=True, exist_ok=True)
     tcfg = config.training
+    if tcfg.mixed_precision == "fp16" and PartialState().device.type == "cpu":  # accelerate would train in float32
+        raise ValueError("training.mixed_precision: fp16 autocast needs a GPU (on CPU accelerate skips it and the run "
+                         "is float32); use bf16 or no here, or model.train_dtype: float16 for half weights")
     accelerator = Accelerator(
         mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.gradient_accumulation,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -290,8 +293,9 @@ def build_run(config: Any) -> Run:
 class RunEvents:
     """What happens around the steps: logging, validation, samples and saves (main process only for files)."""
 
-    def __init__(self, run: Run, result: RunResult, *, show_progress: bool, ema: EMA | None = None) -> None:
-        self.run, self.result, self.config, self.ema = run, result, run.config, ema
+    def __init__(self, run: Run, result: RunResult, *, show_progress: bool, ema: EMA | None = None,
+                 position: DataPosition | None = None) -> None:
+        self.run, self.result, self.config, self.ema, self.position = run, result, run.config, ema, position
         accelerator = run.parts.accelerator
         self.main = accelerator.is_main_process
         logging_cfg = self.config.logging
@@ -317,8 +321,16 @@ class RunEvents:
         """The weights that validation, samples and saved files use: the EMA's when it is on (as OneTrainer saves)."""
         return self.ema.applied() if self.ema is not None else nullcontext()
 
-    def resumed(self, state: TrainState, saved_epoch: int) -> None:
-        self.last_epoch = saved_epoch
+    def finished_epochs(self, state: TrainState) -> int:
+        """Epochs whose last batch has been trained on. `state.epoch` moves on only when the next epoch's first
+        batch is drawn, one step too late for an epoch's save; the data position knows at once."""
+        if self.position is None:
+            return state.epoch
+        at = self.position.state_dict()
+        return at["epoch"] + (at["position"] >= len(self.position.sampler))
+
+    def resumed(self, state: TrainState) -> None:
+        self.last_epoch = self.finished_epochs(state)
         self.bar.n = self.bar.last_print_n = state.step
         self.bar.refresh()
 
@@ -365,11 +377,11 @@ class RunEvents:
         if state.step < total:
             if cfg.saving.save_every_n_steps and state.step % cfg.saving.save_every_n_steps == 0:
                 self.save(f"-step{state.step:06d}")
-            # state.epoch counts epochs whose batches are all used (the loader moved past their end)
-            if cfg.saving.save_every_n_epochs and state.epoch > self.last_epoch:
-                self.last_epoch = state.epoch
-                if state.epoch % cfg.saving.save_every_n_epochs == 0:
-                    self.save(f"-epoch{state.epoch:04d}")
+            finished = self.finished_epochs(state)
+            if cfg.saving.save_every_n_epochs and finished > self.last_epoch:
+                self.last_epoch = finished
+                if finished % cfg.saving.save_every_n_epochs == 0:
+                    self.save(f"-epoch{finished:04d}")
 
     def on_end(self, state: TrainState) -> None:
         self.result.steps = state.step
@@ -402,8 +414,8 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
     snapshot = find_checkpoint(config.resume, run.paths.output_dir, rank=accelerator.process_index) if config.resume else None
     if snapshot is not None and accelerator.is_main_process and config.logging.jsonl:
         drop_metrics_after(run.paths.log_dir / METRICS_FILE, snapshot.step)  # the killed run's steps are redone
-    events = RunEvents(run, result, show_progress=show_progress, ema=ema)
     state, position = TrainState(), DataPosition(run.loader.batch_sampler)
+    events = RunEvents(run, result, show_progress=show_progress, ema=ema, position=position)
     saving = config.saving
     checkpointer = Checkpointer(run, position, ema, every=saving.checkpoint_every_n_steps, keep_last=saving.keep_last_n_checkpoints)
     on_step = ([lambda state, loss: ema.update(state.step)] if ema else []) + [events.on_step, checkpointer.on_step]
@@ -412,7 +424,7 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
             events.validate(state)
         else:
             restore_run(snapshot, run, state, ema)
-            events.resumed(state, snapshot.epoch)
+            events.resumed(state)
             result.resumed_from = snapshot.path
             logger.info("resumed from %s (step %d)", snapshot.path, state.step)
         batches = position.track(endless(lambda: run.loader, state))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from modules.model.families.base import ModelFamily, TextEmbeddings
+from modules.trainer.loop import cached_text_to
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Validator:
 
     def _text(self, batch: dict[str, Any]) -> TextEmbeddings:
         if "text_embeddings" in batch:  # cached by the data pipeline
-            return {k: v.to(self.device) for k, v in batch["text_embeddings"].items()}
+            return cached_text_to(batch["text_embeddings"], self.device, self.dtype)
         return self.family.encode_text(self.components, list(batch["caption"]))
 
     @torch.no_grad()
