@@ -28,13 +28,13 @@ from tests.builders import concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parent.parent
-STEPS, EVERY = 6, 2  # 6 images, batch 2: 3 batches an epoch (Ctrl-C at step 3 stops at an epoch's end)
+STEPS, EVERY = 6, 2  # 4 images, batch 2: checkpoints at epoch ends (steps 2, 4); Ctrl-C at step 3 stops mid-epoch
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tiny_pipeline_dir("sd15", tmp_path_factory)
-    data = concept_data_dirs(tmp_path_factory.mktemp("data"), train_count=6)
+    data = concept_data_dirs(tmp_path_factory.mktemp("data"), train_count=4)
     cache = tmp_path_factory.mktemp("cache")  # latents and text embeddings encoded once for all the runs
 
     def config(out: Path, **sections):
@@ -135,7 +135,8 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(setup, referen
 
     monkeypatch.setattr(loop, "compute_loss", interrupted_in_step_3)
     handler = signal.getsignal(signal.SIGINT)
-    stopped = train(config(out), show_progress=False)
+    workers = {"data": {"num_workers": 1}}  # the worker prefetches past the step: the position is the batch's own
+    stopped = train(config(out, **workers), show_progress=False)
     assert signal.getsignal(signal.SIGINT) is handler  # the run's handler is gone again
     monkeypatch.setattr(loop, "compute_loss", real)
     assert stopped.interrupted and stopped.steps == 3
@@ -143,7 +144,7 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(setup, referen
     assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step000002", "step000003"]
     assert not (out / "run.safetensors").exists()  # not finished: no final file
 
-    result = train(config(out, resume=str(out / "checkpoints" / "step000003")), show_progress=False)
+    result = train(config(out, resume=str(out / "checkpoints" / "step000003"), **workers), show_progress=False)
     reference_out, reference_result = reference
     assert_same_run(result, reference_result, out, reference_out)
 
@@ -273,7 +274,7 @@ def test_cli_resume_flag_sets_the_config_field(capsys):
 
 
 def test_full_finetune_with_adamw_and_accumulation_resumes_bit_identical(setup, tmp_path):
-    """The whole backbone and AdamW's state (tensor step counts) go through a checkpoint taken mid-epoch, between
+    """The whole backbone and AdamW's state (tensor step counts) go through a checkpoint taken at an epoch's end, between
     accumulation windows."""
     _, config = setup
     sections = dict(
@@ -284,7 +285,7 @@ def test_full_finetune_with_adamw_and_accumulation_resumes_bit_identical(setup, 
     out = tmp_path / "resumed"
     shutil.copytree(tmp_path / "whole" / "checkpoints", out / "checkpoints")
     snapshot = ckpt.read_checkpoint(out / "checkpoints" / "step000001")
-    assert snapshot.sampler["position"] == 2 and len(snapshot.weights) == len(list(whole.components["unet"].parameters()))
+    assert snapshot.sampler == {"epoch": 0, "position": 2, "seed": 3, "num_items": 4} and len(snapshot.weights) == len(list(whole.components["unet"].parameters()))
     resumed = train(config(out, resume="latest", **sections), show_progress=False)
     assert resumed.resumed_from == out / "checkpoints" / "step000001" and resumed.steps == 2
     ours, theirs = resumed.components["unet"].state_dict(), whole.components["unet"].state_dict()
