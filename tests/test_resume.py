@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
     def config(out: Path, **sections):
         defaults = {
             "data": {"cache_dir": str(cache)},
-            "schedule": {"max_steps": STEPS},
+            "schedule": {"max_steps": STEPS, "scheduler": "cosine", "warmup_steps": 2},  # the scheduler's step matters
             "training": {"batch_size": 2, "seed": 3, "ema": {"enabled": True, "decay": 0.9}},
             "validation": {"every_n_steps": 3, "folder": str(data[1]), "num_timesteps": 2},
             "saving": {"output_dir": str(out), "name": "run", "checkpoint_every_n_steps": EVERY},
