@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from modules.config.schema import TrainConfig
 from modules.data.synthetic import write_concept_dataset
 
@@ -35,3 +37,22 @@ def tiny_train_config(family: str, base: Path, data_dirs: tuple[Path, Path], out
         for section, values in updates.items():
             cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
     return TrainConfig.model_validate(cfg)
+
+
+def flux_transformer_inputs(config: Any, seed: int = 0) -> dict[str, Any]:
+    """Random forward kwargs (16 image tokens on a 4x4 grid, 8 text tokens) for a tiny Flux/Chroma transformer."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, text = 16, 8
+    kwargs: dict[str, Any] = dict(
+        hidden_states=torch.randn(1, tokens, config.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(1, text, config.joint_attention_dim, generator=g),
+        timestep=torch.tensor([0.4]),
+        img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(-1, 3),
+        txt_ids=torch.zeros(text, 3),
+        return_dict=False,
+    )
+    if hasattr(config, "pooled_projection_dim"):
+        kwargs["pooled_projections"] = torch.randn(1, config.pooled_projection_dim, generator=g)
+    if getattr(config, "guidance_embeds", False):
+        kwargs["guidance"] = torch.tensor([3.5])
+    return kwargs

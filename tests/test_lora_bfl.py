@@ -14,6 +14,7 @@ from torch import nn
 from modules.model.lora_files import LoraModuleWeights, collect_lora_weights, to_kohya_bfl_state_dict
 from modules.model.saving import lora_state_dict, save_lora
 from modules.model.tiny_flow import build_tiny_flow_pipeline
+from tests.builders import flux_transformer_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,24 +53,6 @@ def _adapt(kind: str, *, rank_pattern=None, alpha_pattern=None, text: bool = Fal
     return pipe, components
 
 
-def _inputs(config, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    text = 8
-    kwargs = dict(
-        hidden_states=torch.randn(1, 16, config.in_channels, generator=g),
-        encoder_hidden_states=torch.randn(1, text, config.joint_attention_dim, generator=g),
-        timestep=torch.tensor([0.4]),
-        img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(-1, 3),
-        txt_ids=torch.zeros(text, 3),
-        return_dict=False,
-    )
-    if hasattr(config, "pooled_projection_dim"):
-        kwargs["pooled_projections"] = torch.randn(1, config.pooled_projection_dim, generator=g)
-    if getattr(config, "guidance_embeds", False):
-        kwargs["guidance"] = torch.tensor([3.5])
-    return kwargs
-
-
 def _lora_modules(model: nn.Module) -> set[str]:
     return {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
 
@@ -90,7 +73,7 @@ def test_diffusers_loads_every_key_and_predicts_the_same(kind, tmp_path):
     fresh = build_tiny_flow_pipeline(kind)
     fresh.load_lora_weights(str(path))  # diffusers raises on any kohya key its converter leaves over
     assert _lora_modules(fresh.transformer) == _lora_modules(pipe.transformer)
-    inputs = _inputs(pipe.transformer.config)
+    inputs = flux_transformer_inputs(pipe.transformer.config)
     with torch.no_grad():
         ours, theirs = pipe.transformer(**inputs)[0], fresh.transformer(**inputs)[0]
         base = build_tiny_flow_pipeline(kind).transformer(**inputs)[0]
@@ -213,7 +196,7 @@ def test_kohya_bfl_file_loads_back_into_peft(tmp_path):
     for name, model in components.items():
         expected, got = _peft_state(model), _peft_state(fresh[name])
         assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected), name
-    inputs = _inputs(pipe.transformer.config)
+    inputs = flux_transformer_inputs(pipe.transformer.config)
     with torch.no_grad():
         torch.testing.assert_close(fresh["transformer"](**inputs)[0], pipe.transformer(**inputs)[0], rtol=1e-6, atol=1e-6)
 

@@ -21,6 +21,7 @@ from modules.model.single_file.ldm import save_ldm_checkpoint
 from modules.model.single_file.sd3_mmdit import diffusers_to_mmdit
 from modules.model.tiny import build_tiny_pipeline, tiny_pipeline_dir
 from modules.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
+from tests.builders import flux_transformer_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,30 +31,11 @@ def folders(tmp_path_factory):
     return {kind: tiny_flow_pipeline_dir(kind, tmp_path_factory) for kind in ("flux-dev", "chroma")}
 
 
-def _flux_inputs(transformer, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    config = transformer.config
-    tokens, text = 16, 8
-    kwargs = dict(
-        hidden_states=torch.randn(1, tokens, config.in_channels, generator=g),
-        encoder_hidden_states=torch.randn(1, text, config.joint_attention_dim, generator=g),
-        timestep=torch.tensor([0.4]),
-        img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(-1, 3),
-        txt_ids=torch.zeros(text, 3),
-        return_dict=False,
-    )
-    if hasattr(config, "pooled_projection_dim"):
-        kwargs["pooled_projections"] = torch.randn(1, config.pooled_projection_dim, generator=g)
-    if getattr(config, "guidance_embeds", False):
-        kwargs["guidance"] = torch.tensor([3.5])
-    return kwargs
-
-
 def _assert_same_model(loaded, original):
     ours, theirs = loaded.state_dict(), original.state_dict()
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    inputs = _flux_inputs(original)
+    inputs = flux_transformer_inputs(original.config)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs)[0], original(**inputs)[0])
 
