@@ -17,6 +17,16 @@ def concept_data_dirs(root: Path, *, train_count: int) -> tuple[Path, Path]:
     return root / "train", root / "val"
 
 
+# A two-step flow-matching LoRA run (defaults for tiny_train_config).
+FLOW_RUN = {
+    "lora": {"rank": 4, "alpha": 2.0},  # alpha != rank: the file must carry the 0.5 scale
+    "schedule": {"max_steps": 2},
+    "training": {"batch_size": 2, "seed": 3, "timestep_sampling": "logit_normal"},
+    "validation": {"every_n_steps": 2, "num_timesteps": 2},
+    "saving": {"format": "diffusers"},
+}
+
+
 def tiny_train_config(family: str, base: Path, data_dirs: tuple[Path, Path], out: Path,
                       *, defaults: dict[str, dict[str, Any]] | None = None, **sections: Any) -> TrainConfig:
     """A few-step LoRA run at 64 px; `defaults` then `sections` update the config section by section (a dict

@@ -15,8 +15,8 @@ from modules.model.families.flow import pack_latents, unpack_latents
 from modules.model.families.qwenimage import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
 from modules.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
 from modules.trainer.train import train
-from tests.builders import concept_data_dirs, tiny_train_config
-from tests.test_flow_families import FLOW_RUN, assert_adapters_trained, check_lora_file_reproduces
+from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
+from tests.lora_checks import assert_adapters_trained, check_lora_file_reproduces
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
