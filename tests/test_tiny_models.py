@@ -91,14 +91,16 @@ def test_tokenizer_knows_every_demo_caption_word():
 
 SMALL = demo.DemoSettings(pretrain_images=8, autoencoder_images=8, vae_steps=2, vae_batch_size=2, unet_steps=2,
                           batch_size=4, concept_images=3, concept_val_images=2)
+SMALL_DECODER = demo.DecoderSettings(pretrain_images=4, generic_images=4, steps=2, batch_size=2)
 
 
 def test_demo_base_is_built_then_cached(tmp_path, monkeypatch):
     missing_asset = tmp_path / "no_asset.safetensors"
-    base = demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset)
+    base = demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset, decoder=SMALL_DECODER)
     assert base == tmp_path / "tiny_sdxl_base"
     marker = json.loads((base / demo.MARKER_NAME).read_text())
     assert marker["source"] == "pretrained" and marker["settings_hash"] == demo.settings_hash(SMALL)
+    assert marker["decoder_hash"] == demo.decoder_hash(SMALL, SMALL_DECODER)
     assert len(list((tmp_path / "concept").glob("*.png"))) == 3
     assert len(list((tmp_path / "concept_val").glob("*.txt"))) == 2
     assert "zxq" in (tmp_path / "concept" / "0000.txt").read_text()
@@ -109,10 +111,13 @@ def test_demo_base_is_built_then_cached(tmp_path, monkeypatch):
         raise AssertionError("cached demo base was rebuilt")
 
     monkeypatch.setattr(demo, "pretrain", must_not_run)
-    assert demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset) == base
+    assert demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset, decoder=SMALL_DECODER) == base
     changed = demo.DemoSettings(**{**SMALL.__dict__, "unet_steps": 3})
     with pytest.raises(AssertionError, match="rebuilt"):  # other settings: the cache does not apply
-        demo.prepare_demo_base(tmp_path, changed, asset_path=missing_asset)
+        demo.prepare_demo_base(tmp_path, changed, asset_path=missing_asset, decoder=SMALL_DECODER)
+    other_decoder = demo.DecoderSettings(**{**SMALL_DECODER.__dict__, "steps": 3})
+    with pytest.raises(AssertionError, match="rebuilt"):  # nor another decoder step (no asset holds it)
+        demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset, decoder=other_decoder)
 
 
 def test_shipped_weights_are_used_only_for_their_settings(tmp_path, monkeypatch):
@@ -120,14 +125,15 @@ def test_shipped_weights_are_used_only_for_their_settings(tmp_path, monkeypatch)
     with torch.no_grad():
         pipe.unet.conv_in.weight.fill_(0.25)
     pipe.vae.register_to_config(scaling_factor=0.5)
-    asset = demo.save_asset(pipe, demo.settings_hash(SMALL), tmp_path / "asset.safetensors")
+    asset = demo.save_asset(pipe, demo.settings_hash(SMALL), demo.decoder_hash(SMALL, SMALL_DECODER),
+                            tmp_path / "asset.safetensors")
     monkeypatch.setattr(demo, "pretrain", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pretrained")))
-    base = demo.prepare_demo_base(tmp_path / "demo", SMALL, asset_path=asset)
+    base = demo.prepare_demo_base(tmp_path / "demo", SMALL, asset_path=asset, decoder=SMALL_DECODER)
     loaded = StableDiffusionXLPipeline.from_pretrained(base)
     assert torch.all(loaded.unet.conv_in.weight == 0.25) and loaded.vae.config.scaling_factor == 0.5
     other = demo.DemoSettings(**{**SMALL.__dict__, "seed": 5})
     with pytest.raises(AssertionError, match="pretrained"):
-        demo.prepare_demo_base(tmp_path / "demo2", other, asset_path=asset)
+        demo.prepare_demo_base(tmp_path / "demo2", other, asset_path=asset, decoder=SMALL_DECODER)
 
 
 @pytest.mark.skipif(not demo.ASSET_PATH.is_file(), reason="shipped demo weights not present")
@@ -135,7 +141,9 @@ def test_shipped_demo_base_reconstructs_and_denoises(tmp_path):
     """The committed base really is pretrained: its VAE reconstructs new images, its UNet beats a fresh one."""
     pipe = build_tiny_sdxl(demo.DemoSettings().seed)
     fresh_unet = build_tiny_sdxl(demo.DemoSettings().seed).unet
-    assert demo._load_asset(pipe, demo.ASSET_PATH, demo.settings_hash(demo.DemoSettings()))
+    settings = demo.DemoSettings()
+    assert demo._load_asset(pipe, demo.ASSET_PATH, demo.settings_hash(settings),
+                            demo.decoder_hash(settings, demo.DecoderSettings()))
     paths = synthetic.write_pretrain_dataset(tmp_path / "held_out", count=8, size=64, seed=777)
     images = demo._image_tensor(paths)
     with torch.no_grad():

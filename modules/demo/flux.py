@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from modules.demo.prepare import MARKER_NAME, DemoSettings, demo_paths, prepare_demo_base, settings_hash
+from modules.demo.prepare import MARKER_NAME, DecoderSettings, DemoSettings, decoder_hash, demo_paths, prepare_demo_base
 from modules.model.tiny_flow import DYNAMIC_SHIFT, _t5, build_tiny_t5_tokenizer, tiny_flux_transformer
 
 FLUX_DEMO_BASE = "tiny_flux_base"
@@ -38,7 +38,7 @@ def prepare_flux_demo_base(
     VAE and CLIP from this SDXL folder instead of the prepared SDXL demo base (tests)."""
     if sdxl_base is None:
         sdxl_base = prepare_demo_base(root, settings)  # concept data + the pretrained VAE and CLIP
-        source = settings_hash(settings)
+        source = decoder_hash(settings, DecoderSettings())  # covers the base recipe and the decoder step
     else:
         source = str(Path(sdxl_base).resolve())
     folder = flux_demo_base_dir(root)

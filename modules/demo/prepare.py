@@ -8,10 +8,16 @@
 - ``concept/`` and ``concept_val/``: the new concept the demo LoRA learns (magenta striped stars, trigger word
   ``zxq``) and held-out validation images of it.
 
-Pretraining from scratch takes several minutes on a 2-core CPU, too long for the README's 3-minute demo, so the
-pretrained weights ship in ``modules/demo/assets/tiny_sdxl_base.safetensors`` (fp16, ~3 MB) and are used when
-their recorded settings hash matches; ``python scripts/prepare_demo.py --from-scratch`` reproduces them. Results
-are cached: a marker file holds a content hash of the settings, so a second call returns at once.
+The recipe has two steps: ``pretrain`` (VAE, then UNet; the sweeps build their width/depth variants with it too)
+and ``finetune_decoder``, which trains only the VAE decoder on the frozen encoder's latent means, so the pictures
+show the magenta and the stripes the latents carry (the pretrained decoder, trained on noisy posterior samples,
+drew them blue and blurred). The encoder, UNet and text encoders, and so every latent and loss, do not change.
+
+Pretraining from scratch takes about half an hour on a busy 2-core CPU, too long for the README's 3-minute demo, so
+the weights ship in ``modules/demo/assets/tiny_sdxl_base.safetensors`` (fp16, ~4 MB) and are used when their
+recorded settings and decoder hashes match; ``python scripts/prepare_demo.py --from-scratch`` reproduces them.
+Results are cached: a marker file holds the hashes, so a second call returns at once. A base prepared before the
+decoder step gets the shipped decoder in place (only its VAE file changes).
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from modules.data import synthetic
 from modules.model.tiny import build_tiny_sdxl
@@ -42,7 +48,9 @@ DEFAULT_DEMO_ROOT = REPO_ROOT / "workspace" / "demo"
 ASSET_PATH = Path(__file__).resolve().parent / "assets" / "tiny_sdxl_base.safetensors"
 MARKER_NAME = "tuneonce_demo.json"
 FORMAT_VERSION = 1  # bump when the recipe below changes in a way the settings do not capture
+DECODER_FORMAT_VERSION = 1  # likewise for finetune_decoder
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+DECODER_PREFIXES = ("post_quant_conv.", "decoder.")  # the VAE's decoding path: what finetune_decoder trains
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,19 @@ class DemoSettings:
     concept_seed: int = 1
     concept_val_images: int = 8
     concept_val_seed: int = 1001
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    """The decoder fine-tune after pretraining (its own hash, so the pretraining recipe and hash stay as they are)."""
+
+    seed: int = 0
+    pretrain_images: int = 384  # the base's domain (new draws, not its pretraining images)
+    generic_images: int = 512  # per texture: every shape, colour and background, concept-like ones included
+    steps: int = 800
+    batch_size: int = 8
+    lr: float = 2e-3
+    latent_noise: float = 0.05  # small jitter on the latent means: sampled latents are never exact
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,13 @@ def settings_hash(settings: DemoSettings) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def decoder_hash(settings: DemoSettings, decoder: DecoderSettings) -> str:
+    """Content hash of the decoder step on top of the base recipe ``settings``."""
+    payload = json.dumps({"v": DECODER_FORMAT_VERSION, "base": settings_hash(settings), "decoder": asdict(decoder)},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def _read_marker(folder: Path) -> dict:
     try:
         return json.loads((folder / MARKER_NAME).read_text())
@@ -111,22 +139,23 @@ def prepare_demo_base(
     *,
     from_scratch: bool = False,
     asset_path: Path = ASSET_PATH,
+    decoder: DecoderSettings = DecoderSettings(),
 ) -> Path:
     """Build (or reuse) the demo base pipeline and the concept datasets; returns the base folder.
 
     A second call with the same settings returns at once. ``from_scratch`` ignores the shipped weights and
-    pretrains here (several minutes on a 2-core CPU).
+    pretrains here (about half an hour on a busy 2-core CPU).
     """
     paths = demo_paths(root)
-    digest = settings_hash(settings)
+    digest, decoder_digest = settings_hash(settings), decoder_hash(settings, decoder)
     marker = _read_marker(paths.base)
-    if (
-        not from_scratch
-        and marker.get("settings_hash") == digest
-        and _count_pngs(paths.concept) == settings.concept_images
-        and _count_pngs(paths.concept_val) == settings.concept_val_images
-    ):
-        return paths.base
+    data_ready = (_count_pngs(paths.concept) == settings.concept_images
+                  and _count_pngs(paths.concept_val) == settings.concept_val_images)
+    if not from_scratch and data_ready and marker.get("settings_hash") == digest:
+        if marker.get("decoder_hash") == decoder_digest:
+            return paths.base
+        if _refresh_decoder(paths.base, marker, asset_path, decoder_digest):
+            return paths.base
 
     started = time.perf_counter()
     for folder, count, seed in ((paths.concept, settings.concept_images, settings.concept_seed),
@@ -136,12 +165,33 @@ def prepare_demo_base(
 
     pipe = build_tiny_sdxl(settings.seed)
     source = "assets"
-    if from_scratch or not _load_asset(pipe, asset_path, digest):
+    if from_scratch or not _load_asset(pipe, asset_path, digest, decoder_digest):
         source = "pretrained"
         pretrain(pipe, settings)
-    _save_pipeline(pipe, paths.base, {"settings_hash": digest, "source": source, "settings": asdict(settings),
+        finetune_decoder(pipe.vae, settings, decoder)
+    _save_pipeline(pipe, paths.base, {"settings_hash": digest, "decoder_hash": decoder_digest, "source": source,
+                                      "settings": asdict(settings), "decoder": asdict(decoder),
                                       "seconds": round(time.perf_counter() - started, 1)})
     return paths.base
+
+
+def _refresh_decoder(base: Path, marker: dict, asset_path: Path, decoder_digest: str) -> bool:
+    """Give a base prepared with another decoder the shipped one, in place: only the VAE's decoding weights change,
+    so runs on this base keep their encoder, UNet and text encoders bit for bit. False if the asset lacks it."""
+    shipped = _asset_tensors(asset_path, marker["settings_hash"], decoder_digest)
+    weights = base / "vae" / "diffusion_pytorch_model.safetensors"
+    if shipped is None or not weights.is_file():
+        return False
+    state = load_file(str(weights))
+    decoding = {k: shipped[0][f"vae.{k}"] for k in state if k.startswith(DECODER_PREFIXES)}
+    state.update({k: v.to(state[k].dtype) for k, v in decoding.items()})
+    staging = weights.with_name(f".{weights.name}.partial")
+    save_file(state, str(staging), metadata={"format": "pt"})
+    staging.replace(weights)  # atomic: a run loading the base sees the old file or the new one
+    marker = {**marker, "decoder_hash": decoder_digest, "decoder_from": asset_path.name}
+    (base / MARKER_NAME).write_text(json.dumps(marker, indent=2))
+    logger.info("demo base %s: VAE decoder refreshed from %s", base, asset_path)
+    return True
 
 
 def _save_pipeline(pipe: StableDiffusionXLPipeline, folder: Path, marker: dict) -> None:
@@ -155,36 +205,70 @@ def _save_pipeline(pipe: StableDiffusionXLPipeline, folder: Path, marker: dict) 
 
 # --------------------------------------------------------------------------------------------- shipped weights
 
-def save_asset(pipe: StableDiffusionXLPipeline, digest: str, path: Path = ASSET_PATH) -> Path:
-    """Write the pretrained weights of all trainable components into one fp16 safetensors file."""
+def save_asset(pipe: StableDiffusionXLPipeline, digest: str, decoder_digest: str, path: Path = ASSET_PATH) -> Path:
+    """Write the prepared weights of all trainable components into one fp16 safetensors file."""
     tensors = {
         f"{name}.{key}": value.detach().to(torch.float16).contiguous()
         for name in COMPONENTS
         for key, value in getattr(pipe, name).state_dict().items()
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"settings_hash": digest, "vae_scaling_factor": repr(float(pipe.vae.config.scaling_factor))}
+    metadata = {"settings_hash": digest, "decoder_hash": decoder_digest,
+                "vae_scaling_factor": repr(float(pipe.vae.config.scaling_factor))}
     save_file(tensors, str(path), metadata=metadata)
     return path
 
 
-def _load_asset(pipe: StableDiffusionXLPipeline, path: Path, digest: str) -> bool:
-    """Load shipped weights into ``pipe`` if they were made with these settings; False otherwise."""
+def _asset_tensors(path: Path, digest: str, decoder_digest: str) -> tuple[dict[str, torch.Tensor], float] | None:
+    """The shipped tensors and VAE scaling factor if made with these settings; None otherwise."""
     if not path.is_file():
-        return False
+        return None
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-        if metadata.get("settings_hash") != digest:
-            logger.warning("%s was made with other demo settings (%s, now %s); pretraining from scratch",
-                           path, metadata.get("settings_hash"), digest)
-            return False
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        made_with = (metadata.get("settings_hash"), metadata.get("decoder_hash"))
+        if made_with != (digest, decoder_digest):
+            logger.warning("%s was made with other demo settings (%s/%s, now %s/%s)", path, *made_with, digest,
+                           decoder_digest)
+            return None
+        return {key: handle.get_tensor(key) for key in handle.keys()}, float(metadata["vae_scaling_factor"])
+
+
+def _load_asset(pipe: StableDiffusionXLPipeline, path: Path, digest: str, decoder_digest: str) -> bool:
+    """Load shipped weights into ``pipe`` if they were made with these settings; False otherwise."""
+    shipped = _asset_tensors(path, digest, decoder_digest)
+    if shipped is None:
+        return False
+    tensors, scaling_factor = shipped
     for name in COMPONENTS:
         prefix = f"{name}."
         state = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
         getattr(pipe, name).load_state_dict(state, strict=True)
-    pipe.vae.register_to_config(scaling_factor=float(metadata["vae_scaling_factor"]))
+    pipe.vae.register_to_config(scaling_factor=scaling_factor)
     return True
+
+
+def write_asset_decoder(pretrained_base: Path, settings: DemoSettings = DemoSettings(),
+                        decoder: DecoderSettings = DecoderSettings(), path: Path = ASSET_PATH) -> Path:
+    """Run only the decoder step on ``pretrained_base`` (a base pretrained here before the decoder step existed)
+    and put its result into the shipped file; every other tensor of the file is kept byte for byte."""
+    from diffusers import AutoencoderKL
+
+    digest, marker = settings_hash(settings), _read_marker(pretrained_base)
+    if marker.get("settings_hash") != digest or marker.get("source") != "pretrained" or "decoder_hash" in marker:
+        raise ValueError(f"{pretrained_base}: not a demo base pretrained with settings {digest} before the decoder "
+                         f"step (its marker: {marker or 'missing'})")
+    with safe_open(str(path), framework="pt") as handle:
+        if (handle.metadata() or {}).get("settings_hash") != digest:
+            raise ValueError(f"{path}: made with other demo settings than {digest}")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = dict(handle.metadata())
+    vae = AutoencoderKL.from_pretrained(pretrained_base / "vae")
+    finetune_decoder(vae, settings, decoder)
+    for key, value in vae.state_dict().items():
+        if key.startswith(DECODER_PREFIXES):
+            tensors[f"vae.{key}"] = value.to(torch.float16).contiguous()
+    save_file(tensors, str(path), metadata={**metadata, "decoder_hash": decoder_hash(settings, decoder)})
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- pretraining
@@ -298,3 +382,51 @@ def _train_unet(pipe, images: torch.Tensor, captions: list[str], settings: DemoS
             logger.info("demo unet step %d/%d loss %.4f", step + 1, settings.unet_steps, loss.item())
     unet.eval()
     unet.requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------- decoder fine-tune
+
+def decoder_training_images(settings: DemoSettings, decoder: DecoderSettings, workdir: Path) -> torch.Tensor:
+    """New draws of the base's domain plus every shape, colour, background and texture (never the concept's
+    held-out validation images: those come from the concept's own seed)."""
+    paths = synthetic.write_pretrain_dataset(workdir / "pretrain", count=decoder.pretrain_images,
+                                             size=settings.image_size, seed=settings.seed + 300)
+    for texture in synthetic.TEXTURES:
+        concept = synthetic.Concept(name=f"generic_{texture}", shapes=synthetic.SHAPES,
+                                    colors=tuple(synthetic.COLORS), backgrounds=tuple(synthetic.BACKGROUNDS),
+                                    texture=texture)
+        paths += synthetic.write_dataset(workdir / concept.name, concept, count=decoder.generic_images,
+                                         size=settings.image_size, seed=settings.seed + 301)
+    return _image_tensor(paths)
+
+
+def finetune_decoder(vae, settings: DemoSettings, decoder: DecoderSettings, workdir: Path | None = None) -> None:
+    """Train the VAE's decoding path (post_quant_conv + decoder) to reconstruct images from the frozen encoder's
+    latent means, which is what the UNet learned to produce; the encoder and the scaling factor stay as they are."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        images = decoder_training_images(settings, decoder, Path(workdir or scratch))
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(64)])
+    trained = [p for name, p in vae.named_parameters() if name.startswith(DECODER_PREFIXES)]
+    vae.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trained, lr=decoder.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(decoder.seed)
+    vae.train()
+    for step in range(decoder.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, decoder.steps, decoder.lr)
+        index = torch.randint(len(images), (decoder.batch_size,), generator=generator)
+        noisy = latents[index] + decoder.latent_noise * torch.randn(latents[index].shape, generator=generator)
+        loss = F.mse_loss(vae.decode(noisy).sample, images[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == decoder.steps - 1:
+            logger.info("demo decoder step %d/%d loss %.4f", step + 1, decoder.steps, loss.item())
+    vae.eval()
+    vae.requires_grad_(False)
