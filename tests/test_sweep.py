@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.sweep.report import cells, markdown_report, transfer_verdict
+from modules.sweep.report import cells, markdown_report, plotted_curve, transfer_verdict
 from modules.sweep.runner import RESULTS_NAME, read_results, run_sweep
 from modules.sweep.spec import SweepError, load_sweep, restrict
 
@@ -98,6 +98,19 @@ def test_cells_best_lr_mean_std_and_divergence() -> None:
     assert math.isinf(cell.points[2].mean)
     assert not cell.best_at_edge()
     assert cells(records[:6])[("a", "unet_w64", 8)].best_at_edge()  # only 1e-3 and 2e-3 ran: 2e-3 is the top
+
+
+def test_plotted_curve_relative_to_its_best_drops_diverged_points() -> None:
+    losses = {1e-3: [1.2, 1.0], 2e-3: [0.8, 0.8], 4e-3: [0.9, None]}  # a DiT-scale curve; 4e-3 diverged once
+    records = [_record("a", 8, lr, s, v) for lr, vs in losses.items() for s, v in enumerate(vs)]
+    cell = cells(records)[("a", "unet_w64", 8)]
+    spread = statistics.stdev([1.2, 1.0])
+    assert plotted_curve(cell, relative=False) == [(1e-3, pytest.approx(1.1), pytest.approx(spread)),
+                                                   (2e-3, pytest.approx(0.8), 0.0)]  # fmt: skip
+    lrs, means, stds = zip(*plotted_curve(cell, relative=True))
+    assert lrs == (1e-3, 2e-3)
+    assert means == pytest.approx((1.1 / 0.8, 1.0))
+    assert stds[0] == pytest.approx(statistics.stdev([1.2, 1.0]) / 0.8)
 
 
 def test_transfer_verdict_counts_grid_steps() -> None:

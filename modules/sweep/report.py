@@ -145,9 +145,18 @@ def markdown_report(spec: SweepSpec, records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plotted_curve(cell: Cell, relative: bool) -> list[tuple[float, float, float]]:
+    """(lr, mean, std) of a cell's finite points; `relative` divides by the cell's best mean, so curves of models
+    whose losses live on different scales (a pretrained UNet near 0.04, an untrained DiT near 1) share a panel."""
+    best = cell.best
+    scale = best.mean if relative and best is not None else 1.0
+    return [(p.lr, p.mean / scale, p.std / scale) for p in cell.points if math.isfinite(p.mean)]
+
+
 def plot_axis(spec: SweepSpec, records: list[dict], axis_name: str, path: Path) -> Path | None:
     """Val loss vs LR (log2 axis), one panel per optimizer, one curve (mean ± std over seeds) per axis value; losses
-    above 1.5x a panel's lowest are cut off at its top (diverging LRs would flatten the basin)."""
+    above 1.5x a panel's lowest are cut off at its top (diverging LRs would flatten the basin). Axes that vary the
+    model plot each curve relative to its own best (different models, different loss scales)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,17 +166,20 @@ def plot_axis(spec: SweepSpec, records: list[dict], axis_name: str, path: Path) 
     by_opt = axis_cells(spec, cells(in_sweep(spec, records)), axis_name)
     if not by_opt:
         return None
-    names = [o for o in next(a for a in spec.axes if a.name == axis_name).optimizers if o in by_opt]
+    axis = next(a for a in spec.axes if a.name == axis_name)
+    relative = axis.varies == "model"
+    names = [o for o in axis.optimizers if o in by_opt]
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     for ax, optimizer in zip(axes.flat, names):
+        shown = []
         for value, cell in by_opt[optimizer].items():
-            finite = [p for p in cell.points if math.isfinite(p.mean)]
-            if finite:
-                ax.errorbar([p.lr for p in finite], [p.mean for p in finite], yerr=[p.std for p in finite],
-                            marker="o", markersize=3, capsize=2, label=str(value))  # fmt: skip
-        shown = [p.mean for c in by_opt[optimizer].values() for p in c.points if math.isfinite(p.mean)]
+            curve = plotted_curve(cell, relative)
+            if curve:
+                lrs, means, stds = zip(*curve)
+                ax.errorbar(lrs, means, yerr=stds, marker="o", markersize=3, capsize=2, label=str(value))
+                shown += means
         if shown and max(shown) > 1.5 * min(shown):  # keep the basin readable: blow-ups leave the top of the panel
             ax.set_ylim(0.98 * min(shown), 1.5 * min(shown))
         ax.set_xscale("log", base=2)
@@ -176,12 +188,13 @@ def plot_axis(spec: SweepSpec, records: list[dict], axis_name: str, path: Path) 
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_title(optimizer, fontsize=9)
         ax.set_xlabel("learning rate", fontsize=8)
-        ax.set_ylabel("final val loss", fontsize=8)
+        ax.set_ylabel("final val loss / curve's best" if relative else "final val loss", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7, title=axis_name, title_fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
-    fig.suptitle(f"{spec.name}: validation loss vs LR across {axis_name}", fontsize=10)
+    scale = " (each curve relative to its best)" if relative else ""
+    fig.suptitle(f"{spec.name}: validation loss vs LR across {axis_name}{scale}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
