@@ -7,7 +7,6 @@ save never leaves a half-written file where users (or a resume) would pick it up
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -33,6 +32,7 @@ from modules.model.lora_files import (
     to_kohya_state_dict,
     unwrapped_backbone,
 )
+from modules.util.files import atomic_save
 
 LoraLayout = Literal["kohya", "diffusers"]
 LORA_LAYOUTS: tuple[str, ...] = ("kohya", "diffusers")
@@ -156,18 +156,6 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def lora_state_dict(
     components: Mapping[str, nn.Module],
     layout: LoraLayout = "kohya",
@@ -240,7 +228,7 @@ def save_lora(
     metadata["format"] = "pt"
     if layout == "diffusers":
         metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(diffusers_adapter_metadata(weights), indent=2, sort_keys=True)
-    _atomic_save_safetensors(tensors, path, metadata)
+    atomic_save(tensors, path, metadata)
     return path
 
 
