@@ -53,12 +53,17 @@ def build_tiny_sdxl_variant(spec: ModelSpec):
     return pipe
 
 
+def sweep_demo_base() -> Path:
+    """The embedded demo's base that the sweep's `demo` source stands for (its cached folder under workspace/demo)."""
+    from modules.demo import prepare_demo_base
+
+    return prepare_demo_base()
+
+
 def prepare_model(spec: ModelSpec, cache_dir: Path) -> Path:
     """The diffusers folder of `spec`, built on first use (a marker with the spec's hash keys the cache)."""
     if spec.source == "demo":
-        from modules.demo import prepare_demo_base
-
-        return prepare_demo_base()  # the demo's own cached base under workspace/demo
+        return sweep_demo_base()
     folder = cache_dir / spec.name
     digest = _spec_digest(spec)
     try:
