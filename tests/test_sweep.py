@@ -134,12 +134,13 @@ def test_default_sweep_grid_and_restriction() -> None:
     assert all(b / a == pytest.approx(2.0) for a, b in zip(grid, grid[1:]))
     n_lr, n_seed = spec.lr_points, len(spec.seeds)
     rank_axis = 9 * 3 * n_lr * n_seed  # every optimizer at ranks 2, 8, 32
-    model_axes = 3 * 3 * n_lr * n_seed  # width, depth, family: 3 optimizers x 1 new model (w64 rank 8 is shared)
+    # width, depth: 3 optimizers x 1 new model, family: x 2 (pretrained and untrained DiT); w64 rank 8 is shared
+    model_axes = 3 * 4 * n_lr * n_seed
     assert len(spec.runs()) == len({p.run_id for p in spec.runs()}) == rank_axis + model_axes
     part = restrict(spec, seeds=[0], axes=["rank"], optimizers=["adamw"])
     assert len(part.runs()) == 3 * n_lr and {p.run_id for p in part.runs()} <= {p.run_id for p in spec.runs()}
     text = markdown_report(spec, [])
-    assert text.count("not run") == 9 * 3 + 3 * 3 * 2
+    assert text.count("not run") == 9 * 3 + 3 * (2 + 2 + 3)
 
 
 def test_width_and_depth_variants_are_real_scaled_unets() -> None:

@@ -5,6 +5,9 @@
   `depth_multiplier` x the resnets and transformer blocks per stage; with `pretrain_steps` > 0 it is pretrained by
   the demo's own recipe (modules.demo.prepare.pretrain, that many UNet steps), else it keeps its deterministic init.
 - `tiny_flow`: a modules.model.tiny_flow pipeline (e.g. flux-schnell) at its deterministic init.
+- `demo_flux`: the Flux demo's architecture built from the `demo` base (modules.demo.flux.prepare_flux_demo_base: its
+  VAE and CLIP, a tiny T5 and Flux transformer), the transformer pretrained on the demo's pretraining domain by
+  modules.demo.flux.pretrain_flux_transformer (`pretrain_steps`, `pretrain_lr`).
 """
 from __future__ import annotations
 
@@ -21,9 +24,23 @@ from modules.sweep.spec import ModelSpec
 MARKER = "tuneonce_sweep_model.json"
 
 
-def _spec_digest(spec: ModelSpec) -> str:
-    payload = {k: v for k, v in dataclasses.asdict(spec).items() if k != "name"}
+# ModelSpec fields added after models were cached under runs/*/models: at their default value they stay out of the
+# digest, so specs that do not set them keep the digest (and cache) they had (unet_w128 took 54 min to pretrain).
+LATER_FIELDS = ("pretrain_lr",)
+
+
+def _spec_digest(spec: ModelSpec, inputs: dict | None = None) -> str:
+    """Cache key of a model folder: the spec without its name, plus `inputs` (e.g. hashes of files it is built from)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
+    payload = {k: v for k, v in dataclasses.asdict(spec).items()
+               if k != "name" and not (k in LATER_FIELDS and v == defaults[k])}  # fmt: skip
+    if inputs:
+        payload["inputs"] = inputs
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def scaled_unet_config(config: dict, width_multiplier: int, depth_multiplier: int) -> dict:
@@ -60,22 +77,53 @@ def sweep_demo_base() -> Path:
     return prepare_demo_base()
 
 
+DEMO_FLUX_INPUTS = (("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"))
+
+
+def build_demo_flux(spec: ModelSpec, sdxl_base: Path, workdir: Path):
+    """The Flux demo pipeline on `sdxl_base`'s VAE and CLIP, its transformer pretrained for spec.pretrain_steps;
+    returns (pipeline, how its weights were made, held-out flow losses of the transformer before and after)."""
+    from diffusers import FluxPipeline
+
+    from modules.demo.flux import FLUX_PRETRAIN_LR, held_out_validator, prepare_flux_demo_base, pretrain_flux_transformer
+    from modules.demo.prepare import DemoSettings
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    pipe = FluxPipeline.from_pretrained(prepare_flux_demo_base(workdir, sdxl_base=sdxl_base), local_files_only=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if not spec.pretrain_steps:
+        return pipe, "Flux demo base, transformer at its deterministic init", {}
+    settings, lr = DemoSettings(seed=spec.seed), spec.pretrain_lr or FLUX_PRETRAIN_LR
+    held_out = held_out_validator(pipe, settings)
+    before = held_out.loss(pipe.transformer)
+    pretrain_flux_transformer(pipe, settings, spec.pretrain_steps, lr)
+    after = held_out.loss(pipe.transformer)
+    how = f"Flux demo base, transformer pretrained {spec.pretrain_steps} flow-matching steps at lr {lr:g}"
+    return pipe, how, {"held_out_flow_loss": {"init": before, "pretrained": after}}
+
+
 def prepare_model(spec: ModelSpec, cache_dir: Path) -> Path:
     """The diffusers folder of `spec`, built on first use (a marker with the spec's hash keys the cache)."""
     if spec.source == "demo":
         return sweep_demo_base()
     folder = cache_dir / spec.name
-    digest = _spec_digest(spec)
+    sdxl_base = sweep_demo_base() if spec.source == "demo_flux" else None
+    # demo_flux copies the demo base's VAE and CLIP: a changed file there must rebuild it
+    inputs = {n: _file_digest(sdxl_base / n / f) for n, f in DEMO_FLUX_INPUTS} if sdxl_base else None
+    digest = _spec_digest(spec, inputs)
     try:
         if json.loads((folder / MARKER).read_text())["digest"] == digest:
             return folder
     except (OSError, ValueError, KeyError):
         pass
+    measured = {}
     if spec.source == "tiny_flow":
         from modules.model.tiny_flow import build_tiny_flow_pipeline
 
         pipe = build_tiny_flow_pipeline(spec.kind, spec.seed)
         how = "deterministic init"
+    elif spec.source == "demo_flux":
+        pipe, how, measured = build_demo_flux(spec, sdxl_base, cache_dir / f".{spec.name}.build")
     else:
         pipe = build_tiny_sdxl_variant(spec)
         how = "deterministic init"
@@ -87,7 +135,8 @@ def prepare_model(spec: ModelSpec, cache_dir: Path) -> Path:
     staging = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
-    (staging / MARKER).write_text(json.dumps({"digest": digest, "spec": dataclasses.asdict(spec), "weights": how}))
+    (staging / MARKER).write_text(json.dumps({"digest": digest, "spec": dataclasses.asdict(spec), "weights": how,
+                                              **measured}))
     shutil.rmtree(folder, ignore_errors=True)
     staging.replace(folder)
     return folder

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 AXES = ("rank", "model")  # what an axis varies: the LoRA rank, or the base model (width, depth, family)
-MODEL_SOURCES = ("demo", "tiny_sdxl", "tiny_flow")
+MODEL_SOURCES = ("demo", "tiny_sdxl", "tiny_flow", "demo_flux")
 
 
 class SweepError(ValueError):
@@ -29,7 +29,10 @@ class ModelSpec:
     """A base model variant. `demo`: the embedded demo's pretrained tiny SDXL base (modules.demo); `tiny_sdxl`: the
     tiny SDXL pipeline with its UNet widened (`width_multiplier`) and/or deepened (`depth_multiplier`), optionally
     pretrained with the demo's recipe for `pretrain_steps` UNet steps (0 = its deterministic init); `tiny_flow`: a
-    tiny flow-matching DiT pipeline of modules.model.tiny_flow (`kind`, deterministic init)."""
+    tiny flow-matching DiT pipeline of modules.model.tiny_flow (`kind`, deterministic init); `demo_flux`: the Flux
+    demo's architecture (modules.demo.flux: the sweep's SDXL demo base's VAE and CLIP, a tiny T5 and Flux transformer)
+    with its transformer pretrained on the demo's pretraining domain for `pretrain_steps` flow-matching steps at
+    AdamW peak LR `pretrain_lr` (0 = modules.demo.flux.FLUX_PRETRAIN_LR)."""
 
     name: str
     family: str
@@ -39,6 +42,7 @@ class ModelSpec:
     pretrain_steps: int = 0
     kind: str = ""
     seed: int = 0
+    pretrain_lr: float = 0.0  # added later: modules.sweep.models leaves it out of the cache key at its default
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ def _check_keys(data: Any, allowed: set[str], where: str) -> dict:
 
 
 def _model(name: str, data: Any, where: str) -> ModelSpec:
-    keys = {"family", "source", "width_multiplier", "depth_multiplier", "pretrain_steps", "kind", "seed"}
+    keys = {"family", "source", "width_multiplier", "depth_multiplier", "pretrain_steps", "kind", "seed", "pretrain_lr"}
     data = _check_keys(data, keys, where)
     source = _require(data, "source", where)
     if source not in MODEL_SOURCES:
@@ -157,11 +161,15 @@ def _model(name: str, data: Any, where: str) -> ModelSpec:
                      width_multiplier=int(data.get("width_multiplier", 1)),
                      depth_multiplier=int(data.get("depth_multiplier", 1)),
                      pretrain_steps=int(data.get("pretrain_steps", 0)), kind=str(data.get("kind", "")),
-                     seed=int(data.get("seed", 0)))  # fmt: skip
+                     seed=int(data.get("seed", 0)), pretrain_lr=float(data.get("pretrain_lr", 0.0)))  # fmt: skip
     if spec.width_multiplier < 1 or spec.depth_multiplier < 1 or spec.pretrain_steps < 0:
         raise SweepError(f"{where}: multipliers must be >= 1 and pretrain_steps >= 0")
+    if not (spec.pretrain_lr >= 0 and math.isfinite(spec.pretrain_lr)):
+        raise SweepError(f"{where}.pretrain_lr: must be a number >= 0 (0 = the source's default), got {spec.pretrain_lr}")
     if source == "tiny_flow" and not spec.kind:
         raise SweepError(f"{where}.kind: a tiny_flow model needs a kind (e.g. flux-schnell)")
+    if source == "demo_flux" and spec.family != "flux":
+        raise SweepError(f"{where}.family: a demo_flux model is a Flux pipeline; set family: flux, not {spec.family!r}")
     return spec
 
 
