@@ -111,7 +111,8 @@ def test_demo_flux_source_builds_caches_and_trains_in_the_sweep(tmp_path: Path, 
     for name in ("vae", "text_encoder"):
         (other / name).mkdir(parents=True)
     (other / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"other vae")
-    (other / "text_encoder" / "model.safetensors").write_bytes((sdxl_base / "text_encoder" / "model.safetensors").read_bytes())
+    clip = "text_encoder/model.safetensors"
+    (other / clip).write_bytes((sdxl_base / clip).read_bytes())
     monkeypatch.setattr(models, "sweep_demo_base", lambda: other)
     with pytest.raises(Rebuilt):
         models.prepare_model(spec.models["flux_pre"], tmp_path / "out" / "models")

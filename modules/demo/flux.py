@@ -81,7 +81,8 @@ def prepare_flux_demo_base(
 # The tiny Flux transformer above starts from random weights. `pretrain_flux_transformer` teaches it the SDXL demo
 # base's pretraining domain (plain shapes in four colours) with the rectified-flow loss, through the Flux family's
 # own latent encoding, text encoding, timestep sampling/shift, packing and velocity target, so it is trained exactly
-# as the training loop would train it. The LR sweep's pretrained DiT (modules/sweep/models.py, source demo_flux) uses it.
+# as the training loop would train it. The LR sweep's pretrained DiT (modules/sweep/models.py, source demo_flux)
+# uses it.
 
 # AdamW peak LR (cosine with warm-up, like the UNet's). Held-out flow loss after 1000 steps, batch 32 (init 2.33):
 # 0.295 at 3e-3, 0.220 at 1e-2, 0.210 at 2e-2; 1e-2 leaves a factor-2 margin below the best.
@@ -134,7 +135,7 @@ def held_out_validator(pipe: FluxPipeline, settings: DemoSettings = DemoSettings
 
     family, components, objective = _family_parts(pipe)
     latents, captions = domain_latents(pipe, count, settings.image_size, settings.seed + HELD_OUT_SEED_OFFSET)
-    batches = [{"latents": chunk, "caption": captions[i:i + 16]} for i, chunk in zip(range(0, count, 16), latents.split(16))]
+    batches = [{"latents": latents[i:i + 16], "caption": captions[i:i + 16]} for i in range(0, count, 16)]
     return Validator(family, components, objective, batches, num_timesteps=num_timesteps, seed=seed,
                      device=torch.device("cpu"), dtype=torch.float32, encode_text_each_time=False)
 

@@ -85,7 +85,12 @@ def build_demo_flux(spec: ModelSpec, sdxl_base: Path, workdir: Path):
     returns (pipeline, how its weights were made, held-out flow losses of the transformer before and after)."""
     from diffusers import FluxPipeline
 
-    from modules.demo.flux import FLUX_PRETRAIN_LR, held_out_validator, prepare_flux_demo_base, pretrain_flux_transformer
+    from modules.demo.flux import (
+        FLUX_PRETRAIN_LR,
+        held_out_validator,
+        prepare_flux_demo_base,
+        pretrain_flux_transformer,
+    )
     from modules.demo.prepare import DemoSettings
 
     shutil.rmtree(workdir, ignore_errors=True)

@@ -165,7 +165,8 @@ def _model(name: str, data: Any, where: str) -> ModelSpec:
     if spec.width_multiplier < 1 or spec.depth_multiplier < 1 or spec.pretrain_steps < 0:
         raise SweepError(f"{where}: multipliers must be >= 1 and pretrain_steps >= 0")
     if not (spec.pretrain_lr >= 0 and math.isfinite(spec.pretrain_lr)):
-        raise SweepError(f"{where}.pretrain_lr: must be a number >= 0 (0 = the source's default), got {spec.pretrain_lr}")
+        raise SweepError(f"{where}.pretrain_lr: must be a number >= 0 (0 = the source's default), "
+                         f"got {spec.pretrain_lr}")
     if source == "tiny_flow" and not spec.kind:
         raise SweepError(f"{where}.kind: a tiny_flow model needs a kind (e.g. flux-schnell)")
     if source == "demo_flux" and spec.family != "flux":
