@@ -38,7 +38,7 @@ def test_a_base_from_before_gets_the_shipped_decoder_in_place(tmp_path, monkeypa
     pipe = build_tiny_sdxl(SETTINGS.seed)
     digest, old_decoder = demo.settings_hash(SETTINGS), demo.decoder_hash(SETTINGS, TINY_DECODER)
     old_asset = demo.save_asset(pipe, digest, old_decoder, tmp_path / "old.safetensors")
-    base = demo.prepare_demo_base(tmp_path / "demo", SETTINGS, asset_path=old_asset, decoder=TINY_DECODER)
+    base = demo.prepare_demo_base(tmp_path / "demo", SETTINGS, asset_path=old_asset, decoder=TINY_DECODER, unet=None)
     unet_file = base / "unet" / "diffusion_pytorch_model.safetensors"
     unet_bytes, vae_before = unet_file.read_bytes(), load_file(base / "vae" / "diffusion_pytorch_model.safetensors")
 
@@ -50,7 +50,8 @@ def test_a_base_from_before_gets_the_shipped_decoder_in_place(tmp_path, monkeypa
     new_asset = demo.save_asset(pipe, digest, demo.decoder_hash(SETTINGS, new_decoder), tmp_path / "new.safetensors")
     monkeypatch.setattr(demo, "pretrain", lambda *a, **k: pytest.fail("the base was rebuilt"))
     monkeypatch.setattr(demo, "_save_pipeline", lambda *a, **k: pytest.fail("the base was rebuilt"))
-    assert demo.prepare_demo_base(tmp_path / "demo", SETTINGS, asset_path=new_asset, decoder=new_decoder) == base
+    assert demo.prepare_demo_base(tmp_path / "demo", SETTINGS, asset_path=new_asset, decoder=new_decoder,
+                                  unet=None) == base
 
     assert unet_file.read_bytes() == unet_bytes
     vae_after = load_file(base / "vae" / "diffusion_pytorch_model.safetensors")

@@ -1,6 +1,7 @@
 """Tiny SDXL / SD1.5 pipelines (real classes, deterministic) and the cached demo base."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -92,15 +93,16 @@ def test_tokenizer_knows_every_demo_caption_word():
 SMALL = demo.DemoSettings(pretrain_images=8, autoencoder_images=8, vae_steps=2, vae_batch_size=2, unet_steps=2,
                           batch_size=4, concept_images=3, concept_val_images=2)
 SMALL_DECODER = demo.DecoderSettings(pretrain_images=4, generic_images=4, steps=2, batch_size=2)
+SMALL_UNET = demo.UNetSettings(images=4, steps=2)
 
 
 def test_demo_base_is_built_then_cached(tmp_path, monkeypatch):
     missing_asset = tmp_path / "no_asset.safetensors"
-    base = demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset, decoder=SMALL_DECODER)
-    assert base == tmp_path / "tiny_sdxl_base"
+    base = demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset, decoder=SMALL_DECODER, unet=None)
+    assert base == tmp_path / "tiny_sdxl_base_v1"
     marker = json.loads((base / demo.MARKER_NAME).read_text())
     assert marker["source"] == "pretrained" and marker["settings_hash"] == demo.settings_hash(SMALL)
-    assert marker["decoder_hash"] == demo.decoder_hash(SMALL, SMALL_DECODER)
+    assert marker["decoder_hash"] == demo.decoder_hash(SMALL, SMALL_DECODER) and marker["unet_hash"] is None
     assert len(list((tmp_path / "concept").glob("*.png"))) == 3
     assert len(list((tmp_path / "concept_val").glob("*.txt"))) == 2
     assert "zxq" in (tmp_path / "concept" / "0000.txt").read_text()
@@ -111,13 +113,49 @@ def test_demo_base_is_built_then_cached(tmp_path, monkeypatch):
         raise AssertionError("cached demo base was rebuilt")
 
     monkeypatch.setattr(demo, "pretrain", must_not_run)
-    assert demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset, decoder=SMALL_DECODER) == base
+    assert demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset, decoder=SMALL_DECODER, unet=None) == base
     changed = demo.DemoSettings(**{**SMALL.__dict__, "unet_steps": 3})
     with pytest.raises(AssertionError, match="rebuilt"):  # other settings: the cache does not apply
-        demo.prepare_demo_base(tmp_path, changed, asset_path=missing_asset, decoder=SMALL_DECODER)
+        demo.prepare_demo_base(tmp_path, changed, asset_path=missing_asset, decoder=SMALL_DECODER, unet=None)
     other_decoder = demo.DecoderSettings(**{**SMALL_DECODER.__dict__, "steps": 3})
     with pytest.raises(AssertionError, match="rebuilt"):  # nor another decoder step (no asset holds it)
-        demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset, decoder=other_decoder)
+        demo.prepare_demo_base(tmp_path, SMALL, asset_path=missing_asset, decoder=other_decoder, unet=None)
+
+
+def test_base_v2_is_v1_with_a_new_unet_pretrained_on_stars_too(tmp_path, monkeypatch):
+    v1_asset = tmp_path / "v1.safetensors"
+    pipe = build_tiny_sdxl(SMALL.seed)
+    demo.save_asset(pipe, demo.settings_hash(SMALL), demo.decoder_hash(SMALL, SMALL_DECODER), v1_asset)
+    trained = []
+    real_train_unet = demo._train_unet
+    monkeypatch.setattr(demo, "_train_unet", lambda p, images, captions, *a: (trained.append(captions),
+                                                                                real_train_unet(p, images, captions, *a)))
+    root = tmp_path / "demo"
+    v1 = demo.prepare_demo_base(root, SMALL, asset_path=v1_asset, decoder=SMALL_DECODER, unet=None)
+    v2 = demo.prepare_demo_base(root, SMALL, asset_path=v1_asset, decoder=SMALL_DECODER, unet=SMALL_UNET,
+                                unet_asset_path=None)
+    assert (v1, v2) == (root / "tiny_sdxl_base_v1", root / "tiny_sdxl_base")
+    assert len(trained) == 1 and all(any(shape in c for c in trained[0]) for shape in ("star", "circle"))
+    old, new = StableDiffusionXLPipeline.from_pretrained(v1), StableDiffusionXLPipeline.from_pretrained(v2)
+    for name in ("vae", "text_encoder", "text_encoder_2"):  # v1's, unchanged
+        a, b = getattr(old, name).state_dict(), getattr(new, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert not torch.equal(old.unet.conv_in.weight, new.unet.conv_in.weight)
+    marker = json.loads((v2 / demo.MARKER_NAME).read_text())
+    assert marker["unet_hash"] == demo.unet_hash(SMALL, SMALL_DECODER, SMALL_UNET)
+    assert marker["source"] == "assets + pretrained UNet"
+
+    # its shipped UNet file is used for its own recipe only
+    unet_asset = demo.save_unet_asset(new, marker["unet_hash"], tmp_path / "unet.safetensors")
+    monkeypatch.setattr(demo, "_train_unet", lambda *a: pytest.fail("UNet pretrained although shipped"))
+    again = demo.prepare_demo_base(tmp_path / "demo2", SMALL, asset_path=v1_asset, decoder=SMALL_DECODER,
+                                   unet=SMALL_UNET, unet_asset_path=unet_asset)
+    loaded = StableDiffusionXLPipeline.from_pretrained(again).unet.state_dict()
+    assert all(torch.equal(v.half().float(), loaded[k]) for k, v in new.unet.state_dict().items())
+    other = demo.UNetSettings(**{**SMALL_UNET.__dict__, "lr": 1e-3})
+    with pytest.raises(pytest.fail.Exception, match="although shipped"):
+        demo.prepare_demo_base(tmp_path / "demo3", SMALL, asset_path=v1_asset, decoder=SMALL_DECODER, unet=other,
+                               unet_asset_path=unet_asset)
 
 
 def test_shipped_weights_are_used_only_for_their_settings(tmp_path, monkeypatch):
@@ -128,37 +166,60 @@ def test_shipped_weights_are_used_only_for_their_settings(tmp_path, monkeypatch)
     asset = demo.save_asset(pipe, demo.settings_hash(SMALL), demo.decoder_hash(SMALL, SMALL_DECODER),
                             tmp_path / "asset.safetensors")
     monkeypatch.setattr(demo, "pretrain", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pretrained")))
-    base = demo.prepare_demo_base(tmp_path / "demo", SMALL, asset_path=asset, decoder=SMALL_DECODER)
+    base = demo.prepare_demo_base(tmp_path / "demo", SMALL, asset_path=asset, decoder=SMALL_DECODER, unet=None)
     loaded = StableDiffusionXLPipeline.from_pretrained(base)
     assert torch.all(loaded.unet.conv_in.weight == 0.25) and loaded.vae.config.scaling_factor == 0.5
     other = demo.DemoSettings(**{**SMALL.__dict__, "seed": 5})
     with pytest.raises(AssertionError, match="pretrained"):
-        demo.prepare_demo_base(tmp_path / "demo2", other, asset_path=asset, decoder=SMALL_DECODER)
+        demo.prepare_demo_base(tmp_path / "demo2", other, asset_path=asset, decoder=SMALL_DECODER, unet=None)
+
+
+def _shipped_v1() -> StableDiffusionXLPipeline:
+    pipe, settings = build_tiny_sdxl(demo.DemoSettings().seed), demo.DemoSettings()
+    assert demo._load_asset(pipe, demo.ASSET_PATH, demo.settings_hash(settings),
+                            demo.decoder_hash(settings, demo.DecoderSettings()))
+    return pipe
+
+
+@torch.no_grad()
+def _denoising_losses(pipe: StableDiffusionXLPipeline, unets: list, paths: list) -> list[float]:
+    """Each UNet's noise-prediction MSE on ``paths`` (captioned images) at 8 spread timesteps, same noise for all."""
+    latents = pipe.vae.encode(demo._image_tensor(paths)).latent_dist.mean * pipe.vae.config.scaling_factor
+    hidden, _, pooled, _ = pipe.encode_prompt([p.with_suffix(".txt").read_text().strip() for p in paths],
+                                              device="cpu", do_classifier_free_guidance=False)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.linspace(100, 900, len(latents)).long()
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    added = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * len(latents))}
+    return [F.mse_loss(unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample, noise).item() for unet in unets]
 
 
 @pytest.mark.skipif(not demo.ASSET_PATH.is_file(), reason="shipped demo weights not present")
 def test_shipped_demo_base_reconstructs_and_denoises(tmp_path):
     """The committed base really is pretrained: its VAE reconstructs new images, its UNet beats a fresh one."""
-    pipe = build_tiny_sdxl(demo.DemoSettings().seed)
-    fresh_unet = build_tiny_sdxl(demo.DemoSettings().seed).unet
-    settings = demo.DemoSettings()
-    assert demo._load_asset(pipe, demo.ASSET_PATH, demo.settings_hash(settings),
-                            demo.decoder_hash(settings, demo.DecoderSettings()))
+    pipe = _shipped_v1()
     paths = synthetic.write_pretrain_dataset(tmp_path / "held_out", count=8, size=64, seed=777)
     images = demo._image_tensor(paths)
     with torch.no_grad():
-        latents = pipe.vae.encode(images).latent_dist.mean
-        reconstruction = pipe.vae.decode(latents).sample
-        assert F.mse_loss(reconstruction, images).item() < 0.5 * images.var().item()
-        latents = latents * pipe.vae.config.scaling_factor
-        hidden, _, pooled, _ = pipe.encode_prompt([p.with_suffix(".txt").read_text().strip() for p in paths],
-                                                  device="cpu", do_classifier_free_guidance=False)
-        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        generator = torch.Generator().manual_seed(0)
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.linspace(100, 900, len(latents)).long()
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        added = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * len(latents))}
-        losses = [F.mse_loss(unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample, noise).item()
-                  for unet in (pipe.unet, fresh_unet)]
+        reconstruction = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mean).sample
+    assert F.mse_loss(reconstruction, images).item() < 0.5 * images.var().item()
+    losses = _denoising_losses(pipe, [pipe.unet, build_tiny_sdxl(demo.DemoSettings().seed).unet], paths)
     assert losses[0] < 0.7 * losses[1], losses
+
+
+@pytest.mark.skipif(not demo.UNET_ASSET_PATH.is_file(), reason="shipped demo weights not present")
+def test_shipped_v2_unet_denoises_stars_better_than_v1(tmp_path):
+    """Base v2's UNet learned the star shape v1's never saw, and did not lose the old shapes."""
+    pipe = _shipped_v1()
+    settings, decoder, unet = demo.DemoSettings(), demo.DecoderSettings(), demo.UNetSettings()
+    v2 = build_tiny_sdxl(unet.seed)
+    assert demo._load_unet_asset(v2, demo.UNET_ASSET_PATH, demo.unet_hash(settings, decoder, unet))
+    stars = dataclasses.replace(synthetic.PRETRAIN_CONCEPT, name="stars", shapes=("star",))
+    # new draws: seeds the pretraining never used
+    star_paths = synthetic.write_dataset(tmp_path / "stars", stars, count=8, seed=778)
+    old_paths = synthetic.write_pretrain_dataset(tmp_path / "old", count=8, seed=779)
+    on_stars = _denoising_losses(pipe, [v2.unet, pipe.unet], star_paths)
+    on_old = _denoising_losses(pipe, [v2.unet, pipe.unet], old_paths)
+    assert on_stars[0] < 0.9 * on_stars[1], on_stars
+    assert on_old[0] < on_old[1], on_old

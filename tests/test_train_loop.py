@@ -5,8 +5,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from modules.model.families import get_family
 from modules.model.tiny import tiny_pipeline_dir
@@ -41,7 +43,8 @@ def sdxl_lora_run(tmp_path_factory, data_dirs):
         training={"gradient_accumulation": 2, "min_snr_gamma": 5.0, "noise_offset": 0.05, "timestep_sampling": "logit_normal"},
         lora={"rank": 4, "train_text_encoders": {"text_encoder": True}},
         data={"cache_text_embeddings": False},
-        sampling={"every_n_steps": 3, "prompts": [{"prompt": "a zxq star", "steps": 2, "width": 64, "height": 64}]},
+        sampling={"every_n_steps": 3, "at_start": True,
+                  "prompts": [{"prompt": "a zxq star", "steps": 2, "width": 64, "height": 64}]},
     )  # fmt: skip
     return base, cfg, train(cfg, show_progress=False)
 
@@ -70,7 +73,10 @@ def test_sdxl_lora_writes_metrics_samples_and_a_loadable_file(sdxl_lora_run):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["lr"] == pytest.approx(cfg.optimizer.lr) for r in records if "loss" in r)
     assert [r["step"] for r in records if "val_loss" in r] == [0, 3]
-    assert [p.name for p in result.samples] == ["step000003_00.png"] and result.samples[0].is_file()
+    # at_start: the base model's image first, then the trained one's (same prompt and seed, so they differ by training)
+    assert [p.name for p in result.samples] == ["step000000_00.png", "step000003_00.png"]
+    before, after = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in result.samples)
+    assert np.abs(before - after).max() > 0
 
     (lora_file,) = result.saved
     assert lora_file == Path(cfg.saving.output_dir) / "run.safetensors"

@@ -363,6 +363,9 @@ class SamplePrompt(Section):
 
 class SamplingConfig(Section):
     every_n_steps: int = Field(default=0, ge=0, description="Sample images every N optimizer steps (0 = never).")
+    at_start: bool = Field(
+        default=False, description="Also sample before the first step (step 0: the base model, for before/after)."
+    )
     sampler: Literal["default", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "unipc"] = Field(
         default="default", description="Inference scheduler; default = the one saved with the base model."
     )

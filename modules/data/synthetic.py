@@ -5,9 +5,9 @@ Each image is a coloured shape on a plain background, drawn with PIL and written
 colours, textures and backgrounds can appear and how the caption reads. Two concepts ship:
 
 - :data:`PRETRAIN_CONCEPT`: plain circles/squares/triangles in four colours; the tiny demo
-  base model is "pretrained" on it so it knows the domain.
+  base model is "pretrained" on it so it knows the domain (base v2's UNet also sees plain stars and magenta).
 - :data:`NEW_CONCEPT`: a magenta striped star captioned with the trigger word ``zxq``; the
-  demo LoRA learns it. Neither the star, magenta, stripes nor the trigger occur in pretraining.
+  demo LoRA learns it. Stripes and the trigger never occur in pretraining.
 
 Everything is a pure function of (concept, seed, count, size): the same call writes the same
 bytes. :func:`caption_vocabulary` lists every word a caption can contain, so a tokenizer built

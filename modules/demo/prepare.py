@@ -2,25 +2,31 @@
 
 ``prepare_demo_base()`` writes, under ``workspace/demo/`` (relative to the repository root by default):
 
-- ``tiny_sdxl_base/``: a diffusers folder (``StableDiffusionXLPipeline.from_pretrained`` loads it) whose VAE
-  reconstructs the generated images and whose UNet denoises the pretraining domain (plain circles, squares,
-  triangles in four colours);
+- ``tiny_sdxl_base/``: base v2, the demo's: a diffusers folder (``StableDiffusionXLPipeline.from_pretrained`` loads
+  it) whose VAE reconstructs the generated images and whose UNet denoises the pretraining domain (plain circles,
+  squares, triangles and stars in five colours on three backgrounds);
 - ``concept/`` and ``concept_val/``: the new concept the demo LoRA learns (magenta striped stars, trigger word
-  ``zxq``) and held-out validation images of it.
+  ``zxq``) and held-out validation images of it;
+- with ``unet=None``: ``tiny_sdxl_base_v1/``, base v1, whose UNet saw neither stars nor magenta, for 1000 steps;
+  the LR sweep (docs/lr_transfer.md) ran on it, so it is kept as it is.
 
-The recipe has two steps: ``pretrain`` (VAE, then UNet; the sweeps build their width/depth variants with it too)
-and ``finetune_decoder``, which trains only the VAE decoder on the frozen encoder's latent means, so the pictures
+Base v1's recipe has two steps: ``pretrain`` (VAE, then UNet; the sweeps build their width/depth variants with it
+too) and ``finetune_decoder``, which trains only the VAE decoder on the frozen encoder's latent means, so the pictures
 show the magenta and the stripes the latents carry (the pretrained decoder, trained on noisy posterior samples,
-drew them blue and blurred). The encoder, UNet and text encoders, and so every latent and loss, do not change.
+drew them blue and blurred). Base v2 adds a third, ``pretrain_unet_v2``: v1's VAE and text encoders with the UNet
+pretrained anew, 3x longer and on a domain with plain stars and magenta (v1's UNet drew blobs, so the demo LoRA could
+teach the concept's colour but not its shape; see UNetSettings).
 
-Pretraining from scratch takes about half an hour on a busy 2-core CPU, too long for the README's 3-minute demo, so
-the weights ship in ``modules/demo/assets/tiny_sdxl_base.safetensors`` (fp16, ~4 MB) and are used when their
-recorded settings and decoder hashes match; ``python scripts/prepare_demo.py --from-scratch`` reproduces them.
-Results are cached: a marker file holds the hashes, so a second call returns at once. A base prepared before the
-decoder step gets the shipped decoder in place (only its VAE file changes).
+Pretraining from scratch takes about an hour on a 2-core CPU, too long for the README's 3-minute demo, so the
+weights ship in ``modules/demo/assets/``: ``tiny_sdxl_base.safetensors`` (v1, every component, fp16, ~4 MB) and
+``tiny_sdxl_unet_v2.safetensors`` (v2's UNet), used when their recorded recipe hashes match;
+``python scripts/prepare_demo.py --from-scratch`` reproduces them. Results are cached: a marker file holds the
+hashes, so a second call returns at once. A base prepared before the decoder step gets the shipped decoder in place
+(only its VAE file changes).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -45,10 +51,12 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEMO_ROOT = REPO_ROOT / "workspace" / "demo"
-ASSET_PATH = Path(__file__).resolve().parent / "assets" / "tiny_sdxl_base.safetensors"
+ASSET_PATH = Path(__file__).resolve().parent / "assets" / "tiny_sdxl_base.safetensors"  # base v1, every component
+UNET_ASSET_PATH = ASSET_PATH.with_name("tiny_sdxl_unet_v2.safetensors")  # base v2's UNet (the rest is v1's)
 MARKER_NAME = "tuneonce_demo.json"
 FORMAT_VERSION = 1  # bump when the recipe below changes in a way the settings do not capture
 DECODER_FORMAT_VERSION = 1  # likewise for finetune_decoder
+UNET_FORMAT_VERSION = 1  # likewise for pretrain_unet_v2
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 DECODER_PREFIXES = ("post_quant_conv.", "decoder.")  # the VAE's decoding path: what finetune_decoder trains
 
@@ -89,15 +97,34 @@ class DecoderSettings:
 
 
 @dataclass(frozen=True)
+class UNetSettings:
+    """Base v2: the UNet pretrained anew from its init, 3x longer and on a wider domain (plain stars and plain magenta
+    shapes as well), on v1's VAE and text encoders. v1's UNet (1000 steps, neither) drew blobs, so a 200-step demo
+    LoRA on it learned the concept's colour and stripes but not its shape; with stars but without magenta, it learned
+    shape and stripes but drew them blue or orange. The concept's stripes and trigger word stay new. v1 stays as it
+    is: the LR sweep (docs/lr_transfer.md) ran on it."""
+
+    seed: int = 0  # the UNet's init and the training generator
+    images: int = 768
+    data_seed: int = 100
+    shapes: tuple[str, ...] = synthetic.SHAPES
+    colors: tuple[str, ...] = synthetic.PRETRAIN_CONCEPT.colors + ("magenta",)
+    steps: int = 3000
+    lr: float = 2e-3
+
+
+@dataclass(frozen=True)
 class DemoPaths:
-    base: Path
+    base: Path  # base v2: the demo's
+    base_v1: Path  # base v1: the LR sweep's
     concept: Path
     concept_val: Path
 
 
 def demo_paths(root: str | Path | None = None) -> DemoPaths:
     root = Path(root) if root is not None else DEFAULT_DEMO_ROOT
-    return DemoPaths(base=root / "tiny_sdxl_base", concept=root / "concept", concept_val=root / "concept_val")
+    return DemoPaths(base=root / "tiny_sdxl_base", base_v1=root / "tiny_sdxl_base_v1", concept=root / "concept",
+                     concept_val=root / "concept_val")
 
 
 def settings_hash(settings: DemoSettings) -> str:
@@ -122,6 +149,13 @@ def decoder_hash(settings: DemoSettings, decoder: DecoderSettings) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def unet_hash(settings: DemoSettings, decoder: DecoderSettings, unet: UNetSettings) -> str:
+    """Content hash of base v2's UNet stage on top of the v1 recipe (``settings`` + ``decoder``)."""
+    payload = json.dumps({"v": UNET_FORMAT_VERSION, "base": decoder_hash(settings, decoder), "unet": asdict(unet)},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def _read_marker(folder: Path) -> dict:
     try:
         return json.loads((folder / MARKER_NAME).read_text())
@@ -140,28 +174,35 @@ def prepare_demo_base(
     from_scratch: bool = False,
     asset_path: Path = ASSET_PATH,
     decoder: DecoderSettings = DecoderSettings(),
+    unet: UNetSettings | None = UNetSettings(),
+    unet_asset_path: Path | None = UNET_ASSET_PATH,
 ) -> Path:
-    """Build (or reuse) the demo base pipeline and the concept datasets; returns the base folder.
+    """Build (or reuse) the demo base pipeline and the concept datasets; returns the base folder: base v2
+    (``unet`` given: the demo's, ``tiny_sdxl_base``) or v1 (``unet=None``: the LR sweep's, ``tiny_sdxl_base_v1``).
 
     A second call with the same settings returns at once. ``from_scratch`` ignores the shipped weights and
-    pretrains here (about half an hour on a busy 2-core CPU).
+    pretrains here (about half an hour for v1 and as long again for v2's UNet on a 2-core CPU);
+    ``unet_asset_path=None`` pretrains only v2's UNet here.
     """
     paths = demo_paths(root)
+    folder = paths.base if unet is not None else paths.base_v1
     digest, decoder_digest = settings_hash(settings), decoder_hash(settings, decoder)
-    marker = _read_marker(paths.base)
+    unet_digest = unet_hash(settings, decoder, unet) if unet is not None else None
+    marker = _read_marker(folder)
     data_ready = (_count_pngs(paths.concept) == settings.concept_images
                   and _count_pngs(paths.concept_val) == settings.concept_val_images)
-    if not from_scratch and data_ready and marker.get("settings_hash") == digest:
+    if (not from_scratch and data_ready and marker.get("settings_hash") == digest
+            and marker.get("unet_hash") == unet_digest):
         if marker.get("decoder_hash") == decoder_digest:
-            return paths.base
-        if _refresh_decoder(paths.base, marker, asset_path, decoder_digest):
-            return paths.base
+            return folder
+        if _refresh_decoder(folder, marker, asset_path, decoder_digest):
+            return folder
 
     started = time.perf_counter()
-    for folder, count, seed in ((paths.concept, settings.concept_images, settings.concept_seed),
-                                (paths.concept_val, settings.concept_val_images, settings.concept_val_seed)):
-        shutil.rmtree(folder, ignore_errors=True)
-        synthetic.write_concept_dataset(folder, count=count, size=settings.image_size, seed=seed)
+    for data, count, seed in ((paths.concept, settings.concept_images, settings.concept_seed),
+                              (paths.concept_val, settings.concept_val_images, settings.concept_val_seed)):
+        shutil.rmtree(data, ignore_errors=True)
+        synthetic.write_concept_dataset(data, count=count, size=settings.image_size, seed=seed)
 
     pipe = build_tiny_sdxl(settings.seed)
     source = "assets"
@@ -169,10 +210,15 @@ def prepare_demo_base(
         source = "pretrained"
         pretrain(pipe, settings)
         finetune_decoder(pipe.vae, settings, decoder)
-    _save_pipeline(pipe, paths.base, {"settings_hash": digest, "decoder_hash": decoder_digest, "source": source,
-                                      "settings": asdict(settings), "decoder": asdict(decoder),
-                                      "seconds": round(time.perf_counter() - started, 1)})
-    return paths.base
+    marker = {"settings_hash": digest, "decoder_hash": decoder_digest, "unet_hash": unet_digest, "source": source,
+              "settings": asdict(settings), "decoder": asdict(decoder)}
+    if unet is not None:
+        if from_scratch or unet_asset_path is None or not _load_unet_asset(pipe, unet_asset_path, unet_digest):
+            marker["source"] = f"{source} + pretrained UNet"
+            pretrain_unet_v2(pipe, settings, unet)
+        marker["unet"] = asdict(unet)
+    _save_pipeline(pipe, folder, {**marker, "seconds": round(time.perf_counter() - started, 1)})
+    return folder
 
 
 def _refresh_decoder(base: Path, marker: dict, asset_path: Path, decoder_digest: str) -> bool:
@@ -247,6 +293,28 @@ def _load_asset(pipe: StableDiffusionXLPipeline, path: Path, digest: str, decode
     return True
 
 
+def save_unet_asset(pipe: StableDiffusionXLPipeline, unet_digest: str, path: Path = UNET_ASSET_PATH) -> Path:
+    """Write base v2's UNet into its own fp16 safetensors file (the other components are v1's, in ASSET_PATH)."""
+    tensors = {key: value.detach().to(torch.float16).contiguous() for key, value in pipe.unet.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"unet_hash": unet_digest})
+    return path
+
+
+def _load_unet_asset(pipe: StableDiffusionXLPipeline, path: Path, unet_digest: str) -> bool:
+    """Load the shipped v2 UNet into ``pipe`` if it was made with this recipe; False otherwise."""
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        made_with = (handle.metadata() or {}).get("unet_hash")
+        if made_with != unet_digest:
+            logger.warning("%s was made with another UNet recipe (%s, now %s)", path, made_with, unet_digest)
+            return False
+        state = {key: handle.get_tensor(key).float() for key in handle.keys()}
+    pipe.unet.load_state_dict(state, strict=True)
+    return True
+
+
 def write_asset_decoder(pretrained_base: Path, settings: DemoSettings = DemoSettings(),
                         decoder: DecoderSettings = DecoderSettings(), path: Path = ASSET_PATH) -> Path:
     """Run only the decoder step on ``pretrained_base`` (a base pretrained here before the decoder step existed)
@@ -307,6 +375,24 @@ def pretrain(pipe: StableDiffusionXLPipeline, settings: DemoSettings, workdir: P
     generator = torch.Generator().manual_seed(settings.seed)
     _train_vae(pipe, autoencoder_images, settings, generator)
     _train_unet(pipe, pretrain_images, captions, settings, generator)
+
+
+def pretrain_unet_v2(pipe: StableDiffusionXLPipeline, settings: DemoSettings, unet: UNetSettings,
+                     workdir: Path | None = None) -> None:
+    """Base v2's UNet stage: replace the UNet by a fresh init and pretrain it on the wider domain (plain
+    ``unet.shapes`` in ``unet.colors`` on the pretraining backgrounds) with v1's frozen VAE and text encoders."""
+    import tempfile
+
+    domain = dataclasses.replace(synthetic.PRETRAIN_CONCEPT, name="pretrain_v2", shapes=unet.shapes,
+                                 colors=unet.colors)
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = synthetic.write_dataset(Path(workdir or scratch) / domain.name, domain, count=unet.images,
+                                        size=settings.image_size, seed=unet.data_seed)
+        images = _image_tensor(paths)
+        captions = [p.with_suffix(".txt").read_text().strip() for p in paths]
+    pipe.register_modules(unet=build_tiny_sdxl(unet.seed).unet)
+    stage = dataclasses.replace(settings, unet_steps=unet.steps, unet_lr=unet.lr)
+    _train_unet(pipe, images, captions, stage, torch.Generator().manual_seed(unet.seed))
 
 
 def _train_vae(pipe, images: torch.Tensor, settings: DemoSettings, generator: torch.Generator) -> None:

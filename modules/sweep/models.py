@@ -1,6 +1,6 @@
 """Base models and data of a sweep, built once and cached under the sweep's output folder.
 
-- `demo`: the embedded demo's base (modules.demo: tiny SDXL pretrained on generated shapes), shared with the demo.
+- `demo`: the embedded demo's base v1 (modules.demo: tiny SDXL pretrained on generated shapes; see sweep_demo_base).
 - `tiny_sdxl`: modules.model.tiny's SDXL pipeline with its UNet rebuilt at `width_multiplier` x the channels and/or
   `depth_multiplier` x the resnets and transformer blocks per stage; with `pretrain_steps` > 0 it is pretrained by
   the demo's own recipe (modules.demo.prepare.pretrain, that many UNet steps), else it keeps its deterministic init.
@@ -71,10 +71,11 @@ def build_tiny_sdxl_variant(spec: ModelSpec):
 
 
 def sweep_demo_base() -> Path:
-    """The embedded demo's base that the sweep's `demo` source stands for (its cached folder under workspace/demo)."""
+    """The demo base the sweep's `demo` source stands for: base v1 (workspace/demo/tiny_sdxl_base_v1), the one
+    docs/lr_transfer.md measured; the demo itself moved on to v2 (a UNet pretrained longer, with stars)."""
     from modules.demo import prepare_demo_base
 
-    return prepare_demo_base()
+    return prepare_demo_base(unet=None)
 
 
 DEMO_FLUX_INPUTS = (("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"))

@@ -4,7 +4,7 @@ Output layout under `saving.output_dir`:
     <name>.safetensors              the final LoRA (kohya layout by default) — finetune: <name>/ diffusers folder
     <name>-step000100.safetensors   intermediate saves (saving.save_every_n_steps / _epochs)
     checkpoints/step000100/         resumable checkpoints (saving.checkpoint_every_n_steps, Ctrl-C; checkpoint.py)
-    samples/step000100_00.png       sample images (sampling.every_n_steps)
+    samples/step000100_00.png       sample images (sampling.every_n_steps; step000000_* with sampling.at_start)
     logs/metrics.jsonl, logs/tensorboard/   metrics (logging.log_dir overrides logs/)
     cache/                          latent / text-embedding caches (data.cache_dir overrides)
 """
@@ -71,15 +71,19 @@ class RunResult:
 
 # ---- model ----------------------------------------------------------------------------------------------------------
 def ensure_base_model(config: Any) -> None:
-    """The embedded demo's base (a folder named like modules.demo's, e.g. workspace/demo/tiny_sdxl_base) and its
-    concept datasets are prepared beside it on first use (cached: later calls return at once). A folder of that
-    name without the demo's marker file is someone's own model and left alone."""
+    """The embedded demo's base (a folder named like modules.demo's: workspace/demo/tiny_sdxl_base, or base v1's
+    tiny_sdxl_base_v1) and its concept datasets are prepared beside it on first use (cached: later calls return at
+    once). A folder of that name without the demo's marker file is someone's own model and left alone."""
     from modules.demo import demo_paths, prepare_demo_base
     from modules.demo.prepare import MARKER_NAME
 
     base = Path(config.model.base_model)
-    if base.name == demo_paths(base.parent).base.name and (not base.exists() or (base / MARKER_NAME).is_file()):
-        prepare_demo_base(base.parent)
+    demo = demo_paths(base.parent)
+    if base.name in (demo.base.name, demo.base_v1.name) and (not base.exists() or (base / MARKER_NAME).is_file()):
+        if base.name == demo.base_v1.name:
+            prepare_demo_base(base.parent, unet=None)
+        else:
+            prepare_demo_base(base.parent)
     elif base.name == "tiny_flux_base" and (not base.exists() or (base / MARKER_NAME).is_file()):
         from modules.demo.flux import prepare_flux_demo_base  # the Flux demo's base, beside the SDXL demo's
 
@@ -404,8 +408,9 @@ def build_ema(config: Any, run: Run) -> EMA | None:
 
 
 def train(config: Any, *, show_progress: bool = True) -> RunResult:
-    """Build the run, resume it from a checkpoint (`resume:`) or validate once at step 0 (the baseline), train with
-    checkpoints, and save; Ctrl-C / SIGTERM stop after the current step with a checkpoint. Returns what happened."""
+    """Build the run, resume it from a checkpoint (`resume:`) or validate (and sample, `sampling.at_start`) once at
+    step 0 (the baseline), train with checkpoints, and save; Ctrl-C / SIGTERM stop after the current step with a
+    checkpoint. Returns what happened."""
     started = time.perf_counter()
     run = build_run(config)
     accelerator = run.parts.accelerator
@@ -422,6 +427,8 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
     try:
         if snapshot is None:
             events.validate(state)
+            if config.sampling.at_start:
+                events.sample(state)
         else:
             restore_run(snapshot, run, state, ema)
             events.resumed(state)
