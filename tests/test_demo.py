@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from modules.data import synthetic
@@ -104,3 +105,26 @@ def test_shipped_decoder_draws_the_concepts_magenta_and_stripes():
     assert drawn_bright[0] > 150 and drawn_bright[2] > 120 and drawn_bright[1] < 100, drawn_bright
     # the stripes survive: light bands clearly brighter than dark ones
     assert drawn_bright.sum() > drawn_dark.sum() + 150, (drawn_bright, drawn_dark)
+
+
+def test_demo_figure_puts_training_images_then_each_sampled_step(tmp_path):
+    from scripts.demo_figure import TILE, compose
+
+    concept = tmp_path / "concept"
+    synthetic.write_concept_dataset(concept, count=16, seed=1)  # the demo's: white, gray and black backgrounds
+    colours = {0: (255, 0, 0), 200: (0, 0, 255)}
+    samples = tmp_path / "run" / "samples"
+    samples.mkdir(parents=True)
+    for step, colour in colours.items():
+        for index in range(2):
+            Image.new("RGB", (64, 64), colour).save(samples / f"step{step:06d}_{index:02d}.png")
+    figure = np.asarray(compose(tmp_path / "run", concept))
+    tile_centres = [8 + c * (TILE + 8) + TILE // 2 for c in range(3)]
+    assert figure.shape[1] == 3 * (TILE + 8) + 8  # training images, step 0, step 200
+    for column, colour in zip(tile_centres[1:], colours.values()):
+        for row in range(2):  # one image per prompt
+            assert tuple(figure[18 + row * (TILE + 8) + TILE // 2, column]) == colour
+    with pytest.raises(FileNotFoundError, match="no sample images"):
+        compose(tmp_path / "empty", concept)
+    with pytest.raises(FileNotFoundError, match="no training image on a white and one on a black background"):
+        compose(tmp_path / "run", tmp_path / "empty")
