@@ -26,6 +26,8 @@ FAMILY_TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
     "qwenimage": (),
 }
 FLOW_FAMILIES = ("flux", "chroma", "sd3", "zimage", "qwenimage")
+# Families whose full finetune saves as one original-layout file (modules.model.saving.SINGLE_FILE_WRITERS).
+SINGLE_FILE_FAMILIES = ("flux", "chroma", "sd3", "sdxl", "sd15")
 
 
 def dora_vs_spectral(cfg: TrainConfig) -> list[Problem]:
@@ -157,6 +159,18 @@ def flow_family_settings(cfg: TrainConfig) -> list[Problem]:
     return out
 
 
+def single_file_has_writer(cfg: TrainConfig) -> list[Problem]:
+    """saving.finetune_format single_file needs a family with a writer: flux, chroma, sd3, sdxl, sd15."""
+    family = cfg.model.family
+    single_file = cfg.method == "finetune" and cfg.saving.finetune_format == "single_file"
+    if single_file and family not in SINGLE_FILE_FAMILIES:
+        return [(
+            "saving.finetune_format",
+            f"single_file is not written for {family}; it works for {', '.join(SINGLE_FILE_FAMILIES)} (use diffusers)",
+        )]
+    return []
+
+
 def init_lora_is_safetensors(cfg: TrainConfig) -> list[Problem]:
     """lora.init_lora must be a .safetensors file."""
     path = cfg.lora.init_lora
@@ -177,6 +191,7 @@ RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
     validation_has_data,
     init_lora_is_safetensors,
     flow_family_settings,
+    single_file_has_writer,
 )
 
 

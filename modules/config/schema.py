@@ -398,7 +398,15 @@ class SavingConfig(Section):
     )
     format: Literal["kohya", "diffusers"] = Field(
         default="kohya",
-        description="LoRA file layout: kohya/ComfyUI (lora_unet_...) or diffusers/PEFT. Finetunes save a diffusers folder.",
+        description="LoRA file layout: kohya/ComfyUI (lora_unet_...) or diffusers/PEFT.",
+    )
+    finetune_format: Literal["diffusers", "single_file"] = Field(
+        default="diffusers",
+        description=(
+            "What a full finetune saves: a diffusers folder <name>/, or one <name>.safetensors in the original "
+            "layout ComfyUI/Forge/A1111 load (Flux/Chroma: the transformer in BFL's layout; SD3/3.5: the "
+            "transformer as MMDiT; SDXL/SD1.5: the whole LDM checkpoint). Intermediate saves follow it."
+        ),
     )
     save_every_n_steps: int | None = Field(default=None, ge=1, description="Intermediate save every N steps.")
     save_every_n_epochs: int | None = Field(default=None, ge=1, description="Intermediate save every N epochs.")

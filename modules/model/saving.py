@@ -1,4 +1,5 @@
-"""Writing what training produced: LoRA .safetensors files (kohya or diffusers layout) and diffusers folders.
+"""Writing what training produced: LoRA .safetensors files (kohya or diffusers layout), diffusers folders, and
+full finetunes as one file in the original (BFL / MMDiT / LDM) layout.
 
 Every write is atomic: a LoRA file goes to a temporary file in the same folder and is moved into place with
 ``os.replace``; a finetuned pipeline is saved into a temporary folder that is renamed when complete. An interrupted
@@ -10,7 +11,8 @@ import json
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,6 +86,51 @@ def base_model_version(components: Mapping[str, nn.Module], sdxl: bool | None = 
     return "sd_v1", "stable-diffusion-v1"
 
 
+def run_metadata(
+    *,
+    version: tuple[str, str],
+    kind: str,
+    layout: str,
+    implementation: str,
+    base_model: str = "",
+    output_name: str = "",
+    optimizer: Mapping[str, Any] | None = None,
+    depth: Mapping[str, int] | int | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """The metadata every file of a run carries (all strings): what it was trained from and how.
+
+    ``version``: (ss_base_model_version, modelspec architecture) from ``base_model_version``; ``kind`` "lora" makes
+    the modelspec architecture ``<architecture>/lora``, "" leaves it as the model's (a finetuned checkpoint).
+    ``training`` may carry ss-style facts the trainer knows (steps, resolution, ...); each becomes ``ss_<name>``.
+    """
+    ss_version, architecture = version
+    meta: dict[str, str] = {
+        "ss_base_model_version": ss_version,
+        "ss_v2": str(ss_version == "sd_v2"),
+        "ss_sd_model_name": Path(base_model).name if base_model else "",
+        "ss_output_name": output_name,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/{kind}" if kind else architecture,
+        "modelspec.implementation": implementation,
+        "modelspec.title": output_name,
+        "tuneonce_version": _tuneonce_version(),
+        "tuneonce_layout": layout,
+        "tuneonce_base_model": base_model,
+    }
+    if optimizer is not None:
+        meta["tuneonce_optimizer"] = json.dumps(dict(optimizer), sort_keys=True, default=str)
+        if "type" in optimizer:
+            meta["ss_optimizer"] = str(optimizer["type"])
+        if "lr" in optimizer:
+            meta["ss_learning_rate"] = str(optimizer["lr"])
+    if depth is not None:
+        meta["tuneonce_depth"] = json.dumps(depth if isinstance(depth, int) else dict(depth), sort_keys=True)
+    for key, value in (training or {}).items():
+        meta[f"ss_{key}"] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return meta
+
+
 def lora_metadata(
     weights: list[LoraModuleWeights],
     *,
@@ -96,13 +143,11 @@ def lora_metadata(
     training: Mapping[str, Any] | None = None,
     version: tuple[str, str] | None = None,
 ) -> dict[str, str]:
-    """Safetensors metadata: kohya's ss_* keys that apply, modelspec keys, and tuneonce_* keys (all strings).
-
-    ``training`` may carry ss-style facts the trainer knows (steps, epoch, learning_rate, resolution, ...); each
-    becomes ``ss_<name>``. ``version``: (ss_base_model_version, modelspec architecture) from
-    ``base_model_version``; None picks SDXL or SD1 from ``sdxl``.
+    """Safetensors metadata of a LoRA file: ``run_metadata`` plus kohya's ss_network_* keys and tuneonce's
+    rank/alpha/components. ``version`` None picks SDXL or SD1 from ``sdxl``.
     """
-    ss_version, architecture = version or (("sdxl_base_v1-0", "stable-diffusion-xl-v1-base") if sdxl else ("sd_v1", "stable-diffusion-v1"))
+    if version is None:
+        version = ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base") if sdxl else ("sd_v1", "stable-diffusion-v1")
     rank = Counter(w.rank for w in weights).most_common(1)[0][0]
     alpha = Counter(w.alpha for w in weights).most_common(1)[0][0]
     dora = any(w.magnitude is not None for w in weights)
@@ -115,40 +160,23 @@ def lora_metadata(
         network_args["dora_wd"] = "True"
     components = sorted({w.component for w in weights})
     text_encoder_trained = any(c.startswith("text_encoder") for c in components)
-    meta: dict[str, str] = {
+    meta = run_metadata(
+        version=version, kind="lora", layout=layout, implementation="diffusers", base_model=base_model,
+        output_name=output_name, optimizer=optimizer, depth=depth, training=training,
+    )  # fmt: skip
+    meta |= {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": _number(alpha),
         "ss_network_args": json.dumps(network_args),
-        "ss_base_model_version": ss_version,
-        "ss_v2": str(ss_version == "sd_v2"),
-        "ss_sd_model_name": Path(base_model).name if base_model else "",
-        "ss_output_name": output_name,
         "ss_network_train_unet_only": str(not text_encoder_trained),
         "ss_network_train_text_encoder_only": str(not any(c in ("unet", "transformer") for c in components)),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": output_name,
-        "tuneonce_version": _tuneonce_version(),
-        "tuneonce_layout": layout,
-        "tuneonce_base_model": base_model,
         "tuneonce_components": json.dumps(components),
         "tuneonce_rank": str(rank),
         "tuneonce_alpha": _number(alpha),
         "tuneonce_dora": str(dora),
         "tuneonce_num_modules": str(len(weights)),
     }
-    if optimizer is not None:
-        meta["tuneonce_optimizer"] = json.dumps(dict(optimizer), sort_keys=True, default=str)
-        if "type" in optimizer:
-            meta["ss_optimizer"] = str(optimizer["type"])
-        if "lr" in optimizer:
-            meta["ss_learning_rate"] = str(optimizer["lr"])
-    if depth is not None:
-        meta["tuneonce_depth"] = json.dumps(depth if isinstance(depth, int) else dict(depth), sort_keys=True)
-    for key, value in (training or {}).items():
-        meta[f"ss_{key}"] = value if isinstance(value, str) else json.dumps(value, default=str)
     return meta
 
 
@@ -268,3 +296,94 @@ def save_diffusers_folder(pipeline, folder: str | Path, *, dtype: str | torch.dt
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+# ---- full finetunes as one file in the original layout (saving.finetune_format: single_file) ----------------------
+def _bfl_state(components: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    from modules.model.single_file.flux_bfl import diffusers_to_bfl
+
+    return diffusers_to_bfl(unwrapped_backbone(components).state_dict())
+
+
+def _mmdit_state(components: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    from modules.model.single_file.sd3_mmdit import diffusers_to_mmdit
+
+    return diffusers_to_mmdit(unwrapped_backbone(components).state_dict())
+
+
+def _ldm_state(components: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    from modules.model.single_file.ldm import ldm_checkpoint
+
+    if base_model_version(components)[0] == "sd_v2":  # the writer knows CLIP-L, not SD2's OpenCLIP-H layout
+        raise ValueError("saving.finetune_format: single_file has no writer for SD2 (OpenCLIP-H); use diffusers")
+    return ldm_checkpoint(dict(components))
+
+
+@dataclass(frozen=True)
+class SingleFileWriter:
+    """How one family's finetune becomes one file: the layout's name, modelspec implementation and the state dict."""
+
+    layout: str
+    implementation: str
+    state: Callable[[Mapping[str, nn.Module]], dict[str, torch.Tensor]]
+
+
+BFL = SingleFileWriter("bfl", "https://github.com/black-forest-labs/flux", _bfl_state)  # transformer only
+MMDIT = SingleFileWriter("mmdit", "https://github.com/Stability-AI/sd3.5", _mmdit_state)  # transformer only
+LDM = SingleFileWriter("ldm", "https://github.com/Stability-AI/generative-models", _ldm_state)  # UNet + VAE + CLIP
+# Must name the same families as modules.config.rules.SINGLE_FILE_FAMILIES (tested).
+SINGLE_FILE_WRITERS: dict[str, SingleFileWriter] = {"flux": BFL, "chroma": BFL, "sd3": MMDIT, "sdxl": LDM, "sd15": LDM}
+
+
+def single_file_writer(family: str) -> SingleFileWriter:
+    if family not in SINGLE_FILE_WRITERS:
+        raise ValueError(
+            f"saving.finetune_format: single_file is not written for {family}; it works for "
+            f"{', '.join(SINGLE_FILE_WRITERS)} (use diffusers)"
+        )
+    return SINGLE_FILE_WRITERS[family]
+
+
+def finetune_state_dict(family: str, components: Mapping[str, nn.Module], *, dtype: str | torch.dtype | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """The tensors ``save_finetune_file`` writes: the family's original layout, floats in ``dtype``, on the CPU.
+
+    Tensors are popped one by one so a 12B transformer's fused copies are not held twice during the conversion."""
+    target = resolve_dtype(dtype)
+    state = single_file_writer(family).state(components)
+    return {key: _saved_tensor(state.pop(key), target) for key in list(state)}
+
+
+def _saved_tensor(value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A CPU tensor as saved: floating-point values in ``dtype`` (None keeps theirs), integers as they are."""
+    keep = dtype is None or not value.is_floating_point()
+    return value.detach().to("cpu", dtype=None if keep else dtype).contiguous()
+
+
+def save_finetune_file(
+    path: str | Path,
+    family: str,
+    components: Mapping[str, nn.Module],
+    *,
+    dtype: str | torch.dtype | None = None,
+    base_model: str = "",
+    optimizer: Mapping[str, Any] | None = None,
+    depth: Mapping[str, int] | int | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> Path:
+    """A full finetune as one ``.safetensors`` in the layout users load it in, written atomically with the run's
+    metadata: Flux/Chroma the transformer in BFL's layout (as flux1-dev.safetensors; ComfyUI "Load Diffusion
+    Model"), SD3/3.5 the transformer in the MMDiT layout, SDXL/SD1.5 the whole pipeline as an LDM checkpoint.
+    Loads back as ``model.base_model`` (with ``model.components_from`` for transformer-only files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"finetune output path must end in .safetensors: {path}")
+    writer = single_file_writer(family)
+    tensors = finetune_state_dict(family, components, dtype=dtype)
+    metadata = run_metadata(
+        version=base_model_version(components), kind="", layout=writer.layout, implementation=writer.implementation,
+        base_model=base_model, output_name=path.stem, optimizer=optimizer, depth=depth, training=training,
+    )  # fmt: skip
+    metadata |= {"format": "pt", "tuneonce_family": family, "tuneonce_method": "finetune"}
+    atomic_save(tensors, path, metadata)
+    return path

@@ -1,7 +1,8 @@
 """`run_training(config)`: one run wired end to end (model, adapters, optimizer, data, loop, outputs).
 
 Output layout under `saving.output_dir`:
-    <name>.safetensors              the final LoRA (kohya layout by default) — finetune: <name>/ diffusers folder
+    <name>.safetensors              the final LoRA (kohya layout by default) — finetune: <name>/ diffusers folder,
+                                    or <name>.safetensors in the original layout (saving.finetune_format: single_file)
     <name>-step000100.safetensors   intermediate saves (saving.save_every_n_steps / _epochs)
     checkpoints/step000100/         resumable checkpoints (saving.checkpoint_every_n_steps, Ctrl-C; checkpoint.py)
     samples/step000100_00.png       sample images (sampling.every_n_steps; step000000_* with sampling.at_start)
@@ -198,20 +199,29 @@ def total_optimizer_steps(config: Any, batches_per_epoch: int) -> int:
 
 
 def save_outputs(config: Any, family: ModelFamily, components: dict[str, Any], trained: dict[str, torch.nn.Module],
-                 paths: RunPaths, suffix: str, depth: dict[str, int]) -> Path:
-    """The LoRA file (saving.format layout) or, for a finetune, a diffusers folder; `suffix` marks intermediates."""
+                 paths: RunPaths, suffix: str, depth: dict[str, int], step: int | None = None) -> Path:
+    """The LoRA file (saving.format layout) or, for a finetune, a diffusers folder or one original-layout file
+    (saving.finetune_format); `suffix` marks intermediates, `step` the optimizer steps trained (metadata)."""
     from modules.model import saving
 
     name = f"{config.saving.name}{suffix}"
+    tcfg = config.training
+    training = {"batch_size": tcfg.batch_size, "gradient_accumulation": tcfg.gradient_accumulation, "seed": tcfg.seed,
+                "resolution": config.data.resolution, "max_steps": config.schedule.max_steps}  # fmt: skip
+    if step is not None:
+        training["steps"] = step
+    run_facts = {"base_model": str(config.model.base_model), "optimizer": config.optimizer.model_dump(mode="json"),
+                 "depth": depth, "training": training}  # fmt: skip
+    if config.method == "finetune" and config.saving.finetune_format == "single_file":
+        return saving.save_finetune_file(
+            paths.output_dir / f"{name}.safetensors", family.name, components, dtype=config.saving.dtype, **run_facts
+        )
     if config.method == "finetune":
         return saving.save_diffusers_folder(family.build_pipeline(components), paths.output_dir / name, dtype=config.saving.dtype)
-    tcfg = config.training
     return saving.save_lora(
         paths.output_dir / f"{name}.safetensors", trained, layout=config.saving.format, dtype=config.saving.dtype,
-        base_model=str(config.model.base_model), optimizer=config.optimizer.model_dump(mode="json"), depth=depth,
-        training={"batch_size": tcfg.batch_size, "gradient_accumulation": tcfg.gradient_accumulation, "seed": tcfg.seed,
-                  "resolution": config.data.resolution, "max_steps": config.schedule.max_steps},
-    )  # fmt: skip
+        **run_facts,
+    )
 
 
 @dataclass
@@ -358,11 +368,12 @@ class RunEvents:
                     device=self.run.parts.accelerator.device,
                 )  # fmt: skip
 
-    def save(self, suffix: str) -> None:
+    def save(self, suffix: str, step: int) -> None:
         if self.main:
             run = self.run
             with self.weights():
-                self.result.saved.append(save_outputs(self.config, run.family, run.components, run.trained, run.paths, suffix, self.depth))
+                path = save_outputs(self.config, run.family, run.components, run.trained, run.paths, suffix, self.depth, step)
+                self.result.saved.append(path)
 
     def on_step(self, state: TrainState, loss: torch.Tensor) -> None:
         cfg, total = self.config, self.run.total_steps
@@ -380,12 +391,12 @@ class RunEvents:
             self.sample(state)
         if state.step < total:
             if cfg.saving.save_every_n_steps and state.step % cfg.saving.save_every_n_steps == 0:
-                self.save(f"-step{state.step:06d}")
+                self.save(f"-step{state.step:06d}", state.step)
             finished = self.finished_epochs(state)
             if cfg.saving.save_every_n_epochs and finished > self.last_epoch:
                 self.last_epoch = finished
                 if finished % cfg.saving.save_every_n_epochs == 0:
-                    self.save(f"-epoch{finished:04d}")
+                    self.save(f"-epoch{finished:04d}", state.step)
 
     def on_end(self, state: TrainState) -> None:
         self.result.steps = state.step
@@ -393,7 +404,7 @@ class RunEvents:
         every = self.config.sampling.every_n_steps
         if not every or state.step % every:  # the final model's samples, unless just made
             self.sample(state)
-        self.save("")
+        self.save("", state.step)
 
     def close(self) -> None:
         self.bar.close()
