@@ -329,8 +329,9 @@ class SingleFileWriter:
 
 
 BFL = SingleFileWriter("bfl", "https://github.com/black-forest-labs/flux", _bfl_state)  # transformer only
-MMDIT = SingleFileWriter("mmdit", "https://github.com/Stability-AI/sd3.5", _mmdit_state)  # transformer only
-LDM = SingleFileWriter("ldm", "https://github.com/Stability-AI/generative-models", _ldm_state)  # UNet + VAE + CLIP
+STABILITY = "https://github.com/Stability-AI/generative-models"  # modelspec.implementation of Stability's layouts
+MMDIT = SingleFileWriter("mmdit", STABILITY, _mmdit_state)  # transformer only
+LDM = SingleFileWriter("ldm", STABILITY, _ldm_state)  # UNet + VAE + CLIP
 # Must name the same families as modules.config.rules.SINGLE_FILE_FAMILIES (tested).
 SINGLE_FILE_WRITERS: dict[str, SingleFileWriter] = {"flux": BFL, "chroma": BFL, "sd3": MMDIT, "sdxl": LDM, "sd15": LDM}
 
