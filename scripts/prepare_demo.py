@@ -7,6 +7,8 @@ longer on a domain with stars; base v1 (tiny_sdxl_base_v1, with --v1) is what th
     python scripts/prepare_demo.py --from-scratch   # v1 pretrain + decoder step + v2's UNet here (~1 h on 2 cores)
     python scripts/prepare_demo.py --write-asset    # the same, then refresh both shipped files from it
     python scripts/prepare_demo.py --unet-only      # only v2's UNet stage, on the shipped v1; writes its file
+    python scripts/prepare_demo.py --flux           # the Flux demo base with its transformer pretrained here
+        # (~11 min on one CPU thread), written into modules/demo/assets/tiny_flux_transformer.safetensors
     python scripts/prepare_demo.py --decoder-only FOLDER
         # only the decoder step, on FOLDER (a base --from-scratch pretrained before the decoder step existed),
         # written into the shipped file; its other tensors stay byte for byte
@@ -38,8 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--v1", action="store_true", help="prepare base v1 (the LR sweep's) instead of v2")
     parser.add_argument("--decoder-only", type=Path, metavar="FOLDER",
                         help=f"run only the decoder step on this pretrained base and write it into {ASSET_PATH.name}")
+    parser.add_argument("--flux", action="store_true",
+                        help="pretrain the Flux demo's transformer on the v2 base (one thread, ~11 min) and write "
+                             "modules/demo/assets/tiny_flux_transformer.safetensors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.flux:
+        return write_flux_asset(args.root)
 
     settings, decoder, unet = DemoSettings(), DecoderSettings(), UNetSettings()
     started = time.perf_counter()
@@ -73,6 +80,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {save_unet_asset(pipe, unet_hash(settings, decoder, unet))}")
     paths = demo_paths(args.root)
     print(f"concept: {paths.concept}  validation: {paths.concept_val}")
+    return 0
+
+
+def write_flux_asset(root: Path | None) -> int:
+    """(Re)build the Flux demo base with its transformer pretrained here, then write the shipped transformer."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from modules.demo.flux import (
+        TRANSFORMER_ASSET_PATH, FluxPretrainSettings, flux_transformer_hash, prepare_flux_demo_base,
+        save_transformer_asset,
+    )  # fmt: skip
+
+    torch.set_num_threads(1)  # tiny models are op-overhead bound; and deterministic on every machine
+    started = time.perf_counter()
+    settings, recipe = DemoSettings(), FluxPretrainSettings()
+    folder = prepare_flux_demo_base(root, settings, pretrain=recipe, asset_path=None)
+    digest = flux_transformer_hash(decoder_hash(settings, DecoderSettings()), recipe, settings)
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    print(f"Flux demo base: {folder} ({time.perf_counter() - started:.1f} s)")
+    print(f"wrote {save_transformer_asset(transformer, digest, TRANSFORMER_ASSET_PATH)}")
     return 0
 
 

@@ -37,7 +37,7 @@ def sdxl_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def flux_base(tmp_path_factory, sdxl_base: Path) -> Path:
-    return prepare_flux_demo_base(tmp_path_factory.mktemp("flux"), sdxl_base=sdxl_base)
+    return prepare_flux_demo_base(tmp_path_factory.mktemp("flux"), sdxl_base=sdxl_base, pretrain=None)
 
 
 def _pipe(folder: Path) -> FluxPipeline:

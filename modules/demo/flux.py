@@ -4,54 +4,137 @@
 - the SDXL demo's pretrained tiny VAE and CLIP text encoder + tokenizer (``prepare_demo_base``, shipped weights,
   seconds), so latents and prompts mean the same as in the SDXL demo; the VAE has 4 latent channels, so the
   transformer's tokens are 2x2 patches of 4 channels (16 features; real Flux: 16 channels, 64 features);
-- a tiny T5 encoder and a tiny FluxTransformer2DModel with the dev guidance embedding (modules/model/tiny_flow.py),
-  freshly initialised from a fixed seed: the transformer is not pretrained, so the demo LoRA learns the concept on
-  top of an untrained denoiser (validation loss falls; samples show colours and layout rather than crisp shapes).
+- a tiny T5 encoder (random init from a fixed seed: the captions' meaning reaches the transformer through CLIP's
+  pooled embedding and T5's token identities) and a tiny FluxTransformer2DModel with the dev guidance embedding
+  (modules/model/tiny_flow.py) pretrained with ``FluxPretrainSettings``: rectified flow on the SDXL demo base v2
+  UNet's domain (plain circles, squares, triangles and stars in red/green/blue/yellow/magenta, the same 768 draws),
+  4000 AdamW steps. That takes ~11 min on one CPU thread, so the weights ship in
+  ``modules/demo/assets/tiny_flux_transformer.safetensors`` (fp16), used when the recipe hash in its metadata
+  matches (``flux_transformer_hash``); ``python scripts/prepare_demo.py --flux`` reproduces it. The folder's marker
+  holds the hashes, so a second call returns at once and a folder made with another recipe is rebuilt.
 The concept datasets are the SDXL demo's (``workspace/demo/concept``, ``concept_val``).
-``pretrain_flux_transformer`` (below) can pretrain the transformer on the SDXL demo's pretraining domain; the LR
-sweep's pretrained tiny DiT uses it (modules/sweep/models.py, source ``demo_flux``), the demo base does not (yet).
+The LR sweep's pretrained tiny DiT (modules/sweep/models.py, source ``demo_flux``) starts from the transformer's init
+(``pretrain=None``) and pretrains it with ``pretrain_flux_transformer`` on base v1's domain (its defaults).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from modules.demo.prepare import MARKER_NAME, DecoderSettings, DemoSettings, decoder_hash, demo_paths, prepare_demo_base
+from modules.data import synthetic
+from modules.demo.prepare import (
+    MARKER_NAME, DecoderSettings, DemoSettings, UNetSettings, decoder_hash, demo_paths, prepare_demo_base,
+)  # fmt: skip
 from modules.model.tiny_flow import DYNAMIC_SHIFT, _t5, build_tiny_t5_tokenizer, tiny_flux_transformer
 
 logger = logging.getLogger(__name__)
 
 FLUX_DEMO_BASE = "tiny_flux_base"
-FLUX_FORMAT_VERSION = 2  # bump when the recipe below changes
-SEED = 0
+FLUX_FORMAT_VERSION = 3  # bump when the recipe below changes (3: the transformer is pretrained)
+SEED = 0  # the T5's and the transformer's init
+TRANSFORMER_ASSET_PATH = Path(__file__).resolve().parent / "assets" / "tiny_flux_transformer.safetensors"
+# AdamW peak LR (cosine with warm-up, like the UNet's). Held-out flow loss after 1000 steps, batch 32 (init 2.33):
+# 0.295 at 3e-3, 0.220 at 1e-2, 0.210 at 2e-2; 1e-2 leaves a factor-2 margin below the best.
+FLUX_PRETRAIN_LR = 1e-2
+_V2 = UNetSettings()
+
+
+@dataclass(frozen=True)
+class FluxPretrainSettings:
+    """The demo transformer's pretraining: the SDXL demo base v2 UNet's domain (plain circles, squares, triangles and
+    stars in red/green/blue/yellow/magenta on three backgrounds, the same 768 draws), so the demo LoRA has a star to
+    start from. Batch size and caption dropout are the DemoSettings'. Its hash keys the shipped transformer."""
+
+    steps: int = 4000
+    lr: float = FLUX_PRETRAIN_LR
+    seed: int = 0  # the training generator (batches, noise, timesteps, caption dropout)
+    images: int = _V2.images
+    data_seed: int = _V2.data_seed
+    shapes: tuple[str, ...] = _V2.shapes
+    colors: tuple[str, ...] = _V2.colors
+    timestep_sampling: str = "uniform"
+
+    def concept(self) -> synthetic.Concept:
+        return replace(synthetic.PRETRAIN_CONCEPT, name="flux_pretrain", shapes=self.shapes, colors=self.colors)
 
 
 def flux_demo_base_dir(root: str | Path | None = None) -> Path:
     return demo_paths(root).base.parent / FLUX_DEMO_BASE
 
 
+def _config_of(transformer: FluxTransformer2DModel) -> dict:
+    return {k: v for k, v in transformer.config.items() if not k.startswith("_")}  # private keys are not stable
+
+
+def flux_transformer_hash(source: str, recipe: FluxPretrainSettings, settings: DemoSettings = DemoSettings()) -> str:
+    """Content hash of the pretrained transformer's recipe: the VAE/CLIP it learned through (`source`: the SDXL demo
+    base's recipe hash), the demo settings (batch, caption dropout), the pretraining settings, the init seed and the
+    architecture."""
+    with torch.random.fork_rng(devices=[]):  # building it draws an init: keep the caller's RNG as it was
+        config = _config_of(tiny_flux_transformer(guidance=True, latent_channels=4))  # the demo VAE's 4 channels
+    payload = {"v": FLUX_FORMAT_VERSION, "source": source, "init_seed": SEED, "settings": asdict(settings),
+               "pretrain": asdict(recipe), "config": config}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_transformer_asset(transformer: FluxTransformer2DModel, digest: str,
+                           path: Path = TRANSFORMER_ASSET_PATH) -> Path:
+    """Write the pretrained transformer as one fp16 safetensors file whose metadata holds its recipe hash."""
+    tensors = {key: value.detach().to(torch.float16).contiguous() for key, value in transformer.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"flux_transformer_hash": digest})
+    return path
+
+
+def load_transformer_asset(transformer: FluxTransformer2DModel, path: Path, digest: str) -> bool:
+    """Load the shipped transformer into `transformer` if it was made with this recipe; False otherwise."""
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        made_with = (handle.metadata() or {}).get("flux_transformer_hash")
+        if made_with != digest:
+            logger.warning("%s was made with another transformer recipe (%s, now %s)", path, made_with, digest)
+            return False
+        state = {key: handle.get_tensor(key).float() for key in handle.keys()}
+    transformer.load_state_dict(state, strict=True)
+    return True
+
+
 def prepare_flux_demo_base(
-    root: str | Path | None = None, settings: DemoSettings = DemoSettings(), *, sdxl_base: Path | None = None
+    root: str | Path | None = None,
+    settings: DemoSettings = DemoSettings(),
+    *,
+    sdxl_base: Path | None = None,
+    pretrain: FluxPretrainSettings | None = FluxPretrainSettings(),
+    asset_path: Path | None = TRANSFORMER_ASSET_PATH,
 ) -> Path:
     """Build (or reuse) the tiny Flux demo base next to the SDXL demo's; returns its folder. `sdxl_base`: take the
-    VAE and CLIP from this SDXL folder instead of the prepared SDXL demo base (tests)."""
+    VAE and CLIP from this SDXL folder instead of the prepared SDXL demo base (tests). `pretrain`: the transformer's
+    pretraining recipe, loaded from `asset_path` when that file was made with it, else run here (~11 min on one CPU
+    thread); None keeps the transformer at its init (the LR sweep's `demo_flux` source pretrains it itself)."""
     if sdxl_base is None:
         sdxl_base = prepare_demo_base(root, settings)  # concept data + the pretrained VAE and CLIP
         source = decoder_hash(settings, DecoderSettings())  # covers the base recipe and the decoder step
     else:
         source = str(Path(sdxl_base).resolve())
     folder = flux_demo_base_dir(root)
-    stamp = {"flux_format": FLUX_FORMAT_VERSION, "seed": SEED, "source": source}
+    digest = flux_transformer_hash(source, pretrain, settings) if pretrain is not None else None
+    stamp = {"flux_format": FLUX_FORMAT_VERSION, "seed": SEED, "source": source, "transformer_hash": digest}
     try:
-        if json.loads((folder / MARKER_NAME).read_text()) == stamp:
+        if {k: v for k, v in json.loads((folder / MARKER_NAME).read_text()).items() if k in stamp} == stamp:
             return folder
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass
     vae = AutoencoderKL.from_pretrained(sdxl_base / "vae")
     if vae.config.shift_factor is None:  # FluxPipeline decodes with latents / scale + shift
@@ -68,25 +151,46 @@ def prepare_flux_demo_base(
             tokenizer_2=tokenizer_2,
             transformer=tiny_flux_transformer(guidance=True, latent_channels=vae.config.latent_channels),
         )
+    marker = dict(stamp, transformer="init")
+    if pretrain is not None:
+        if asset_path is not None and load_transformer_asset(pipe.transformer, asset_path, digest):
+            marker["transformer"] = f"shipped {asset_path.name}"
+        else:
+            marker.update(_pretrain_here(pipe, settings, pretrain))
     staging = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
-    (staging / MARKER_NAME).write_text(json.dumps(stamp))
+    (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     staging.replace(folder)
     return folder
 
 
-# ---------------------------------------------------------------------------------------- transformer pretraining
-# The tiny Flux transformer above starts from random weights. `pretrain_flux_transformer` teaches it the SDXL demo
-# base's pretraining domain (plain shapes in four colours) with the rectified-flow loss, through the Flux family's
-# own latent encoding, text encoding, timestep sampling/shift, packing and velocity target, so it is trained exactly
-# as the training loop would train it. The LR sweep's pretrained DiT (modules/sweep/models.py, source demo_flux)
-# uses it.
+def _pretrain_here(pipe: FluxPipeline, settings: DemoSettings, recipe: FluxPretrainSettings) -> dict:
+    """Pretrain the transformer with `recipe`, measuring the held-out flow loss before and after (for the marker)."""
+    logger.info("pretraining the Flux demo transformer: %d steps, about 11 min on one CPU thread (4000 steps)",
+                recipe.steps)
+    concept = recipe.concept()
+    held_out = held_out_validator(pipe, settings, concept=concept)
+    before = held_out.loss(pipe.transformer)
+    started = time.perf_counter()
+    pretrain_flux_transformer(pipe, replace(settings, seed=recipe.seed), recipe.steps, recipe.lr,
+                              timestep_sampling=recipe.timestep_sampling, concept=concept, images=recipe.images,
+                              data_seed=recipe.data_seed)
+    seconds = time.perf_counter() - started
+    after = held_out.loss(pipe.transformer)
+    logger.info("Flux demo transformer: held-out flow loss %.4f -> %.4f (%.0f s)", before, after, seconds)
+    return {"transformer": f"pretrained here ({recipe.steps} steps)", "pretrain": asdict(recipe),
+            "held_out_flow_loss": {"init": before, "pretrained": after}, "pretrain_seconds": round(seconds, 1)}
 
-# AdamW peak LR (cosine with warm-up, like the UNet's). Held-out flow loss after 1000 steps, batch 32 (init 2.33):
-# 0.295 at 3e-3, 0.220 at 1e-2, 0.210 at 2e-2; 1e-2 leaves a factor-2 margin below the best.
-FLUX_PRETRAIN_LR = 1e-2
+
+# ---------------------------------------------------------------------------------------- transformer pretraining
+# `pretrain_flux_transformer` teaches the tiny Flux transformer a domain of generated shapes (default: the SDXL demo
+# base v1's, plain shapes in four colours, as the LR sweep's pretrained DiT, source demo_flux, uses; the demo base:
+# FluxPretrainSettings' v2 domain) with the rectified-flow loss, through the Flux family's own latent encoding, text
+# encoding, timestep sampling/shift, packing and velocity target, so it is trained exactly as the training loop would
+# train it.
+
 HELD_OUT_SEED_OFFSET = 500  # held-out draws of the domain (its pretraining set: seed + 100, the decoder's: + 300)
 
 
@@ -99,17 +203,17 @@ def _family_parts(pipe: FluxPipeline, timestep_sampling: str = "uniform"):
 
 
 @torch.no_grad()
-def domain_latents(pipe: FluxPipeline, count: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+def domain_latents(pipe: FluxPipeline, count: int, size: int, seed: int,
+                   concept: synthetic.Concept = synthetic.PRETRAIN_CONCEPT) -> tuple[torch.Tensor, list[str]]:
     """Latents (VAE means, shifted and scaled as the Flux family encodes them) and captions of `count` generated
-    images of the demo's pretraining domain drawn with `seed`."""
+    images of `concept` (default: the SDXL demo base v1's pretraining domain) drawn with `seed`."""
     import tempfile
 
-    from modules.data import synthetic
     from modules.demo.prepare import _image_tensor
 
     family, _, _ = _family_parts(pipe)
     with tempfile.TemporaryDirectory() as scratch:
-        paths = synthetic.write_pretrain_dataset(Path(scratch), count=count, size=size, seed=seed)
+        paths = synthetic.write_dataset(Path(scratch), concept, count=count, size=size, seed=seed)
         images = _image_tensor(paths)
         captions = [p.with_suffix(".txt").read_text().strip() for p in paths]
     pipe.vae.eval()
@@ -128,13 +232,16 @@ def _encode_captions(pipe: FluxPipeline, captions: list[str]) -> dict[str, torch
 
 
 def held_out_validator(pipe: FluxPipeline, settings: DemoSettings = DemoSettings(), *, count: int = 64,
-                       num_timesteps: int = 4, seed: int = 1234):
-    """The training loop's Validator on `count` held-out images of the pretraining domain: `.loss(pipe.transformer)`
-    is the flow-matching loss at fixed timesteps with fixed noise, so two states of the transformer compare exactly."""
+                       num_timesteps: int = 4, seed: int = 1234,
+                       concept: synthetic.Concept = synthetic.PRETRAIN_CONCEPT):
+    """The training loop's Validator on `count` held-out images of the pretraining domain `concept` (drawn with
+    `settings.seed + HELD_OUT_SEED_OFFSET`): `.loss(pipe.transformer)` is the flow-matching loss at fixed timesteps
+    with fixed noise, so two states of the transformer compare exactly."""
     from modules.trainer.validation import Validator
 
     family, components, objective = _family_parts(pipe)
-    latents, captions = domain_latents(pipe, count, settings.image_size, settings.seed + HELD_OUT_SEED_OFFSET)
+    latents, captions = domain_latents(pipe, count, settings.image_size, settings.seed + HELD_OUT_SEED_OFFSET,
+                                       concept)
     batches = [{"latents": latents[i:i + 16], "caption": captions[i:i + 16]} for i in range(0, count, 16)]
     return Validator(family, components, objective, batches, num_timesteps=num_timesteps, seed=seed,
                      device=torch.device("cpu"), dtype=torch.float32, encode_text_each_time=False)
@@ -142,9 +249,11 @@ def held_out_validator(pipe: FluxPipeline, settings: DemoSettings = DemoSettings
 
 def pretrain_flux_transformer(pipe: FluxPipeline, settings: DemoSettings = DemoSettings(), steps: int = 1000,
                               lr: float = FLUX_PRETRAIN_LR, *, timestep_sampling: str = "uniform",
-                              log_every: int = 100) -> list[float]:
-    """Train `pipe.transformer` (in place) on the rectified-flow loss over the SDXL demo base's pretraining images
-    (`settings.pretrain_images` draws, seed `settings.seed + 100`, as the UNet's): AdamW with the demo's cosine
+                              log_every: int = 100, concept: synthetic.Concept = synthetic.PRETRAIN_CONCEPT,
+                              images: int | None = None, data_seed: int | None = None) -> list[float]:
+    """Train `pipe.transformer` (in place) on the rectified-flow loss over `images` draws (default
+    `settings.pretrain_images`) of `concept` with `data_seed` (default `settings.seed + 100`); the defaults are the
+    SDXL demo base v1's pretraining images, as the LR sweep's `flux_pre` uses. AdamW with the demo's cosine
     schedule, batch `settings.batch_size`, caption dropout `settings.caption_dropout` (the empty caption, as the data
     pipeline drops captions) for classifier-free guidance, gradient clipping at 1. Deterministic given
     `settings.seed`. Returns the training loss of every step."""
@@ -154,7 +263,9 @@ def pretrain_flux_transformer(pipe: FluxPipeline, settings: DemoSettings = DemoS
     if steps < 1 or not lr > 0:
         raise ValueError(f"pretrain_flux_transformer: steps must be >= 1 and lr > 0, got steps={steps}, lr={lr}")
     family, components, objective = _family_parts(pipe, timestep_sampling)
-    latents, captions = domain_latents(pipe, settings.pretrain_images, settings.image_size, settings.seed + 100)
+    images = settings.pretrain_images if images is None else images
+    data_seed = settings.seed + 100 if data_seed is None else data_seed
+    latents, captions = domain_latents(pipe, images, settings.image_size, data_seed, concept)
     text = _encode_captions(pipe, captions)
     empty = _encode_captions(pipe, [""])
     transformer = pipe.transformer

@@ -95,7 +95,8 @@ def build_demo_flux(spec: ModelSpec, sdxl_base: Path, workdir: Path):
     from modules.demo.prepare import DemoSettings
 
     shutil.rmtree(workdir, ignore_errors=True)
-    pipe = FluxPipeline.from_pretrained(prepare_flux_demo_base(workdir, sdxl_base=sdxl_base), local_files_only=True)
+    base = prepare_flux_demo_base(workdir, sdxl_base=sdxl_base, pretrain=None)  # at init: pretrained below
+    pipe = FluxPipeline.from_pretrained(base, local_files_only=True)
     shutil.rmtree(workdir, ignore_errors=True)
     if not spec.pretrain_steps:
         return pipe, "Flux demo base, transformer at its deterministic init", {}
