@@ -28,13 +28,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from modules.data import synthetic
 from modules.demo.prepare import (
-    MARKER_NAME, DecoderSettings, DemoSettings, UNetSettings, decoder_hash, demo_paths, prepare_demo_base,
+    MARKER_NAME, DecoderSettings, DemoSettings, UNetSettings, decoder_hash, demo_paths, load_module_asset,
+    prepare_demo_base, save_module_asset,
 )  # fmt: skip
 from modules.model.tiny_flow import DYNAMIC_SHIFT, _t5, build_tiny_t5_tokenizer, tiny_flux_transformer
 
@@ -44,6 +43,7 @@ FLUX_DEMO_BASE = "tiny_flux_base"
 FLUX_FORMAT_VERSION = 3  # bump when the recipe below changes (3: the transformer is pretrained)
 SEED = 0  # the T5's and the transformer's init
 TRANSFORMER_ASSET_PATH = Path(__file__).resolve().parent / "assets" / "tiny_flux_transformer.safetensors"
+TRANSFORMER_HASH_KEY = "flux_transformer_hash"  # the asset's metadata key holding its recipe hash
 # AdamW peak LR (cosine with warm-up, like the UNet's). Held-out flow loss after 1000 steps, batch 32 (init 2.33):
 # 0.295 at 3e-3, 0.220 at 1e-2, 0.210 at 2e-2; 1e-2 leaves a factor-2 margin below the best.
 FLUX_PRETRAIN_LR = 1e-2
@@ -91,24 +91,12 @@ def flux_transformer_hash(source: str, recipe: FluxPretrainSettings, settings: D
 def save_transformer_asset(transformer: FluxTransformer2DModel, digest: str,
                            path: Path = TRANSFORMER_ASSET_PATH) -> Path:
     """Write the pretrained transformer as one fp16 safetensors file whose metadata holds its recipe hash."""
-    tensors = {key: value.detach().to(torch.float16).contiguous() for key, value in transformer.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"flux_transformer_hash": digest})
-    return path
+    return save_module_asset(transformer, path, TRANSFORMER_HASH_KEY, digest)
 
 
 def load_transformer_asset(transformer: FluxTransformer2DModel, path: Path, digest: str) -> bool:
     """Load the shipped transformer into `transformer` if it was made with this recipe; False otherwise."""
-    if not path.is_file():
-        return False
-    with safe_open(str(path), framework="pt") as handle:
-        made_with = (handle.metadata() or {}).get("flux_transformer_hash")
-        if made_with != digest:
-            logger.warning("%s was made with another transformer recipe (%s, now %s)", path, made_with, digest)
-            return False
-        state = {key: handle.get_tensor(key).float() for key in handle.keys()}
-    transformer.load_state_dict(state, strict=True)
-    return True
+    return load_module_asset(transformer, path, TRANSFORMER_HASH_KEY, digest)
 
 
 def prepare_flux_demo_base(

@@ -293,26 +293,35 @@ def _load_asset(pipe: StableDiffusionXLPipeline, path: Path, digest: str, decode
     return True
 
 
-def save_unet_asset(pipe: StableDiffusionXLPipeline, unet_digest: str, path: Path = UNET_ASSET_PATH) -> Path:
-    """Write base v2's UNet into its own fp16 safetensors file (the other components are v1's, in ASSET_PATH)."""
-    tensors = {key: value.detach().to(torch.float16).contiguous() for key, value in pipe.unet.state_dict().items()}
+def save_module_asset(module: torch.nn.Module, path: Path, hash_key: str, digest: str) -> Path:
+    """Write one pretrained component as an fp16 safetensors file whose metadata ``hash_key`` holds its recipe hash."""
+    tensors = {key: value.detach().to(torch.float16).contiguous() for key, value in module.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"unet_hash": unet_digest})
+    save_file(tensors, str(path), metadata={hash_key: digest})
     return path
 
 
-def _load_unet_asset(pipe: StableDiffusionXLPipeline, path: Path, unet_digest: str) -> bool:
-    """Load the shipped v2 UNet into ``pipe`` if it was made with this recipe; False otherwise."""
+def load_module_asset(module: torch.nn.Module, path: Path, hash_key: str, digest: str) -> bool:
+    """Load a shipped component into ``module`` if it was made with this recipe; False otherwise."""
     if not path.is_file():
         return False
     with safe_open(str(path), framework="pt") as handle:
-        made_with = (handle.metadata() or {}).get("unet_hash")
-        if made_with != unet_digest:
-            logger.warning("%s was made with another UNet recipe (%s, now %s)", path, made_with, unet_digest)
+        made_with = (handle.metadata() or {}).get(hash_key)
+        if made_with != digest:
+            logger.warning("%s was made with another recipe (%s %s, now %s)", path, hash_key, made_with, digest)
             return False
         state = {key: handle.get_tensor(key).float() for key in handle.keys()}
-    pipe.unet.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True)
     return True
+
+
+def save_unet_asset(pipe: StableDiffusionXLPipeline, unet_digest: str, path: Path = UNET_ASSET_PATH) -> Path:
+    """Write base v2's UNet into its own file (the other components are v1's, in ASSET_PATH)."""
+    return save_module_asset(pipe.unet, path, "unet_hash", unet_digest)
+
+
+def _load_unet_asset(pipe: StableDiffusionXLPipeline, path: Path, unet_digest: str) -> bool:
+    return load_module_asset(pipe.unet, path, "unet_hash", unet_digest)
 
 
 def write_asset_decoder(pretrained_base: Path, settings: DemoSettings = DemoSettings(),
