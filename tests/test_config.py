@@ -63,7 +63,9 @@ def test_every_preset_and_example_validates_and_round_trips(path, tmp_path):
 
 
 def test_real_model_presets_use_the_transfer_recipe():
-    for name in ("sd15_lora", "sdxl_lora", "sd15_finetune", "sdxl_finetune", "demo_sdxl_lora"):
+    names = [p.stem for p in PRESETS if not p.stem.startswith("demo")] + ["demo_sdxl_lora"]
+    assert {"zimage_finetune", "qwen_image_finetune", "flux_dev_lora"} <= set(names)
+    for name in names:
         cfg = load_config(ROOT / "training_presets" / f"{name}.yaml")
         assert cfg.optimizer.type == "muon_adv"
         # the demo's 200 tiny steps use its base's swept best LR (docs/lr_transfer.md); real models the default

@@ -167,7 +167,8 @@ def test_chroma_lora_trains_and_loads_in_diffusers(tmp_path_factory, data_dirs):
     check_lora_file_reproduces("chroma", base, result, ("transformer",))
 
 
-@pytest.mark.parametrize("kind, family_name", [("chroma", "chroma"), ("sd3", "sd3")])
+@pytest.mark.parametrize("kind, family_name", [("chroma", "chroma"), ("sd3", "sd3"), ("zimage", "zimage"),
+                                              ("qwen-image", "qwenimage")])
 def test_flow_full_finetune_saves_a_diffusers_folder(tmp_path_factory, data_dirs, kind, family_name):
     """Full finetune on the flow families: Muon_adv on the transformer's matrices, the saved folder reloads with
     exactly the trained transformer and untouched other components."""
@@ -181,7 +182,8 @@ def test_flow_full_finetune_saves_a_diffusers_folder(tmp_path_factory, data_dirs
     trained = result.components["transformer"].state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in saved["transformer"].state_dict().items())
     moved = [k for k, v in fresh["transformer"].state_dict().items() if not torch.equal(v, trained[k])]
-    assert any(k.endswith(".weight") and "attn" in k for k in moved)  # matrices moved, not just the Adam side
+    # attention matrices moved, not just the Adam side (Z-Image names its blocks' attention "attention")
+    assert any(k.endswith(".weight") and ("attn" in k or "attention" in k) for k in moved)
     for name in ("vae", *family.text_encoders):
         fresh_sd = fresh[name].state_dict()
         assert all(torch.equal(v, fresh_sd[k]) for k, v in saved[name].state_dict().items()), f"{name} changed"
