@@ -33,7 +33,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from modules.data import synthetic
 from modules.demo.prepare import (
     MARKER_NAME, DecoderSettings, DemoSettings, UNetSettings, decoder_hash, demo_paths, load_module_asset,
-    prepare_demo_base, save_module_asset,
+    prepare_demo_base, save_module_asset, train_steps,
 )  # fmt: skip
 from modules.model.tiny_flow import DYNAMIC_SHIFT, _t5, build_tiny_t5_tokenizer, tiny_flux_transformer
 
@@ -245,7 +245,6 @@ def pretrain_flux_transformer(pipe: FluxPipeline, settings: DemoSettings = DemoS
     schedule, batch `settings.batch_size`, caption dropout `settings.caption_dropout` (the empty caption, as the data
     pipeline drops captions) for classifier-free guidance, gradient clipping at 1. Deterministic given
     `settings.seed`. Returns the training loss of every step."""
-    from modules.demo.prepare import _cosine_lr
     from modules.trainer.objective import make_noise
 
     if steps < 1 or not lr > 0:
@@ -259,12 +258,9 @@ def pretrain_flux_transformer(pipe: FluxPipeline, settings: DemoSettings = DemoS
     transformer = pipe.transformer
     transformer.requires_grad_(True)
     transformer.train()
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(settings.seed)
-    losses = []
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr)
+
+    def flow_loss() -> torch.Tensor:
         index = torch.randint(len(latents), (settings.batch_size,), generator=generator)
         clean = latents[index]
         dropped = torch.rand(settings.batch_size, generator=generator) < settings.caption_dropout
@@ -273,14 +269,10 @@ def pretrain_flux_transformer(pipe: FluxPipeline, settings: DemoSettings = DemoS
         noise = make_noise(clean, generator)
         t = objective.sample_timesteps(settings.batch_size, generator, clean.device, latent_shape=tuple(clean.shape))
         prediction = family.predict(transformer, objective.add_noise(clean, noise, t), t, batch_text, {})
-        loss = objective.loss(prediction, clean, noise, t)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if step % log_every == 0 or step == steps - 1:
-            logger.info("flux transformer step %d/%d loss %.4f", step + 1, steps, losses[-1])
+        return objective.loss(prediction, clean, noise, t)
+
+    losses = train_steps(list(transformer.parameters()), flow_loss, steps=steps, lr=lr, name="flux transformer",
+                         weight_decay=0.01, clip=1.0, log_every=log_every)
     transformer.eval()
     transformer.requires_grad_(False)
     return losses

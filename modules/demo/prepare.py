@@ -33,6 +33,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -361,6 +362,28 @@ def _cosine_lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def train_steps(parameters: list[torch.nn.Parameter], step_loss: Callable[[], torch.Tensor], *, steps: int, lr: float,
+                name: str, weight_decay: float = 0.0, clip: float | None = None, log_every: int = 100) -> list[float]:
+    """The demo's pretraining loop: AdamW on ``parameters`` for ``steps`` steps of the cosine schedule (peak ``lr``),
+    each on ``step_loss()`` (which draws its own batch), gradients clipped to ``clip`` if given, a log line every
+    ``log_every`` steps. Returns every step's loss."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr)
+        loss = step_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, clip)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps - 1:
+            logger.info("demo %s step %d/%d loss %.4f", name, step + 1, steps, losses[-1])
+    return losses
+
+
 def pretrain(pipe: StableDiffusionXLPipeline, settings: DemoSettings, workdir: Path | None = None) -> None:
     """Train the tiny VAE to reconstruct generated images, then the UNet to denoise the pretraining domain."""
     import tempfile
@@ -407,20 +430,16 @@ def pretrain_unet_v2(pipe: StableDiffusionXLPipeline, settings: DemoSettings, un
 def _train_vae(pipe, images: torch.Tensor, settings: DemoSettings, generator: torch.Generator) -> None:
     vae = pipe.vae
     vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
-    for step in range(settings.vae_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, settings.vae_steps, settings.vae_lr)
+
+    def reconstruction_loss() -> torch.Tensor:
         batch = images[torch.randint(len(images), (settings.vae_batch_size,), generator=generator)]
         posterior = vae.encode(batch).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         reconstruction = vae.decode(latents).sample
-        loss = F.mse_loss(reconstruction, batch) + settings.vae_kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 50 == 0 or step == settings.vae_steps - 1:
-            logger.info("demo vae step %d/%d loss %.4f", step + 1, settings.vae_steps, loss.item())
+        return F.mse_loss(reconstruction, batch) + settings.vae_kl_weight * posterior.kl().mean()
+
+    train_steps(list(vae.parameters()), reconstruction_loss, steps=settings.vae_steps, lr=settings.vae_lr, name="vae",
+                log_every=50)
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(64)])
@@ -452,10 +471,8 @@ def _train_unet(pipe, images: torch.Tensor, captions: list[str], settings: DemoS
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.unet_lr, weight_decay=0.01)
-    for step in range(settings.unet_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, settings.unet_steps, settings.unet_lr)
+
+    def denoising_loss() -> torch.Tensor:
         index = torch.randint(len(latents), (settings.batch_size,), generator=generator)
         clean = latents[index]
         hidden, pooled = prompt_embeds[index].clone(), pooled_embeds[index].clone()
@@ -468,13 +485,10 @@ def _train_unet(pipe, images: torch.Tensor, captions: list[str], settings: DemoS
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, hidden, added_cond_kwargs={
             "text_embeds": pooled, "time_ids": time_ids.expand(settings.batch_size, -1)}).sample
-        loss = F.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        if step % 100 == 0 or step == settings.unet_steps - 1:
-            logger.info("demo unet step %d/%d loss %.4f", step + 1, settings.unet_steps, loss.item())
+        return F.mse_loss(prediction, noise)
+
+    train_steps(list(unet.parameters()), denoising_loss, steps=settings.unet_steps, lr=settings.unet_lr, name="unet",
+                weight_decay=0.01, clip=1.0)
     unet.eval()
     unet.requires_grad_(False)
 
@@ -509,19 +523,14 @@ def finetune_decoder(vae, settings: DemoSettings, decoder: DecoderSettings, work
     vae.requires_grad_(False)
     for p in trained:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trained, lr=decoder.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(decoder.seed)
     vae.train()
-    for step in range(decoder.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, decoder.steps, decoder.lr)
+
+    def decoding_loss() -> torch.Tensor:
         index = torch.randint(len(images), (decoder.batch_size,), generator=generator)
         noisy = latents[index] + decoder.latent_noise * torch.randn(latents[index].shape, generator=generator)
-        loss = F.mse_loss(vae.decode(noisy).sample, images[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 100 == 0 or step == decoder.steps - 1:
-            logger.info("demo decoder step %d/%d loss %.4f", step + 1, decoder.steps, loss.item())
+        return F.mse_loss(vae.decode(noisy).sample, images[index])
+
+    train_steps(trained, decoding_loss, steps=decoder.steps, lr=decoder.lr, name="decoder")
     vae.eval()
     vae.requires_grad_(False)
