@@ -185,8 +185,10 @@ def load_single_file(
     keys = _file_keys(path)
     # diffusers fills a component the file lacks from the config folder only if it finds diffusers-named weights
     # there (not transformers' model.safetensors): load those from the folder here and pass them in.
-    missing = {name: _load_component(folder, name, dtype) for name, prefixes in ORIGINAL_COMPONENT_PREFIXES.items()
-               if name in _index(folder) and not any(k.startswith(prefixes) for k in keys)}  # fmt: skip
+    index = json.loads((folder / "model_index.json").read_text())
+    missing = {name: _load_component(folder, name, index[name], dtype)
+               for name, prefixes in ORIGINAL_COMPONENT_PREFIXES.items()
+               if name in index and not any(k.startswith(prefixes) for k in keys)}  # fmt: skip
     pipeline = family.pipeline_class.from_single_file(
         str(path), config=str(folder), local_files_only=True, torch_dtype=dtype, **missing
     )
@@ -202,15 +204,12 @@ ORIGINAL_COMPONENT_PREFIXES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _index(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / "model_index.json").read_text())
-
-
-def _load_component(folder: Path, name: str, dtype: torch.dtype) -> Any:
-    """One model component of a diffusers folder, by the class model_index.json names (None if it has none)."""
+def _load_component(folder: Path, name: str, entry: list, dtype: torch.dtype) -> Any:
+    """One model component of a diffusers folder, by its model_index.json `entry` [library, class] (None if it has
+    none)."""
     import importlib
 
-    library, class_name = _index(folder)[name]
+    library, class_name = entry
     if class_name is None:
         return None
     if not (folder / name).is_dir():
