@@ -27,6 +27,7 @@ hashes, so a second call returns at once. A base prepared before the decoder ste
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -128,6 +129,7 @@ def demo_paths(root: str | Path | None = None) -> DemoPaths:
                      concept_val=root / "concept_val")
 
 
+@functools.cache  # it builds the tiny pipeline; decoder_hash and unet_hash ask for it again
 def settings_hash(settings: DemoSettings) -> str:
     """Content hash of the recipe: settings, format version and the tiny architecture's component configs."""
     pipe = build_tiny_sdxl(settings.seed)
