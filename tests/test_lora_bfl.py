@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
 from torch import nn
 
@@ -43,11 +43,11 @@ def _adapt(kind: str, *, rank_pattern=None, alpha_pattern=None, text: bool = Fal
     names = [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(targets, n)]
     config = LoraConfig(r=4, lora_alpha=alpha, rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
                         target_modules="^(?:" + "|".join(map(re.escape, names)) + ")$")  # fmt: skip
-    transformer.add_adapter(config)
+    inject_adapter_in_model(config, transformer)
     _randomize_lora(transformer, 1)
     components = {"transformer": transformer}
     if text:
-        pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=list(CLIP_TARGETS)))
+        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=list(CLIP_TARGETS)), pipe.text_encoder)
         _randomize_lora(pipe.text_encoder, 2)
         components["text_encoder"] = pipe.text_encoder
     return pipe, components
@@ -140,7 +140,7 @@ def test_bad_input_is_one_clear_line():
     _, components = _adapt("flux-dev")
     with pytest.raises(ValueError, match="kohya layout is written for Flux/Chroma transformers, not SD3Transformer2DModel"):
         sd3 = build_tiny_flow_pipeline("sd3").transformer
-        sd3.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+        inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"]), sd3)
         lora_state_dict({"transformer": sd3}, "kohya")
     dora = [w for w in collect_lora_weights(components) if w.path == "transformer_blocks.0.attn.to_q"]
     dora[0].magnitude = torch.ones(dora[0].up.shape[0])
@@ -181,7 +181,7 @@ def test_kohya_bfl_file_loads_back_into_peft(tmp_path):
     # proj_mlp with its own rank at the same scale alpha/r (fused parts with different scales come back with the
     # scale folded into their up factor: same LoRA, other factors; covered by the diffusers test above).
     pipe, components = _adapt("chroma", targets=every_linear, rank_pattern={"proj_mlp": 2}, alpha_pattern={"proj_mlp": 4})
-    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"]))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"]), pipe.text_encoder)
     _randomize_lora(pipe.text_encoder, 5)
     components["text_encoder"] = pipe.text_encoder
     path = save_lora(tmp_path / "lora.safetensors", components, layout="kohya")
@@ -190,7 +190,7 @@ def test_kohya_bfl_file_loads_back_into_peft(tmp_path):
 
     _, fresh = _adapt("chroma", targets=every_linear, rank_pattern={"proj_mlp": 2}, alpha=1)
     fresh_text = build_tiny_flow_pipeline("chroma").text_encoder
-    fresh_text.add_adapter(LoraConfig(r=2, lora_alpha=1, target_modules=["q", "v"]))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=1, target_modules=["q", "v"]), fresh_text)
     fresh["text_encoder"] = fresh_text
     load_lora_into_peft(path, fresh)
     for name, model in components.items():

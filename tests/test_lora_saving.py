@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -58,7 +58,7 @@ def add_lora_everywhere(pipe, *, rank=4, alpha=2.0, dora=False, seed=0, alpha_pa
         config = LoraConfig(
             r=rank, lora_alpha=alpha, use_dora=dora, alpha_pattern=alpha_pattern or {}, target_modules="^(?:" + "|".join(map(re.escape, names)) + ")$"
         )
-        model.add_adapter(config)
+        inject_adapter_in_model(config, model)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_" in name:
@@ -242,12 +242,12 @@ def test_loader_names_unmatched_keys_and_bad_shapes(tiny_dirs, tmp_path):
     source = load_pipeline("sd15", tiny_dirs)
     path = save_lora(tmp_path / "lora.safetensors", add_lora_everywhere(source, rank=4))
     target = load_pipeline("sd15", tiny_dirs)
-    target.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q"]))  # far fewer modules than the file has
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q"]), target.unet)  # far fewer modules than the file has
     with pytest.raises(ValueError, match=r"\d+ key\(s\) match no LoRA module of the model: lora_te_text_model"):
         load_lora_into_peft(path, {"unet": target.unet})
 
     other = load_pipeline("sd15", tiny_dirs)
-    other.unet.add_adapter(LoraConfig(r=8, target_modules=["to_q"]))
+    inject_adapter_in_model(LoraConfig(r=8, target_modules=["to_q"]), other.unet)
     only_to_q = {k: v for k, v in load_file(path).items() if "to_q" in k and k.startswith("lora_unet")}
     save_file(only_to_q, tmp_path / "to_q.safetensors")
     with pytest.raises(ValueError, match=r"lora_down.weight: shape \(4, 32\) does not fit the model's \(8, 32\)"):

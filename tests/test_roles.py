@@ -50,7 +50,7 @@ def saved_lora(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     unet = _tiny_unet()
     unet.save_pretrained(folder / "unet")
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=LORA_TARGETS))
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=LORA_TARGETS), unet)
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:
@@ -108,12 +108,12 @@ def test_meta_loading_gives_the_same_specs(saved_lora):
     components, _ = load_components(folder / "unet", meta=True)
     unet = components["unet"]
     assert next(unet.parameters()).device.type == "meta"
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=LORA_TARGETS))
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=LORA_TARGETS), unet)
     meta_infos = param_infos(components)
     _check_lora_infos(unet, meta_infos)
 
     real = _tiny_unet()
-    real.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=LORA_TARGETS))
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=LORA_TARGETS), real)
     real_specs = {i.name: i.spec for i in param_infos({"unet": real})}
     assert {i.name: i.spec for i in meta_infos} == real_specs
 
@@ -208,7 +208,7 @@ def test_kohya_and_lycoris_names():
 
 def test_dora_and_param_groups_contract():
     unet = _tiny_unet()
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, use_dora=True, target_modules=["to_q", "to_v"]))
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, use_dora=True, target_modules=["to_q", "to_v"]), unet)
     infos = param_infos({"unet": unet})
     roles = Counter(i.spec.role for i in infos)
     n_layers = sum(1 for n, _ in unet.named_modules() if n.endswith(("to_q", "to_v")))

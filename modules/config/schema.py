@@ -108,8 +108,9 @@ class LoraConfig(Section):
         default="default",
         description=(
             "Modules that get a LoRA: 'default' (the architecture's attention + feed-forward + projection layers), "
-            "'attn' (attention only), 'all_linear' (every Linear in the residual blocks), or a list of module-name "
-            "suffixes (e.g. [to_q, to_k, to_v, to_out.0])."
+            "'attn' (attention only), 'all_linear' (every Linear in the residual blocks) - presets stay inside the "
+            "residual blocks - or a list of module-name suffixes matched anywhere (e.g. [to_q, to_k, to_v, to_out.0]; "
+            "listing proj_out also trains Flux's final layer, which kohya's Flux loader drops)."
         ),
     )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch input.")

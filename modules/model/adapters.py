@@ -1,7 +1,9 @@
 """PEFT LoRA / DoRA on the backbone and optionally the text encoders, the layer filter, gradient checkpointing.
 
-Adapters are injected in place (`add_adapter`, the diffusers/transformers PEFT integration), so the UNet stays a
-UNet2DConditionModel and the sampling pipeline, the savers and `load_lora_weights` see the classes they expect.
+Adapters are injected in place through PEFT's own `inject_adapter_in_model`, so the UNet stays a UNet2DConditionModel
+and the sampling pipeline, the savers and `load_lora_weights` see the classes they expect. Not through the
+diffusers/transformers `add_adapter` integration: transformers gates it on a minimum PEFT version (5.24 demands
+peft >= 0.22 before any release of it existed), and one code path for every component is simpler to keep exact.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ class LoraSettings:
     dropout: float = 0.0
     dora: bool = False
     targets: tuple[str, ...] | None = ()  # module-name suffixes; None = every Linear layer under `within`
-    within: tuple[str, ...] = ()  # with targets None: name prefixes of the residual blocks ("" = whole module)
+    # Name prefixes of the residual blocks; when given, only layers below them match (empty = the whole module).
+    # Presets pass them, so a suffix such as Flux's `proj_out` cannot also catch the top-level final layer.
+    within: tuple[str, ...] = ()
     layer_filter: str | tuple[str, ...] | None = None  # regex, or several regexes any of which must match
 
 
@@ -48,14 +52,16 @@ def lora_target_names(
     layer_filter: str | Sequence[str] | None = None,
     within: Sequence[str] = (),
 ) -> list[str]:
-    """Full names of the Linear/Conv2d layers whose name ends with one of `targets` and that pass the layer filter;
-    targets None: every Linear layer whose name starts with one of `within` (all of them when `within` is empty)."""
+    """Full names of the Linear/Conv2d layers below one of `within` (anywhere when it is empty) that pass the layer
+    filter and whose name ends with one of `targets`; targets None: every Linear layer there."""
     found = []
     for name, sub in module.named_modules():
         if not isinstance(sub, (nn.Linear, nn.Conv2d)) or not _matches_filter(name, layer_filter):
             continue
+        if within and not name.startswith(tuple(within)):
+            continue
         if targets is None:
-            if isinstance(sub, nn.Linear) and (not within or name.startswith(tuple(within))):
+            if isinstance(sub, nn.Linear):
                 found.append(name)
         elif any(name == t or name.endswith("." + t) for t in targets):
             found.append(name)
@@ -64,7 +70,7 @@ def lora_target_names(
 
 def add_lora(module: nn.Module, settings: LoraSettings, *, component: str, adapter_name: str = "default") -> list[str]:
     """Freeze `module`, inject a LoRA (or DoRA) adapter on the selected layers; returns the adapted layer names."""
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     names = lora_target_names(module, settings.targets, settings.layer_filter, settings.within)
     if not names:
@@ -83,7 +89,7 @@ def add_lora(module: nn.Module, settings: LoraSettings, *, component: str, adapt
         init_lora_weights=True,
         target_modules=f"^(?:{pattern})$",
     )
-    module.add_adapter(config, adapter_name=adapter_name)
+    inject_adapter_in_model(config, module, adapter_name=adapter_name)
     return names
 
 

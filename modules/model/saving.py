@@ -86,6 +86,10 @@ def base_model_version(components: Mapping[str, nn.Module], sdxl: bool | None = 
     return "sd_v1", "stable-diffusion-v1"
 
 
+# kohya sd-scripts' network module per ss_base_model_version (its Flux trainer writes lora_flux, also for Chroma).
+KOHYA_NETWORK_MODULES = {"flux1": "networks.lora_flux", "chroma": "networks.lora_flux", "sd3": "networks.lora_sd3"}
+
+
 def run_metadata(
     *,
     version: tuple[str, str],
@@ -165,7 +169,7 @@ def lora_metadata(
         output_name=output_name, optimizer=optimizer, depth=depth, training=training,
     )  # fmt: skip
     meta |= {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": KOHYA_NETWORK_MODULES.get(version[0], "networks.lora"),
         "ss_network_dim": str(rank),
         "ss_network_alpha": _number(alpha),
         "ss_network_args": json.dumps(network_args),

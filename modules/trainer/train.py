@@ -98,17 +98,18 @@ def ensure_base_model(config: Any) -> None:
 def lora_settings(family: ModelFamily, lora: Any, *, text_encoder: bool) -> LoraSettings:
     """Adapter settings of one component; a target preset becomes that component's module-name suffixes."""
     presets = family.text_encoder_target_presets() if text_encoder else family.backbone_target_presets()
+    blocks = family.text_encoder_blocks if text_encoder else family.backbone_blocks
     targets = lora.targets
     if isinstance(targets, str):
-        suffixes = presets[targets]
+        suffixes, within = presets[targets], blocks
     elif text_encoder:  # a suffix list names backbone layers; text encoders use their attention + MLP layers
-        suffixes = presets["default"]
-    else:
-        suffixes = tuple(targets)
+        suffixes, within = presets["default"], blocks
+    else:  # the user's own suffixes match anywhere: listing `proj_out` opts Flux's final layer in
+        suffixes, within = tuple(targets), ()
     layer_filter = None if text_encoder else lora.layer_filter
     return LoraSettings(
         rank=lora.rank, alpha=lora.effective_alpha, dropout=lora.dropout, dora=lora.dora, targets=suffixes,
-        within=family.text_encoder_blocks if text_encoder else family.backbone_blocks, layer_filter=tuple(layer_filter) if isinstance(layer_filter, list) else layer_filter,
+        within=within, layer_filter=tuple(layer_filter) if isinstance(layer_filter, list) else layer_filter,
     )  # fmt: skip
 
 

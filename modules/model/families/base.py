@@ -34,7 +34,8 @@ class ModelFamily(ABC):
     text_feed_forward: ClassVar[tuple[str, ...]] = ("fc1", "fc2")
     # Where the residual blocks live ("all_linear" adapts every Linear under these prefixes).
     backbone_blocks: ClassVar[tuple[str, ...]] = ("down_blocks.", "mid_block.", "up_blocks.")
-    text_encoder_blocks: ClassVar[tuple[str, ...]] = ("text_model.encoder.layers.",)
+    # CLIP layers: transformers 4 (and 5's CLIPTextModelWithProjection) under text_model., 5's CLIPTextModel without.
+    text_encoder_blocks: ClassVar[tuple[str, ...]] = ("text_model.encoder.layers.", "encoder.layers.")
 
     def backbone_target_presets(self) -> dict[str, tuple[str, ...] | None]:
         attn, ff = self.backbone_attention, self.backbone_feed_forward

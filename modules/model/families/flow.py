@@ -54,7 +54,7 @@ class FlowMatchingFamily(ModelFamily):
     backbone_blocks = ("transformer_blocks.",)
     text_attention = ModelFamily.text_attention + T5_ATTENTION
     text_feed_forward = ModelFamily.text_feed_forward + T5_FEED_FORWARD
-    text_encoder_blocks = ModelFamily.text_encoder_blocks + ("encoder.layers.", "encoder.block.")
+    text_encoder_blocks = ModelFamily.text_encoder_blocks + ("encoder.block.",)  # + T5
     t5_tokenizer: ClassVar[str] = "tokenizer_2"
     t5_max_length: ClassVar[int] = 512  # the pipeline's default max_sequence_length
     latent_patch_size: ClassVar[int] = 2  # latent pixels per token side (for the resolution-dependent shift)

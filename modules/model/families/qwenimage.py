@@ -37,7 +37,7 @@ class QwenImageFamily(FlowMatchingFamily):
     backbone_feed_forward = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
     text_attention = LLM_ATTENTION
     text_feed_forward = LLM_FEED_FORWARD
-    text_encoder_blocks = ("model.language_model.layers.",)
+    text_encoder_blocks = ("model.language_model.layers.", "model.layers.")  # transformers >= 4.52, older
     t5_tokenizer = "tokenizer"
     t5_max_length = 512  # QwenImagePipeline's default max_sequence_length (prompt tokens after the template prefix)
 
