@@ -231,6 +231,8 @@ def test_yaml_syntax_errors_and_duplicate_keys(tmp_path):
     (("validation.folder=v", "validation.split_fraction=0.1"), "validation.split_fraction"),
     (("lora.init_lora=old.ckpt",), "lora.init_lora"),
     (("data.resolution=100",), "data.resolution"),
+    (("optimizer.type=prodigy", "optimizer.lr=1", "optimizer.text_encoder_lr.text_encoder=0.5"),
+     "optimizer.text_encoder_lr.text_encoder"),
 ])
 def test_cross_field_rules(tmp_path, overrides, key):
     path = write(tmp_path, "c.yaml", MINIMAL)
@@ -246,6 +248,7 @@ def test_cross_field_rules(tmp_path, overrides, key):
     ("optimizer.type=lora_muon",),
     ("model.family=sd15", "lora.train_text_encoders.text_encoder=true", "data.cache_text_embeddings=false"),
     ("schedule.epochs=2", "schedule.max_steps=null"),
+    ("optimizer.type=prodigy", "optimizer.lr=1", "optimizer.text_encoder_lr.text_encoder=0"),
 ])
 def test_allowed_combinations(tmp_path, overrides):
     load_config(write(tmp_path, "c.yaml", MINIMAL), overrides)

@@ -179,11 +179,12 @@ def _lora_model():
     return model
 
 
-@pytest.mark.parametrize("kind", ["muon_adv", "adamuon_adv", "lora_muon", "adamw", "torch_muon"])
+@pytest.mark.parametrize("kind", ["muon_adv", "adamuon_adv", "lora_muon", "adamw", "torch_muon", "prodigy"])
 def test_factory_builds_each_optimizer_and_it_trains(kind):
     model = _lora_model()
     infos = peft_param_infos(model, depth=3)
-    cfg = OptimizerConfig(type=kind, lr=1e-2, adam_lr=1e-2, text_encoder_lr={"text_encoder": 5e-3})
+    lr = 1.0 if kind == "prodigy" else 1e-2  # Prodigy's lr multiplies its own step-size estimate
+    cfg = OptimizerConfig(type=kind, lr=lr, adam_lr=1e-2, text_encoder_lr={"text_encoder": None if kind == "prodigy" else 5e-3})
     opt = build_optimizer(cfg, infos)
     sched = build_lr_scheduler(opt, kind="constant", warmup_steps=0, total_steps=10)
     trained = {id(i.param) for i in infos}
@@ -205,6 +206,28 @@ def test_factory_builds_each_optimizer_and_it_trains(kind):
     assert losses[-1] < losses[0]
     state = opt.state_dict()
     opt.load_state_dict(state)
+
+
+def test_prodigy_from_the_config_steps_exactly_as_prodigyopt_does():
+    """The factory's Prodigy (groups, settings) against prodigyopt's own class built by hand on a copy of the model."""
+    from prodigyopt import Prodigy
+
+    cfg = OptimizerConfig(type="prodigy", lr=1.0, weight_decay=0.01, adam_betas=(0.9, 0.99), prodigy_d_coef=2.0,
+                          prodigy_use_bias_correction=True, prodigy_safeguard_warmup=True, prodigy_growth_rate=1.5)
+    ours, theirs = _lora_model(), _lora_model()
+    opt = build_optimizer(cfg, peft_param_infos(ours, depth=3))
+    ref = Prodigy([p for p in theirs.parameters() if p.requires_grad], lr=1.0, betas=(0.9, 0.99), weight_decay=0.01,
+                  use_bias_correction=True, safeguard_warmup=True, d_coef=2.0, growth_rate=1.5)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 16, generator=g), torch.randn(32, 8, generator=g)
+    for _ in range(6):
+        for model, optimizer in ((ours, opt), (theirs, ref)):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert opt.param_groups[0]["d"] == pytest.approx(ref.param_groups[0]["d"], rel=1e-5) and opt.param_groups[0]["d"] > 1e-6
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_factory_errors():

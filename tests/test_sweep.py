@@ -58,7 +58,7 @@ def test_quick_sweep_table_and_plots(quick_out: Path) -> None:
     records = read_results(quick_out / RESULTS_NAME)
     best = min((r for r in records if r["optimizer"] == "adamw" and r["rank"] == 2), key=lambda r: r["val_loss"])
     assert f"{best['lr']:.3g}" in table.split("| adamw |")[1].split("\n")[0]
-    assert "### rank" in table and "### width" in table and "| muon_tuned |" in table
+    assert "### rank" in table and "### width" in table and "| muon_tuned |" in table and "| prodigy |" in table
     for name in ("lr_rank.png", "lr_width.png"):
         with Image.open(quick_out / name) as image:
             assert image.size[0] > 200 and image.size[1] > 200
@@ -133,14 +133,14 @@ def test_default_sweep_grid_and_restriction() -> None:
     grid = spec.lr_grid("adamw")
     assert all(b / a == pytest.approx(2.0) for a, b in zip(grid, grid[1:]))
     n_lr, n_seed = spec.lr_points, len(spec.seeds)
-    rank_axis = 9 * 3 * n_lr * n_seed  # every optimizer at ranks 2, 8, 32
-    # width, depth: 3 optimizers x 1 new model, family: x 2 (pretrained and untrained DiT); w64 rank 8 is shared
-    model_axes = 3 * 4 * n_lr * n_seed
+    rank_axis = 10 * 3 * n_lr * n_seed  # every optimizer at ranks 2, 8, 32
+    # width, depth: 4 optimizers x 1 new model, family: x 2 (pretrained and untrained DiT); w64 rank 8 is shared
+    model_axes = 4 * 4 * n_lr * n_seed
     assert len(spec.runs()) == len({p.run_id for p in spec.runs()}) == rank_axis + model_axes
     part = restrict(spec, seeds=[0], axes=["rank"], optimizers=["adamw"])
     assert len(part.runs()) == 3 * n_lr and {p.run_id for p in part.runs()} <= {p.run_id for p in spec.runs()}
     text = markdown_report(spec, [])
-    assert text.count("not run") == 9 * 3 + 3 * (2 + 2 + 3)
+    assert text.count("not run") == 10 * 3 + 4 * (2 + 2 + 3)
 
 
 def test_width_and_depth_variants_are_real_scaled_unets() -> None:

@@ -69,3 +69,14 @@ def test_fp16_autocast_on_cpu_is_a_clear_error(sdxl_base, data_dirs, tmp_path):
     with pytest.raises(ValueError, match=r"^training\.mixed_precision: fp16 .*bf16") as error:
         run(sdxl_base, data_dirs, tmp_path / "amp", training={"mixed_precision": "fp16"})
     assert "\n" not in str(error.value)
+
+
+def test_prodigy_trains_through_the_loop_with_warmup_and_a_schedule(sdxl_base, data_dirs, tmp_path):
+    """optimizer.type prodigy through the loop: warm-up from lr 0 (Prodigy skips its estimate then), cosine, a file."""
+    result = run(sdxl_base, data_dirs, tmp_path, schedule={"max_steps": 4, "warmup_steps": 1, "scheduler": "cosine"},
+                 optimizer={"type": "prodigy", "lr": 1.0, "prodigy_safeguard_warmup": True,
+                            "prodigy_use_bias_correction": True})
+    assert result.steps == 4 and math.isfinite(result.final_loss)
+    lora_b = [p for n, p in result.components["unet"].named_parameters() if ".lora_B." in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    assert (tmp_path / "run.safetensors").is_file()

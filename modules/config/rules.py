@@ -59,6 +59,17 @@ def lora_muon_needs_lora(cfg: TrainConfig) -> list[Problem]:
     return []
 
 
+def prodigy_has_one_lr(cfg: TrainConfig) -> list[Problem]:
+    """optimizer.type prodigy estimates one step size for all parameters: no separate text-encoder LR."""
+    if cfg.optimizer.type != "prodigy":
+        return []
+    return [
+        (f"optimizer.text_encoder_lr.{name}", "prodigy takes one LR for every parameter (or 0 to freeze); set it null")
+        for name, lr in cfg.optimizer.text_encoder_lr.model_dump().items()
+        if lr is not None and lr not in (0, cfg.optimizer.lr)
+    ]
+
+
 def text_encoders_exist(cfg: TrainConfig) -> list[Problem]:
     """lora.train_text_encoders may only name encoders the family has (sd15/sd2: one, sdxl: two)."""
     if cfg.method != "lora":
@@ -182,6 +193,7 @@ def init_lora_is_safetensors(cfg: TrainConfig) -> list[Problem]:
 RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
     dora_vs_spectral,
     lora_muon_needs_lora,
+    prodigy_has_one_lr,
     text_encoders_exist,
     text_cache_is_static,
     latent_cache_is_static,

@@ -22,7 +22,7 @@ CONFIG_VERSION = 2  # bump together with a step in migrations.py
 Family = Literal["sd15", "sd2", "sdxl", "flux", "chroma", "sd3", "zimage", "qwenimage"]
 Method = Literal["lora", "finetune"]
 Dtype = Literal["float32", "bfloat16", "float16"]
-OptimizerType = Literal["muon_adv", "adamuon_adv", "lora_muon", "adamw", "torch_muon"]
+OptimizerType = Literal["muon_adv", "adamuon_adv", "lora_muon", "adamw", "torch_muon", "prodigy"]
 # default: the architecture's attention + feed-forward + projection layers (modules/model/architectures);
 # attn: attention projections only; all_linear: every nn.Linear inside the residual blocks.
 LoraTargetPreset = Literal["default", "attn", "all_linear"]
@@ -220,10 +220,14 @@ class OptimizerConfig(Section):
             "muon_adv / adamuon_adv / lora_muon: tuneonce's depth- and width-aware optimizers; "
             "adamw: torch.optim.AdamW (lr, weight_decay, adam_betas, adam_eps); "
             "torch_muon: torch.optim.Muon on matrices (lr, weight_decay, beta1, nesterov, ns_steps, ns_eps) "
-            "+ AdamW on the rest (adam_lr, adam_betas, adam_eps, adam_weight_decay)."
+            "+ AdamW on the rest (adam_lr, adam_betas, adam_eps, adam_weight_decay); "
+            "prodigy: Prodigy (the prodigyopt package; lr 1 as a multiplier of its own step-size estimate, "
+            "weight_decay, adam_betas, adam_eps and the prodigy_* fields)."
         ),
     )
-    lr: float = Field(default=1e-3, ge=0, description="Peak learning rate (Muon family: the transferable 1e-3).")
+    lr: float = Field(
+        default=1e-3, ge=0, description="Peak learning rate (Muon family: the transferable 1e-3; prodigy: 1.0)."
+    )
     beta1: float = Field(default=0.95, ge=0, lt=1, description="Momentum coefficient.")
     nesterov: bool = Field(default=True, description="Nesterov momentum (muon_adv, adamuon_adv, torch_muon).")
     weight_decay: float = Field(
@@ -284,6 +288,22 @@ class OptimizerConfig(Section):
     rebalance_power: float = Field(default=1.0, ge=0, description="LoRA-Muon rebalancing exponent alpha (lora_muon).")
     text_encoder_lr: TextEncoderLR = Field(
         default_factory=TextEncoderLR, description="Separate peak LR per text encoder (null = optimizer.lr)."
+    )
+    prodigy_d_coef: float = Field(
+        default=1.0, gt=0, description="Prodigy: multiplier of the estimated step size d (prodigy)."
+    )
+    prodigy_d0: float = Field(default=1e-6, gt=0, description="Prodigy: initial estimate of d (prodigy).")
+    prodigy_safeguard_warmup: bool = Field(
+        default=False, description="Prodigy: leave the LR out of the d estimate, which warm-up would skew (prodigy)."
+    )
+    prodigy_use_bias_correction: bool = Field(
+        default=False, description="Prodigy: Adam's bias correction in the step (prodigy)."
+    )
+    prodigy_decouple: bool = Field(
+        default=True, description="Prodigy: decoupled (AdamW-style) weight decay; false adds it to the gradient (prodigy)."
+    )
+    prodigy_growth_rate: float | None = Field(
+        default=None, gt=1, description="Prodigy: most d may grow per step (factor; null = unlimited) (prodigy)."
     )
 
     def constructor_kwargs(self) -> dict:

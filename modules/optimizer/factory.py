@@ -3,7 +3,8 @@
 Muon_adv / AdaMuon_adv / LoRAMuon get param groups from `build_param_groups` (roles, fans, depth) and the
 constructor keywords of the config 1:1. `adamw` is torch.optim.AdamW over the same groups; `torch_muon` is
 torch.optim.Muon on the 2-D matrices plus AdamW (the auxiliary settings) on everything else, because torch's Muon
-accepts only 2-D parameters.
+accepts only 2-D parameters. `prodigy` is Prodigy (Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive
+Parameter-Free Learner", 2023) from the prodigyopt package over the same groups as AdamW.
 """
 from __future__ import annotations
 
@@ -111,4 +112,16 @@ def build_optimizer(cfg: Any, infos: list[ParamInfo]) -> torch.optim.Optimizer:
                 weight_decay=cfg.adam_weight_decay, foreach=True,
             )  # fmt: skip
         return next(iter(parts.values())) if len(parts) == 1 else OptimizerChain(parts)
-    raise ValueError(f"optimizer.type: unknown optimizer {kind!r}; known: muon_adv, adamuon_adv, lora_muon, adamw, torch_muon")
+    if kind == "prodigy":
+        from prodigyopt import Prodigy  # a dependency; imported here so the other optimizers load without it
+
+        groups = build_param_groups(infos, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_overrides=overrides)
+        return Prodigy(
+            groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+            decouple=cfg.prodigy_decouple, use_bias_correction=cfg.prodigy_use_bias_correction,
+            safeguard_warmup=cfg.prodigy_safeguard_warmup, d0=cfg.prodigy_d0, d_coef=cfg.prodigy_d_coef,
+            growth_rate=float("inf") if cfg.prodigy_growth_rate is None else cfg.prodigy_growth_rate,
+        )  # fmt: skip
+    raise ValueError(
+        f"optimizer.type: unknown optimizer {kind!r}; known: muon_adv, adamuon_adv, lora_muon, adamw, torch_muon, prodigy"
+    )
