@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.sweep.report import cells, markdown_report, plotted_curve, transfer_verdict
+from modules.sweep.report import cells, kept_lr, markdown_report, one_lr_cost, plotted_curve, transfer_verdict
 from modules.sweep.runner import RESULTS_NAME, read_results, run_sweep
 from modules.sweep.spec import SweepError, load_sweep, restrict
 
@@ -127,6 +127,29 @@ def test_transfer_verdict_counts_grid_steps() -> None:
     assert transfer_verdict(by_rank({2: 1.6e-2, 8: 3.2e-2}), True) == "transfers (within 1 step), best at grid edge"
 
 
+def test_cost_of_one_lr_is_per_seed_loss_at_the_kept_lr_over_the_cells_best() -> None:
+    """Kept LR 2e-3 (the base cell's best); in a cell whose best is 4e-3 the cost per seed is loss(2e-3)/loss(4e-3)."""
+    other = {2e-3: [0.60, 0.66], 4e-3: [0.50, 0.60], 8e-3: [0.70, None]}
+    records = [{**_record("a", 32, lr, s, v), "model": "unet_w64"} for lr, vs in other.items() for s, v in enumerate(vs)]
+    cell = cells(records)[("a", "unet_w64", 32)]
+    cost = one_lr_cost(cell, 2e-3)
+    ratios = [0.60 / 0.50, 0.66 / 0.60]
+    assert cost.lr == 2e-3 and cost.seeds == 2
+    assert cost.mean == pytest.approx(statistics.fmean(ratios)) and cost.std == pytest.approx(statistics.stdev(ratios))
+    assert one_lr_cost(cell, 4e-3).mean == pytest.approx(1.0)  # at the cell's own best: no cost
+    assert math.isinf(one_lr_cost(cell, 8e-3).mean)  # the kept LR diverged in a seed
+    assert one_lr_cost(cell, 1.6e-2) is None  # not on this cell's grid
+
+
+def test_kept_lr_is_the_base_points_best_or_the_fixed_one() -> None:
+    spec = load_sweep(DEFAULT)
+    base = [_record("adamw", spec.base_rank, lr, 0, loss) for lr, loss in ((1e-3, 0.3), (2e-3, 0.2), (4e-3, 0.25))]
+    table = cells([{**r, "model": spec.base_model} for r in base])
+    assert kept_lr(spec, table, "adamw") == 2e-3
+    assert kept_lr(spec, table, "prodigy") == 1.0  # fixed: never tuned, whatever the base point says
+    assert kept_lr(spec, table, "muon_tuned") is None  # no base-point runs yet
+
+
 def test_default_sweep_grid_and_restriction() -> None:
     spec = load_sweep(DEFAULT)
     assert len(spec.seeds) >= 3
@@ -140,7 +163,10 @@ def test_default_sweep_grid_and_restriction() -> None:
     part = restrict(spec, seeds=[0], axes=["rank"], optimizers=["adamw"])
     assert len(part.runs()) == 3 * n_lr and {p.run_id for p in part.runs()} <= {p.run_id for p in spec.runs()}
     text = markdown_report(spec, [])
-    assert text.count("not run") == 10 * 3 + 4 * (2 + 2 + 3)
+    best_tables = 10 * 3 + 4 * (2 + 2 + 3)  # one entry per optimizer x axis value
+    # and the LR kept and the worst per row; prodigy's kept LR is fixed (1.0), so it shows before any run (4 axes)
+    cost_tables = 10 * (3 + 2) + 4 * ((2 + 2) + (2 + 2) + (3 + 2)) - 4
+    assert text.count("not run") == best_tables + cost_tables
 
 
 def test_width_and_depth_variants_are_real_scaled_unets() -> None:
@@ -169,6 +195,8 @@ def test_width_and_depth_variants_are_real_scaled_unets() -> None:
         ({"base_point": {"model": "missing", "rank": 8}}, "base_point.model: 'missing'"),
         ({"base_config": "no_such.yaml"}, "base_config"),
         ({"axes": {"rank": {"varies": "rank", "values": [0]}}}, "ranks must be positive"),
+        ({"optimizers": {"p": {"lr_center": 1.0, "fixed_lr": 3.0}}, "axes": {"rank": {"varies": "rank", "values": [2]}}},
+         "optimizers.p.fixed_lr: 3.0 is not on its LR grid"),
     ],
 )
 def test_bad_sweep_files_fail_with_one_line(tmp_path: Path, edit: dict, message: str) -> None:

@@ -18,6 +18,7 @@ class LrPoint:
     mean: float  # inf when any seed diverged
     std: float
     seeds: int
+    by_seed: tuple[tuple[int, float], ...] = ()  # (seed, final val loss; inf when diverged)
 
 
 @dataclass(frozen=True)
@@ -42,24 +43,24 @@ class Cell:
 
 def cells(records: list[dict]) -> dict[tuple[str, str, int], Cell]:
     """Group finished runs by (optimizer, model, rank) and LR; mean ± std over seeds."""
-    losses: dict[tuple[str, str, int], dict[float, list[float]]] = {}
+    losses: dict[tuple[str, str, int], dict[float, list[tuple[int, float]]]] = {}
     for r in records:
         if "error" in r:
             continue
         key = (r["optimizer"], r["model"], int(r["rank"]))
         value = r["val_loss"] if r["val_loss"] is not None else DIVERGED
-        losses.setdefault(key, {}).setdefault(float(r["lr"]), []).append(value)
+        losses.setdefault(key, {}).setdefault(float(r["lr"]), []).append((int(r.get("seed", 0)), value))
     out = {}
     for key, by_lr in losses.items():
         points = []
         for lr in sorted(by_lr):
-            values = by_lr[lr]
+            values = [v for _, v in by_lr[lr]]
             if all(math.isfinite(v) for v in values):
                 mean = statistics.fmean(values)
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
             else:
                 mean, std = DIVERGED, 0.0
-            points.append(LrPoint(lr, mean, std, len(values)))
+            points.append(LrPoint(lr, mean, std, len(values), tuple(sorted(by_lr[lr]))))
         out[key] = Cell(*key, points=tuple(points))
     return out
 
@@ -76,6 +77,40 @@ def axis_cells(spec: SweepSpec, table: dict[tuple[str, str, int], Cell], axis_na
             if cell is not None:
                 out.setdefault(optimizer, {})[value] = cell
     return out
+
+
+@dataclass(frozen=True)
+class OneLrCost:
+    """Loss at the one LR a user keeps (chosen on the base point, or fixed) over the cell's own best, per seed."""
+
+    lr: float  # the LR kept
+    mean: float  # inf when the kept LR diverged in some seed
+    std: float
+    seeds: int
+
+
+def kept_lr(spec: SweepSpec, table: dict[tuple[str, str, int], Cell], optimizer: str) -> float | None:
+    """The LR a user of `optimizer` keeps everywhere: its fixed LR, or the best LR of the base point."""
+    fixed = spec.optimizers[optimizer].fixed_lr
+    if fixed is not None:
+        return fixed
+    base = table.get((optimizer, spec.base_model, spec.base_rank))
+    return base.best.lr if base is not None and base.best is not None else None
+
+
+def one_lr_cost(cell: Cell, lr: float) -> OneLrCost | None:
+    """Per seed: loss at `lr` / loss at the cell's best LR (best by the mean over seeds); mean ± std over seeds."""
+    best = cell.best
+    kept = next((p for p in cell.points if math.isclose(p.lr, lr, rel_tol=1e-9)), None)
+    if best is None or kept is None:
+        return None
+    at_best = dict(best.by_seed)
+    ratios = [v / at_best[s] for s, v in kept.by_seed if s in at_best]
+    if not ratios:
+        return None
+    if not all(math.isfinite(r) for r in ratios):
+        return OneLrCost(lr, DIVERGED, 0.0, len(ratios))
+    return OneLrCost(lr, statistics.fmean(ratios), statistics.stdev(ratios) if len(ratios) > 1 else 0.0, len(ratios))
 
 
 def grid_steps(lr_a: float, lr_b: float) -> int:
@@ -139,10 +174,35 @@ def markdown_report(spec: SweepSpec, records: list[dict]) -> str:
                            and all(p.seeds == len(spec.seeds) for p in row[v].points) for v in axis.values)
             lines.append(f"| {optimizer} | " + " | ".join(entries) + f" | {transfer_verdict(row, complete)} |")
         lines.append("")
+        lines += cost_table(spec, table, axis)
     lines.append("Entries: best LR: final validation loss mean ± std over seeds at that LR. `*`: the best LR is the "
                  "lowest or highest LR that ran (the optimum may lie beyond it); (partial): not every LR or seed ran. Transfer: best LRs of all values within one "
                  "factor-2 step.")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def cost_table(spec: SweepSpec, table: dict[tuple[str, str, int], Cell], axis) -> list[str]:
+    """Markdown rows: per optimizer the LR kept and, per axis value, the cost of keeping it (1.000 = that cell's best)."""
+    header = " | ".join(str(v) for v in axis.values)
+    lines = [f"Cost of one LR across {axis.name} (loss at the LR kept / the cell's best loss, per seed; mean ± std):", "",
+             f"| optimizer | LR kept | {header} | worst |", "|---" * (len(axis.values) + 3) + "|"]  # fmt: skip
+    cells_by_opt = axis_cells(spec, table, axis.name)
+    for optimizer in axis.optimizers:
+        lr = kept_lr(spec, table, optimizer)
+        how = "fixed" if spec.optimizers[optimizer].fixed_lr is not None else "base point's best"
+        entries, worst = [], None
+        for value in axis.values:
+            cell = cells_by_opt.get(optimizer, {}).get(value)
+            cost = one_lr_cost(cell, lr) if cell is not None and lr is not None else None
+            if cost is None:
+                entries.append("not run")
+                continue
+            entries.append("diverged" if not math.isfinite(cost.mean) else f"{cost.mean:.3f} ± {cost.std:.3f}")
+            worst = cost.mean if worst is None else max(worst, cost.mean)
+        kept = f"{fmt_lr(lr)} ({how})" if lr is not None else "not run"
+        shown = "not run" if worst is None else ("diverged" if not math.isfinite(worst) else f"{worst:.3f}")
+        lines.append(f"| {optimizer} | {kept} | " + " | ".join(entries) + f" | {shown} |")
+    return lines + [""]
 
 
 def plotted_curve(cell: Cell, relative: bool) -> list[tuple[float, float, float]]:

@@ -50,6 +50,9 @@ class OptimizerVariant:
     name: str
     lr_center: float
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted config keys -> values
+    # The LR a user keeps everywhere: None = the best LR of the base point (tuned once); a number = never tuned
+    # (Prodigy's lr 1). The report's "cost of one LR" is measured at it.
+    fixed_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -190,11 +193,13 @@ def load_sweep(path: str | Path) -> SweepSpec:
     models = {name: _model(name, m, f"{where}: models.{name}") for name, m in _require(data, "models", where).items()}
     optimizers = {}
     for name, o in _require(data, "optimizers", where).items():
-        o = _check_keys(o, {"lr_center", "overrides"}, f"{where}: optimizers.{name}")
+        o = _check_keys(o, {"lr_center", "overrides", "fixed_lr"}, f"{where}: optimizers.{name}")
         center = float(_require(o, "lr_center", f"{where}: optimizers.{name}"))
         if not (center > 0 and math.isfinite(center)):
             raise SweepError(f"{where}: optimizers.{name}.lr_center: must be a positive number, got {center}")
-        optimizers[name] = OptimizerVariant(name, center, dict(o.get("overrides") or {}))
+        fixed = o.get("fixed_lr")
+        optimizers[name] = OptimizerVariant(name, center, dict(o.get("overrides") or {}),
+                                            None if fixed is None else float(fixed))
     base = _check_keys(_require(data, "base_point", where), {"model", "rank"}, f"{where}: base_point")
     base_model, base_rank = str(_require(base, "model", f"{where}: base_point")), int(_require(base, "rank", f"{where}: base_point"))
     if base_model not in models:
@@ -226,12 +231,17 @@ def load_sweep(path: str | Path) -> SweepSpec:
     base_config = (path.parent / str(_require(data, "base_config", where))).resolve()
     if not base_config.is_file():
         raise SweepError(f"{where}: base_config: {base_config} does not exist")
-    return SweepSpec(
+    spec = SweepSpec(
         name=str(data.get("name", path.stem)), base_config=base_config, overrides=dict(data.get("overrides") or {}),
         steps=steps, seeds=seeds, lr_points=lr_points, base_model=base_model, base_rank=base_rank, models=models,
         optimizers=optimizers, axes=tuple(axes), train_images=int(data.get("train_images", 16)),
         val_images=int(data.get("val_images", 8)),
     )  # fmt: skip
+    for name, variant in optimizers.items():
+        grid = spec.lr_grid(name)
+        if variant.fixed_lr is not None and not any(math.isclose(variant.fixed_lr, lr, rel_tol=1e-9) for lr in grid):
+            raise SweepError(f"{where}: optimizers.{name}.fixed_lr: {variant.fixed_lr} is not on its LR grid {grid}")
+    return spec
 
 
 def override_strings(overrides: dict[str, Any]) -> list[str]:
