@@ -94,7 +94,7 @@ def test_script_fails_fast_without_importing_torch(tmp_path):
     assert done.stdout.strip() == "exit 2 heavy []", done.stderr
     assert done.stderr.strip().splitlines() == [
         "config error: --set: optimizer.type: Input should be 'muon_adv', 'adamuon_adv', 'lora_muon', "
-        "'adamw' or 'torch_muon', got 'lion'"
+        "'adamw', 'torch_muon' or 'prodigy', got 'lion'"
     ]
 
 
