@@ -230,5 +230,5 @@ def test_http_guards_and_host_warning(tmp_path):
         assert status_of("api/save", {"config": [], "path": "x.yaml"}) == 400
     finally:
         server.close()
-    assert bind_warning("127.0.0.1") is None
-    assert "0.0.0.0" in bind_warning("0.0.0.0")
+    assert bind_warning("127.0.0.1") is None and bind_warning("localhost") is None
+    assert "0.0.0.0" in bind_warning("0.0.0.0") and "token" in bind_warning("192.168.1.5")

@@ -25,7 +25,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from modules.ui.backend import Backend, FileExists, Forbidden, UserError
-from modules.ui.security import TOKEN_QUERY, WILDCARD_ADDRESSES, AccessPolicy, Refusal, check_request
+from modules.ui.security import (TOKEN_QUERY, WILDCARD_ADDRESSES, AccessPolicy, Refusal, check_request,
+                                 is_local_address)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_HOST = "127.0.0.1"
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def bind_warning(host: str) -> str | None:
     """The warning printed when the GUI is reachable from other machines."""
-    if host in ("127.0.0.1", "localhost", "::1"):
+    if is_local_address(host):
         return None
     return (f"warning: binding to {host}: anyone who can reach this port and has the token URL can write files and "
             "start training runs on this machine; the token travels unencrypted (plain HTTP). Prefer 127.0.0.1 "
