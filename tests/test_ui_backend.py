@@ -112,10 +112,12 @@ def test_blocked_choices_are_exactly_what_validation_rejects(backend, demo):
 # ---------------------------------------------------------------- saving
 
 
-def test_saved_yaml_runs_unchanged_with_the_cli(backend, demo, tmp_path):
+def test_saved_yaml_runs_unchanged_with_the_cli(demo, tmp_path):
+    backend = Backend(workdir=REPO_ROOT, user_presets_dir=tmp_path)
     config = ui_schema.set_path(demo["config"], "optimizer.lora_a_optimizer", "adam")
-    out = backend.save(config, str(tmp_path / "run.yaml"), demo["texts"])
+    out = backend.save(config, "run.yaml", demo["texts"])
     saved = Path(out["path"])
+    assert saved == tmp_path / "run.yaml"
     assert yaml.safe_load(saved.read_text())["optimizer"]["lora_a_optimizer"] == "adam"
     dry = subprocess.run([sys.executable, "scripts/train.py", "--config", str(saved), "--dry-run"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -123,13 +125,16 @@ def test_saved_yaml_runs_unchanged_with_the_cli(backend, demo, tmp_path):
     assert load_config(saved).optimizer.lora_a_optimizer == "adam"
 
 
-def test_save_refuses_bad_paths_and_invalid_configs(backend, demo, tmp_path):
+def test_save_refuses_bad_paths_and_invalid_configs(demo, tmp_path):
+    backend = Backend(workdir=REPO_ROOT, user_presets_dir=tmp_path)
     with pytest.raises(UserError, match=r"\.yaml or \.yml"):
-        backend.save(demo["config"], str(tmp_path / "run.txt"))
+        backend.save(demo["config"], "run.txt")
+    with pytest.raises(UserError, match="plain file name"):
+        backend.save(demo["config"], str(tmp_path / "run.yaml"))
     bad = ui_schema.set_path(demo["config"], "optimizer.lr", -1)
     with pytest.raises(UserError, match=r"^optimizer\.lr: "):
-        backend.save(bad, str(tmp_path / "bad.yaml"))
-    assert not (tmp_path / "bad.yaml").exists()
+        backend.save(bad, "bad.yaml")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_paths_match_the_trainer():
@@ -161,19 +166,23 @@ def test_run_reads_only_its_own_complete_metric_lines(tmp_path):
     metrics = tmp_path / "logs" / "metrics.jsonl"
     metrics.parent.mkdir()
     metrics.write_text(json.dumps({"step": 99, "loss": 9.0}) + "\n")  # an earlier run in the same folder
+    go = tmp_path / "go"  # the half-written line stays half-written until the test has looked at it
     code = (
-        "import json, sys, time\n"
+        "import json, os, sys, time\n"
         f"f = open({str(metrics)!r}, 'a')\n"
         "f.write(json.dumps({'step': 1, 'loss': 0.5, 'lr': 1e-3}) + '\\n'); f.flush()\n"
-        "f.write('{\"step\": 2, \"lo'); f.flush(); time.sleep(0.6)\n"
+        "f.write('{\"step\": 2, \"lo'); f.flush()\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
         "f.write('ss\": 0.25}\\n'); f.flush()\n"
     )
     manager = RunManager(cwd=tmp_path, command_for=python_command(code))
     config = tmp_path / "c.yaml"
     config.write_text("{}")
     manager.start(config, RunWatch(metrics, tmp_path / "samples"), max_steps=2)
-    first = wait_for(lambda: (s := manager.status()) and s["record_count"] >= 1 and s)
-    assert first["records"][0]["step"] == 1  # the old run's step 99 is not ours
+    wait_for(lambda: metrics.read_bytes().endswith(b'"lo'))
+    first = manager.status()
+    assert first["record_count"] == 1 and first["records"][0]["step"] == 1  # not the old run's 99, nor half a line
+    go.touch()
     done = wait_for(lambda: (s := manager.status()) and s["state"] == "finished" and s)
     assert [r["step"] for r in done["records"]] == [1, 2] and done["loss"] == 0.25
     assert manager.status(since=1)["records"] == [{"step": 2, "loss": 0.25}]
@@ -205,8 +214,11 @@ def test_http_guards_and_host_warning(tmp_path):
     try:
         def status_of(path: str, body: dict | None = None) -> int:
             data = None if body is None else json.dumps(body).encode()
+            headers = {} if body is None else {  # as the page sends them (tests/test_ui_security.py: the refusals)
+                "Origin": server.url.rstrip("/"), "Content-Type": "application/json",
+                "X-Tuneonce-Token": server.policy.token}
             try:
-                with urllib.request.urlopen(urllib.request.Request(server.url + path, data=data)) as r:
+                with urllib.request.urlopen(urllib.request.Request(server.url + path, data=data, headers=headers)) as r:
                     return r.status
             except urllib.error.HTTPError as e:
                 return e.code
@@ -218,5 +230,5 @@ def test_http_guards_and_host_warning(tmp_path):
         assert status_of("api/save", {"config": [], "path": "x.yaml"}) == 400
     finally:
         server.close()
-    assert bind_warning("127.0.0.1") is None
-    assert "0.0.0.0" in bind_warning("0.0.0.0")
+    assert bind_warning("127.0.0.1") is None and bind_warning("localhost") is None
+    assert "0.0.0.0" in bind_warning("0.0.0.0") and "token" in bind_warning("192.168.1.5")

@@ -26,7 +26,11 @@ DEMO = REPO_ROOT / "training_presets" / "demo_sdxl_lora.yaml"
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
 if not Path(CHROMIUM).is_file():
     pytest.skip(f"no Chromium at {CHROMIUM} (CI installs the Debian package 'chromium')", allow_module_level=True)
-sync_api.expect.set_options(timeout=15_000)  # the machine is shared; the first depth request imports diffusers
+# Waits are for events (a state, an element, a count), never fixed sleeps; the limits are generous because the
+# machine is shared: they only bound how long a failure takes to report.
+WAIT_MS = 60_000
+RUN_WAIT_MS = 180_000  # a run: a subprocess that imports the config package, pydantic, PIL
+sync_api.expect.set_options(timeout=WAIT_MS)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +48,8 @@ def presets(tmp_path_factory) -> Path:
 # Stands in for `train.py --config X` where the test must not depend on the real loop's speed: it reads
 # the config with the CLI's loader and writes metrics with the trainer's own MetricsLogger (so the
 # JSONL format is the real one) and a sample PNG where the trainer puts them.
+# It holds after step 3 until the test creates <output_dir>/go, so the page is seen mid-run however slow the
+# machine is (the test waits for what the page shows, then lets it go on).
 STAND_IN_TRAINER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
@@ -54,28 +60,30 @@ STAND_IN_TRAINER = textwrap.dedent("""
     out = Path(cfg.saving.output_dir)
     log = MetricsLogger(cfg.logging.log_dir or out / "logs", tensorboard=False)
     for step in range(1, cfg.schedule.max_steps + 1):
-        time.sleep(0.3)
         log.log(step, {"loss": 1.0 / step, "lr": cfg.optimizer.lr})
         print(f"train: step {step}/{cfg.schedule.max_steps}", flush=True)
         if step == 2:
             (out / "samples").mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (32, 32), (200, 30, 160)).save(out / "samples" / "step000002_00.png")
+        while step == 3 and not (out / "go").exists():
+            time.sleep(0.05)
     log.close()
 """)
 
 
-def start_server(presets: Path, runs: RunManager | None = None) -> UiServer:
-    backend = Backend(presets_dir=presets, workdir=REPO_ROOT, runs=runs)
+def start_server(presets: Path, output_root: Path, runs: RunManager | None = None, **kwargs) -> UiServer:
+    # Save writes into <presets>/user (the default); runs write below pytest's temporary folder
+    backend = Backend(presets_dir=presets, workdir=REPO_ROOT, runs=runs, output_root=output_root)
     # as `tuneonce-ui` does; waited for here so that no test imports diffusers while it does
     backend.warm_up_in_background().join()
-    srv = UiServer(("127.0.0.1", 0), backend)
+    srv = UiServer(("127.0.0.1", 0), backend, **kwargs)
     srv.start_in_thread()
     return srv
 
 
 @pytest.fixture(scope="module")
-def server(presets):
-    srv = start_server(presets)
+def server(presets, tmp_path_factory):
+    srv = start_server(presets, tmp_path_factory.getbasetemp())
     yield srv
     srv.close()
 
@@ -85,7 +93,9 @@ def stand_in_server(presets, tmp_path_factory):
     script = tmp_path_factory.mktemp("stand_in") / "stand_in_trainer.py"
     script.write_text(STAND_IN_TRAINER, encoding="utf-8")
     runs = RunManager(cwd=REPO_ROOT, command_for=lambda config: [sys.executable, str(script), "--config", str(config)])
-    srv = start_server(presets, runs)
+    # this one asks for its token on every request, as on a non-local bind: the page, its script and its
+    # sample images load through the ?token= URL and the cookie it sets
+    srv = start_server(presets, tmp_path_factory.getbasetemp(), runs, require_token=True)
     yield srv
     srv.close()
 
@@ -108,8 +118,8 @@ def browser_context():
 
 def new_page(context, srv: UiServer):
     page = context.new_page()
-    page.set_default_timeout(15_000)
-    page.goto(srv.url)
+    page.set_default_timeout(WAIT_MS)
+    page.goto(srv.start_url)
     return page
 
 
@@ -141,7 +151,7 @@ def open_preset(page, name: str) -> None:
     sync_api.expect(page.locator("#status-line")).not_to_have_text("checking…")
 
 
-def test_edit_switches_and_save_yaml(page, tmp_path):
+def test_edit_switches_and_save_yaml(page, presets, tmp_path):
     open_preset(page, "child_no_ortho_b.yaml")
     ortho_b = field(page, "optimizer.lora_b_orthogonalize")
     sync_api.expect(ortho_b).not_to_be_checked()  # the child preset's own value, over its base
@@ -151,10 +161,14 @@ def test_edit_switches_and_save_yaml(page, tmp_path):
     field(page, "optimizer.lora_a_optimizer").select_option("adam")
     sync_api.expect(page.locator("#status-line")).to_have_text("config valid")
 
-    out = tmp_path / "edited.yaml"
-    page.fill("#save-path", str(out))
+    # Save writes into the user presets folder, which the panel names; the saved preset is listed at once
+    sync_api.expect(page.locator("#save-dir")).to_have_text(str(presets / "user"))
+    sync_api.expect(page.locator("#save-path")).to_have_value("my_child_no_ortho_b.yaml")
+    out = presets / "user" / "edited.yaml"
+    page.fill("#save-path", "edited.yaml")
     page.click("#save-btn")
     sync_api.expect(page.locator("#save-result")).to_contain_text("saved")
+    sync_api.expect(page.locator('button[data-preset="user/edited.yaml"]')).to_have_count(1)
     page.screenshot(path=str(tmp_path / "edited.png"), full_page=True)
 
     saved = yaml.safe_load(out.read_text())
@@ -167,8 +181,29 @@ def test_edit_switches_and_save_yaml(page, tmp_path):
     expected["optimizer"].update(lora_b_orthogonalize=True, lora_a_optimizer="adam")
     assert loaded == expected
 
+    # Saving over it asks first: declined, the file stays as it was; accepted, it is replaced.
+    field(page, "optimizer.lora_a_optimizer").select_option("signsgd")
+    sync_api.expect(page.locator("#status-line")).to_have_text("config valid")
+    before = out.read_bytes()
+    questions = []
 
-def test_invalid_values_show_their_error_next_to_the_field(page):
+    def answer(accept: bool):
+        def handle(dialog):
+            questions.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+        return handle
+
+    page.once("dialog", answer(False))
+    page.click("#save-btn")
+    sync_api.expect(page.locator("#save-result")).to_have_text("not saved (the file exists)")
+    assert out.read_bytes() == before and "edited.yaml already exists" in questions[0]
+    page.once("dialog", answer(True))
+    page.click("#save-btn")
+    sync_api.expect(page.locator("#save-result")).to_contain_text("saved")
+    assert len(questions) == 2 and load_config(out).optimizer.lora_a_optimizer == "signsgd"
+
+
+def test_invalid_values_show_their_error_next_to_the_field(page, presets):
     open_preset(page, "demo_sdxl_lora.yaml")
     rank = field(page, "lora.rank")
     rank.fill("0")
@@ -184,10 +219,10 @@ def test_invalid_values_show_their_error_next_to_the_field(page):
     rank.fill("4")
     sync_api.expect(error_of(page, "lora.rank")).to_be_hidden()
     # and saving an invalid config is refused with the reason
-    page.fill("#save-path", "/tmp/never-written-by-tuneonce-test.yaml")
+    page.fill("#save-path", "never-written.yaml")
     page.click("#save-btn")
     sync_api.expect(page.locator("#save-result")).to_contain_text("lora.targets")
-    assert not Path("/tmp/never-written-by-tuneonce-test.yaml").exists()
+    assert not (presets / "user" / "never-written.yaml").exists()
 
 
 def test_dora_with_spectral_scaling_is_greyed_out_unless_forced(page):
@@ -214,13 +249,15 @@ def test_run_shows_progress_loss_plot_and_samples(stand_in_page, tmp_path):
     field(page, "saving.output_dir").fill(str(tmp_path / "out"))
     sync_api.expect(page.locator("#status-line")).to_have_text("config valid")
     page.click("#run-start")
-    # the plot and the progress bar update while the run is still going
+    # the plot and the progress bar update while the run is still going (the stand-in holds at step 3)
     page.wait_for_function(
         "document.querySelector('#run-state').dataset.state === 'running'"
         " && Number(document.querySelector('#loss-plot').dataset.points) >= 2"
-        " && document.querySelector('#run-progress').value >= 2"
+        " && document.querySelector('#run-progress').value >= 2",
+        timeout=RUN_WAIT_MS,
     )
-    sync_api.expect(page.locator("#run-state")).to_have_attribute("data-state", "finished")
+    (tmp_path / "out" / "go").touch()
+    sync_api.expect(page.locator("#run-state")).to_have_attribute("data-state", "finished", timeout=RUN_WAIT_MS)
     page.wait_for_function("Number(document.querySelector('#loss-plot').dataset.points) === 10")
     assert page.locator("#loss-plot polyline").get_attribute("points").count(",") == 10
     assert page.eval_on_selector("#run-progress", "p => [p.value, p.max]") == [10, 10]
@@ -244,12 +281,18 @@ def test_stop_ends_a_running_run(stand_in_page, tmp_path):
     field(page, "saving.output_dir").fill(str(tmp_path / "out"))
     sync_api.expect(page.locator("#status-line")).to_have_text("config valid")
     page.click("#run-start")
-    page.wait_for_function("Number(document.querySelector('#loss-plot').dataset.points) >= 1")
+    page.wait_for_function("Number(document.querySelector('#loss-plot').dataset.points) >= 1", timeout=RUN_WAIT_MS)
     sync_api.expect(page.locator("#run-start")).to_be_disabled()
     page.click("#run-stop")
     sync_api.expect(page.locator("#run-state")).to_have_attribute("data-state", "stopped")
     sync_api.expect(page.locator("#run-start")).to_be_enabled()
     assert plotted_points(page) < 400
+    # the elapsed time stopped with the run: a reloaded page (a fresh status, later) shows the same time
+    elapsed = page.locator("#run-numbers").inner_text().rsplit(" · ", 1)[-1]
+    assert elapsed.endswith("s")
+    page.reload()
+    sync_api.expect(page.locator("#run-state")).to_have_attribute("data-state", "stopped")
+    sync_api.expect(page.locator("#run-numbers")).to_contain_text(f"· {elapsed}")
 
 
 def test_depth_panel_follows_the_model_and_the_switches(page):

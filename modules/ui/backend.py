@@ -7,6 +7,8 @@ is reported on that field like any other validation error.
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,17 +23,34 @@ from modules.ui import schema as ui_schema
 from modules.ui.runs import REPO_ROOT, RunManager, RunWatch
 
 PRESET_SUFFIXES = (".yaml", ".yml")
+USER_PREFIX = "user/"  # how the preset list names the files of the user presets folder
 
 
 class UserError(ValueError):
     """Bad input from the page: answered with HTTP 400 and shown to the user as is."""
 
 
+class Forbidden(UserError):
+    """A write the GUI never does (outside its folders, onto a shipped preset): HTTP 403."""
+
+
+class FileExists(UserError):
+    """Save onto an existing file without the overwrite flag: HTTP 409; the page asks, then resends."""
+
+
 class Backend:
     def __init__(self, presets_dir: Path | None = None, workdir: Path | None = None,
-                 runs: RunManager | None = None) -> None:
+                 runs: RunManager | None = None, user_presets_dir: Path | None = None,
+                 output_root: Path | None = None) -> None:
         self.workdir = (workdir or Path.cwd()).resolve()  # config paths resolve against it, as in the CLI
         self.presets_dir = (presets_dir or REPO_ROOT / "training_presets").resolve()
+        # Save writes only here: never into the shipped presets (an update would overwrite, or be blocked by, them)
+        self.user_presets_dir = (user_presets_dir or self.presets_dir / "user").resolve()
+        if self.user_presets_dir == self.presets_dir or self.user_presets_dir in self.presets_dir.parents:
+            raise ValueError(f"the user presets folder {self.user_presets_dir} must not hold the shipped presets "
+                             f"folder {self.presets_dir}: give it its own folder")
+        # a run started from the page writes only below this folder (output, logs, caches)
+        self.output_root = (output_root or self.workdir).resolve()
         self.runs = runs or RunManager(cwd=self.workdir)
         self._schema: dict | None = None
 
@@ -42,26 +61,22 @@ class Backend:
         return self._schema
 
     def list_presets(self) -> list[str]:
-        if not self.presets_dir.is_dir():
-            return []
-        return sorted(p.relative_to(self.presets_dir).as_posix() for p in self.presets_dir.rglob("*")
-                      if p.suffix in PRESET_SUFFIXES and p.is_file())
+        """Shipped presets by their path in the presets folder, then the user's as `user/<name>`."""
+        shipped = sorted(p.relative_to(self.presets_dir).as_posix() for p in _preset_files(self.presets_dir)
+                         if self.user_presets_dir not in p.parents)
+        return shipped + sorted(USER_PREFIX + p.relative_to(self.user_presets_dir).as_posix()
+                                for p in _preset_files(self.user_presets_dir))
 
     def open_preset(self, name: str) -> dict:
-        path = (self.presets_dir / name).resolve()
-        if self.presets_dir not in path.parents or not path.is_file():
-            raise UserError(f"no preset named {name!r} in {self.presets_dir}")
+        user = name.startswith(USER_PREFIX)
+        root = self.user_presets_dir if user else self.presets_dir
+        path = (root / name.removeprefix(USER_PREFIX)).resolve()
+        if root not in path.parents or not path.is_file():
+            raise UserError(f"no preset named {name!r} in {root}")
         config = _load(path, self.schema())
-        return {"name": name, "path": str(path), "save_path": self.suggest_save_path(path),
+        save_name = path.name if user else f"my_{path.stem}.yaml"  # a user preset is saved back over itself
+        return {"name": name, "path": str(path), "save_path": save_name, "save_dir": str(self.user_presets_dir),
                 "config": config, "texts": self.texts_for(config), **self.check(config)}
-
-    def suggest_save_path(self, preset: Path) -> str:
-        """`my_<preset>.yaml` beside the preset, relative to the working directory when it is inside it."""
-        target = preset.with_name(f"my_{preset.stem}.yaml")
-        try:
-            return target.relative_to(self.workdir).as_posix()
-        except ValueError:
-            return str(target)
 
     def texts_for(self, config: dict) -> dict[str, str]:
         """YAML text of every field the page edits as text."""
@@ -93,14 +108,24 @@ class Backend:
                 "warnings": warnings_for(config) if not errors else []}
 
     # -- saving and running -----------------------------------------------------------------
-    def resolve_output(self, path: str) -> Path:
-        if not path.strip():
-            raise UserError("give a file name to save to (e.g. training_presets/my_run.yaml)")
-        target = Path(path).expanduser()
-        if not target.is_absolute():
-            target = self.workdir / target
-        if target.suffix not in PRESET_SUFFIXES:
-            raise UserError(f"save path must end in .yaml or .yml, got {path!r}")
+    def resolve_output(self, name: str) -> Path:
+        """The file `name` names in the user presets folder; Forbidden/UserError for anything else.
+
+        A plain file name only: no folders, no absolute paths, no `..`, and nothing that resolves
+        (through a symlink) outside the folder or onto a shipped preset.
+        """
+        name = name.strip()
+        if not name:
+            raise UserError(f"give a file name to save to (e.g. my_run.yaml, saved in {self.user_presets_dir})")
+        if "/" in name or "\\" in name or name in (".", "..") or name.startswith(("~", ".")):
+            raise UserError(f"save name must be a plain file name (saved in {self.user_presets_dir}), got {name!r}")
+        if Path(name).suffix not in PRESET_SUFFIXES:
+            raise UserError(f"save name must end in .yaml or .yml, got {name!r}")
+        target = (self.user_presets_dir / name).resolve()
+        # The shipped presets are safe by construction: the user folder never holds the shipped folder
+        # (checked in __init__), and a name that resolves anywhere but straight into the user folder is refused.
+        if target.parent != self.user_presets_dir:
+            raise Forbidden(f"{name!r} resolves to {target}, outside the user presets folder {self.user_presets_dir}")
         return target
 
     def valid_config(self, config: dict, texts: dict | None) -> config_schema.TrainConfig:
@@ -112,20 +137,38 @@ class Backend:
             raise UserError(f"{key}: {message}" if key else message)
         return config_schema.TrainConfig.model_validate(config)
 
-    def save(self, config: dict, path: str, texts: dict | None = None) -> dict:
-        """Every field written out (no `base:`), by the config package's own dumper."""
+    def save(self, config: dict, path: str, texts: dict | None = None, overwrite: bool = False) -> dict:
+        """Every field written out (no `base:`), by the config package's own dumper, into the user presets
+        folder; an existing file is replaced only with `overwrite` (the page asks the user first)."""
         target = self.resolve_output(path)
         text = dump_config(self.valid_config(config, texts))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
-        return {"path": str(target), "command": f"python scripts/train.py --config {target}"}
+        if target.exists() and not overwrite:
+            raise FileExists(f"{target.name} already exists in {self.user_presets_dir}")
+        self.user_presets_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(target, text, overwrite=overwrite)
+        return {"path": str(target), "name": USER_PREFIX + target.name,
+                "command": f"python scripts/train.py --config {target}"}
+
+    def check_run_paths(self, valid: config_schema.TrainConfig) -> None:
+        """UserError unless every folder the run writes to lies below the output root."""
+        output_dir, log_dir, _ = run_paths(valid)
+        cache = valid.data.cache_dir
+        for key, value in (("saving.output_dir", output_dir), ("logging.log_dir", log_dir),
+                           ("data.cache_dir", cache)):
+            if value is None:
+                continue
+            resolved = (self.workdir / value).resolve()
+            if resolved != self.output_root and self.output_root not in resolved.parents:
+                raise UserError(f"{key}: {str(value)!r} is outside {self.output_root}, the only folder runs "
+                                "started from the GUI write to (start it with --output-root to choose another)")
 
     def start_run(self, config: dict, texts: dict | None = None) -> dict:
         valid = self.valid_config(config, texts)
+        self.check_run_paths(valid)
         output_dir, log_dir, samples_dir = (self.workdir / p for p in run_paths(valid))
         output_dir.mkdir(parents=True, exist_ok=True)
         config_path = output_dir / f"{valid.saving.name}.ui-run.yaml"
-        config_path.write_text(dump_config(valid), encoding="utf-8")
+        write_text_atomic(config_path, dump_config(valid))
         watch = RunWatch(metrics_path=log_dir / METRICS_FILE, samples_dir=samples_dir)
         try:
             run = self.runs.start(config_path, watch, max_steps=valid.schedule.max_steps)
@@ -147,6 +190,32 @@ class Backend:
 
         config, _errors = self.merge_texts(config, texts or {})
         return depth_report(config, self.workdir)
+
+
+def write_text_atomic(path: Path, text: str, overwrite: bool = True) -> None:
+    """Write via a temporary file in the same folder, then rename it into place: readers never see half a
+    file. Without `overwrite` the rename is a hard link, which fails (FileExists) if the name appeared meanwhile."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp_name, path)
+        else:
+            try:
+                os.link(tmp_name, path)
+            except FileExistsError:
+                raise FileExists(f"{path.name} already exists in {path.parent}") from None
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+
+
+def _preset_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.rglob("*") if p.suffix in PRESET_SUFFIXES and p.is_file()]
 
 
 def validate_dict(config: dict) -> list[tuple[str, str]]:

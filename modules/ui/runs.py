@@ -48,7 +48,8 @@ class Run:
     command: list[str]
     process: subprocess.Popen
     log_path: Path
-    started_at: float = field(default_factory=time.time)
+    started_at: float
+    ended_at: float | None = None  # when the process was seen to end: the elapsed time stops there
     stopped_by_user: bool = False
     max_steps: int | None = None
     _records: list[dict] = field(default_factory=list)
@@ -59,9 +60,10 @@ class Run:
 class RunManager:
     """Starts, stops and reports on the single training subprocess the GUI owns."""
 
-    def __init__(self, cwd: Path | None = None, command_for=train_command) -> None:
+    def __init__(self, cwd: Path | None = None, command_for=train_command, clock=time.time) -> None:
         self._cwd = cwd or Path.cwd()  # relative paths in the config resolve against it, as in a shell
         self._command_for = command_for
+        self._clock = clock  # the run's elapsed time; tests pass a fake one
         self._lock = threading.Lock()
         self._run: Run | None = None
 
@@ -87,8 +89,20 @@ class RunManager:
                 start_new_session=True,  # its own process group, so stop() reaches dataloader workers too
             )
             log_file.close()  # the child holds its own handle
-            self._run = Run(config_path, watch, command, process, log_path, max_steps=max_steps)
+            self._run = Run(config_path, watch, command, process, log_path, started_at=self._clock(),
+                            max_steps=max_steps)
+            threading.Thread(target=self._note_end, args=(self._run,), name="tuneonce-run-wait", daemon=True).start()
             return self._run
+
+    def _note_end(self, run: Run) -> None:
+        run.process.wait()
+        self._mark_ended(run)
+
+    def _mark_ended(self, run: Run) -> None:
+        """Record the end time once (by whoever sees the exit first: the waiter thread, stop or status)."""
+        with self._lock:
+            if run.ended_at is None:
+                run.ended_at = self._clock()
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> bool:
         """SIGTERM the run's process group, SIGKILL after `grace_s`; False when nothing was running."""
@@ -103,6 +117,7 @@ class RunManager:
         except subprocess.TimeoutExpired:
             _signal_group(run.process, signal.SIGKILL)
             run.process.wait(timeout=grace_s)
+        self._mark_ended(run)
         return True
 
     # -- report ----------------------------------------------------------------------------
@@ -113,6 +128,8 @@ class RunManager:
             return {"state": "idle", "records": [], "record_count": 0, "samples": [], "log": ""}
         _read_new_records(run)
         code = run.process.poll()
+        if code is not None:
+            self._mark_ended(run)
         if code is None:
             state = "running"
         elif run.stopped_by_user:
@@ -131,7 +148,7 @@ class RunManager:
             "max_steps": run.max_steps,
             "loss": last.get("loss"),
             "lr": last.get("lr"),
-            "elapsed_s": round(time.time() - run.started_at, 1),
+            "elapsed_s": round((run.ended_at if run.ended_at is not None else self._clock()) - run.started_at, 1),
             "records": run._records[since:],
             "record_count": len(run._records),
             "samples": latest_samples(run.watch),

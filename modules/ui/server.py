@@ -5,7 +5,8 @@ validation round-trip and a live plot; Gradio would add a large dependency tree 
 assets that cannot load offline) for that. The stdlib server has no dependencies, starts in
 milliseconds, and the page is plain HTML/JS that a headless browser drives with stable ids.
 
-Run: `python scripts/train_ui.py` or `tuneonce-ui` (127.0.0.1:7861 by default).
+Run: `python scripts/train_ui.py` or `tuneonce-ui` (127.0.0.1:7861 by default). Every request passes
+modules/ui/security.py's checks (Host allow-list, token, same origin, JSON) before any route runs.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import mimetypes
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -22,17 +24,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from modules.ui.backend import Backend, UserError
+from modules.ui.backend import Backend, FileExists, Forbidden, UserError
+from modules.ui.security import (TOKEN_QUERY, WILDCARD_ADDRESSES, AccessPolicy, Refusal, check_request,
+                                 is_local_address)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7861
 MAX_BODY = 4 * 1024 * 1024
+TOKEN_PLACEHOLDER = b"__TUNEONCE_TOKEN__"  # in index.html's <meta name="tuneonce-token">
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    # no framing by other sites: a framed page is same-origin and clicks on it would act (clickjacking)
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "Referrer-Policy": "same-origin",
+}
 
 
 class Handler(BaseHTTPRequestHandler):
     server: "UiServer"
     server_version = "tuneonce-ui"
+    _set_token_cookie = False  # per request: it came in with a valid ?token=, so the answer sets the cookie
 
     # -- plumbing -------------------------------------------------------------------------------
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
@@ -44,6 +57,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        if self._set_token_cookie:
+            self.send_header("Set-Cookie", self.server.policy.set_cookie_header())
         self.end_headers()
         self.wfile.write(body)
 
@@ -65,11 +82,29 @@ class Handler(BaseHTTPRequestHandler):
 
     def _file(self, path: Path) -> None:
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        self._send(HTTPStatus.OK, path.read_bytes(), content_type)
+        body = path.read_bytes()
+        if path == STATIC_DIR / "index.html":  # the page carries this server's token for its requests
+            body = body.replace(TOKEN_PLACEHOLDER, self.server.policy.token.encode())
+        self._send(HTTPStatus.OK, body, content_type)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer a refused request without acting on it; its body is read and dropped so that closing
+        the connection does not reset it before the client has read the answer."""
+        length = self.headers.get("Content-Length") or "0"
+        if length.isdigit() and 0 < int(length) <= MAX_BODY:
+            self.rfile.read(int(length))
+        self.close_connection = True
+        self._json({"error": str(refusal)}, refusal.status)
 
     def _dispatch(self, routes: dict) -> None:
         url = urlparse(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        try:
+            self._set_token_cookie = check_request(self.server.policy, self.command, self.headers, query)
+        except Refusal as refusal:
+            self._refuse(refusal)
+            return
+        query.pop(TOKEN_QUERY, None)
         route = routes.get(url.path)
         try:
             if route is not None:
@@ -78,6 +113,10 @@ class Handler(BaseHTTPRequestHandler):
                 self._static(url.path)
             else:
                 self._json({"error": f"no such endpoint: {url.path}"}, HTTPStatus.NOT_FOUND)
+        except FileExists as exc:
+            self._json({"error": str(exc), "exists": True}, HTTPStatus.CONFLICT)
+        except Forbidden as exc:
+            self._json({"error": str(exc)}, HTTPStatus.FORBIDDEN)
         except UserError as exc:
             self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
         except Exception as exc:  # the page shows it; the server keeps serving
@@ -104,7 +143,8 @@ class Handler(BaseHTTPRequestHandler):
         self._json(self.server.backend.schema())
 
     def get_presets(self, query: dict) -> None:
-        self._json({"presets": self.server.backend.list_presets()})
+        backend = self.server.backend
+        self._json({"presets": backend.list_presets(), "save_dir": str(backend.user_presets_dir)})
 
     def get_preset(self, query: dict) -> None:
         self._json(self.server.backend.open_preset(query.get("name", "")))
@@ -126,7 +166,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def post_save(self, query: dict) -> None:
         config, texts, body = self._config_and_texts()
-        self._json(self.server.backend.save(config, str(body.get("path") or ""), texts))
+        overwrite = body.get("overwrite", False)
+        if not isinstance(overwrite, bool):
+            raise UserError("overwrite must be true or false")
+        self._json(self.server.backend.save(config, str(body.get("path") or ""), texts, overwrite=overwrite))
 
     def post_run_start(self, query: dict) -> None:
         config, texts, _ = self._config_and_texts()
@@ -166,15 +209,26 @@ POST_ROUTES = {
 class UiServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], backend: Backend, verbose: bool = False) -> None:
+    def __init__(self, address: tuple[str, int], backend: Backend, verbose: bool = False,
+                 allow_hosts: tuple[str, ...] = (), require_token: bool | None = None) -> None:
         super().__init__(address, Handler)
         self.backend = backend
         self.verbose = verbose
+        # built after binding: with port 0 the port is known only now
+        self.policy = AccessPolicy.for_bind(address[0], self.server_address[1], tuple(allow_hosts),
+                                            require_token=require_token)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        if self.server_address[0] in WILDCARD_ADDRESSES:
+            host = socket.gethostname()  # 0.0.0.0 is no address to browse to
         return f"http://{host}:{port}/"
+
+    @property
+    def start_url(self) -> str:
+        """The URL to open: with `?token=` where every request needs the token (the page then keeps it)."""
+        return f"{self.url}?{TOKEN_QUERY}={self.policy.token}" if self.policy.token_everywhere else self.url
 
     def start_in_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, name="tuneonce-ui", daemon=True)
@@ -192,9 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneonce-ui", description="Browser GUI for tuneonce training.")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to bind (default {DEFAULT_HOST}; anything else exposes the GUI, which can "
-                             "start processes and write files, to your network)")
+                             "start processes and write files, to your network, and then asks for its token on "
+                             "every request)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
-    parser.add_argument("--presets", type=Path, default=None, help="preset folder (default: training_presets/)")
+    parser.add_argument("--presets", type=Path, default=None,
+                        help="shipped preset folder, opened read-only (default: training_presets/)")
+    parser.add_argument("--user-presets", type=Path, default=None,
+                        help="the only folder Save writes to, listed as user/... (default: <presets>/user/)")
+    parser.add_argument("--output-root", type=Path, default=None,
+                        help="runs started from the page write (output_dir, log_dir, cache_dir) only below this "
+                             "folder (default: the working folder)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests for this host name (e.g. behind a reverse proxy); repeatable")
+    parser.add_argument("--require-token", action="store_true",
+                        help="ask for the token on every request on 127.0.0.1 too (a machine shared with others)")
     parser.add_argument("--open", action="store_true", help="open the page in the default browser")
     parser.add_argument("--verbose", action="store_true", help="log every request and print server tracebacks")
     return parser
@@ -202,10 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def bind_warning(host: str) -> str | None:
     """The warning printed when the GUI is reachable from other machines."""
-    if host in ("127.0.0.1", "localhost", "::1"):
+    if is_local_address(host):
         return None
-    return (f"warning: binding to {host}: anyone who can reach this port can write files and start training runs "
-            "on this machine (there is no login). Prefer 127.0.0.1 and an SSH tunnel (ssh -L).")
+    return (f"warning: binding to {host}: anyone who can reach this port and has the token URL can write files and "
+            "start training runs on this machine; the token travels unencrypted (plain HTTP). Prefer 127.0.0.1 "
+            "and an SSH tunnel (ssh -L).")
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
@@ -217,16 +283,22 @@ def main(argv: list[str] | None = None) -> int:
     warning = bind_warning(args.host)
     if warning:
         print(warning, file=sys.stderr)
-    backend = Backend(presets_dir=args.presets)
     try:
-        server = UiServer((args.host, args.port), backend, verbose=args.verbose)
+        backend = Backend(presets_dir=args.presets, user_presets_dir=args.user_presets, output_root=args.output_root)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        server = UiServer((args.host, args.port), backend, verbose=args.verbose, allow_hosts=tuple(args.allow_host),
+                          require_token=True if args.require_token else None)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
-    print(f"tuneonce GUI on {server.url}  (Ctrl+C to stop)", flush=True)
+    print(f"tuneonce GUI on {server.start_url}  (Ctrl+C to stop)", flush=True)
+    print(f"saves presets into {backend.user_presets_dir}; runs write below {backend.output_root}", flush=True)
     backend.warm_up_in_background()
     if args.open:
-        webbrowser.open(server.url)
+        webbrowser.open(server.start_url)
     # SIGTERM (e.g. from a service manager) ends like Ctrl+C: the training run this GUI started is stopped too.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:

@@ -29,13 +29,23 @@ const el = (tag, attrs = {}, ...children) => {
   return node;
 };
 
+// The server's token, written into the page by the server: every request carries it (state-changing
+// ones must; a GUI listening beyond localhost asks for it on every request). Sibling pages cannot read it.
+const TOKEN = document.querySelector('meta[name="tuneonce-token"]').content;
+
 async function api(path, body) {
-  const init = body === undefined ? {} : {
-    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+  const headers = {"X-Tuneonce-Token": TOKEN};
+  const init = body === undefined ? {headers} : {
+    method: "POST", headers: {...headers, "Content-Type": "application/json"}, body: JSON.stringify(body),
   };
   const response = await fetch(path, init);
   const data = await response.json().catch(() => ({error: `HTTP ${response.status}`}));
-  if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
+  if (!response.ok) {
+    const error = new Error(data.error || `HTTP ${response.status}`);
+    error.status = response.status;
+    error.data = data;
+    throw error;
+  }
   return data;
 }
 
@@ -272,7 +282,8 @@ function applyBlocked(blocked) {
 async function loadPresets() {
   const list = $("#presets");
   try {
-    const {presets} = await api("/api/presets");
+    const {presets, save_dir: saveDir} = await api("/api/presets");
+    $("#save-dir").textContent = saveDir;
     list.replaceChildren();
     if (!presets.length) list.append(el("li", {class: "muted", text: "no presets found"}));
     for (const name of presets) {
@@ -348,12 +359,25 @@ function renderDepth(data) {
 
 // ---------------------------------------------------------------- save
 
+// Saves into the user presets folder; an existing file is replaced only after the user said so here.
 async function save() {
   const out = $("#save-result");
   out.textContent = "saving…";
   out.className = "small";
+  const request = {config: state.config, texts: state.texts, path: $("#save-path").value};
   try {
-    const data = await api("/api/save", {config: state.config, texts: state.texts, path: $("#save-path").value});
+    let data;
+    try {
+      data = await api("/api/save", request);
+    } catch (err) {
+      if (err.status !== 409 || !err.data.exists) throw err;
+      if (!window.confirm(`${err.message}. Overwrite it?`)) {
+        out.className = "small";
+        out.textContent = "not saved (the file exists)";
+        return;
+      }
+      data = await api("/api/save", {...request, overwrite: true});
+    }
     out.className = "small ok";
     out.replaceChildren(el("div", {text: `saved ${data.path}`}), el("code", {text: data.command}));
     loadPresets();  // a file saved into the presets folder is listed at once
