@@ -9,8 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from modules.optimizer import AdaMuon_adv, Muon_adv
-from modules.optimizer.orthogonalize import singular_value_map
+from modules.optimizer import AdaMuon_adv, Muon_adv, reference
 
 OPTIMIZERS = [Muon_adv, AdaMuon_adv]
 
@@ -108,7 +107,8 @@ def test_spectral_norm_of_update_hits_target(cls, shape, method):
 
 
 def test_first_step_matches_independent_reference():
-    """m=(1−β)g, Nesterov u=(1−β²)g, O=U·f(σ̂)·Vᵀ with damping √(fan_in/fan_out)/L, Δ=lr·√(out/in)·O/σ_max(O)."""
+    """The first step is reference.py's: u = (1−β²)g (Nesterov from m = 0), O = U·f(σ̂)·Vᵀ with damping
+    √(fan_in/fan_out)/L, Δ = lr·√(out/in)·O/σ_max(O)."""
     gen = _gen(5)
     shape, depth, beta, lr = (32, 72), 4, 0.95, 1e-2
     W = nn.Parameter(torch.randn(*shape, generator=gen))
@@ -117,12 +117,11 @@ def test_first_step_matches_independent_reference():
     W0 = W.detach().clone()
     Muon_adv([_matrix_group(W, "w", depth=depth)], lr=lr, beta1=beta, weight_decay=0.0).step()
 
-    u = (1 - beta**2) * g.double()
-    damping = math.sqrt(shape[1] / shape[0]) / depth
-    U, S, Vh = torch.linalg.svd(u, full_matrices=False)
-    f = singular_value_map(S / (u.norm() + damping), "newton_schulz", 5)
-    O = (U * f) @ Vh
-    expected = W0.double() - lr * math.sqrt(shape[0] / shape[1]) * O / f.max()
+    g64 = g.double()
+    _, u = reference.momentum(torch.zeros_like(g64), g64, beta, nesterov=True)
+    torch.testing.assert_close(u, (1 - beta**2) * g64)
+    O = reference.orthogonalize(u, "newton_schulz", 5, damping=math.sqrt(shape[1] / shape[0]) / depth)
+    expected = W0.double() - reference.scaled_update(O, lr, math.sqrt(shape[0] / shape[1]), spectral=True)
     torch.testing.assert_close(W.detach().double(), expected, atol=1e-6, rtol=1e-5)
 
 
