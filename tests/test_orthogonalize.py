@@ -1,4 +1,4 @@
-"""orthogonalize(): every route/method against independent SVD references (REFERENCE §1)."""
+"""orthogonalize(): every route/method against independent SVD references (docs/optimizer_math.md §2)."""
 import pytest
 import torch
 
@@ -52,7 +52,7 @@ def test_polynomial_routes_apply_the_singular_value_map(shape, route, method, st
 
 
 def test_newton_schulz_is_not_the_polar_factor():
-    """Keller Jordan's 5 quintic steps leave σ roughly in 0.68–1.2: the map is not 1 (REFERENCE §1)."""
+    """Keller Jordan's 5 quintic steps leave σ roughly in 0.68–1.2: the map is not 1 (docs/optimizer_math.md §2)."""
     f = singular_value_map(torch.linspace(1e-3, 1, 2000, dtype=torch.float64), "newton_schulz", 5)
     assert f.max() > 1.1 and f[f.numel() // 20 :].min() < 0.8
     assert torch.equal(singular_value_map(torch.tensor([0.0, 0.3]), "exact"), torch.tensor([0.0, 1.0]))

@@ -1,4 +1,4 @@
-"""The depth/width rules of REFERENCE §2–§3 as closed forms."""
+"""The depth/width rules of docs/optimizer_math.md §3 as closed forms."""
 import math
 
 import pytest

@@ -1,4 +1,5 @@
-"""LoRAMuon: spectral steepest descent on the low-rank manifold (Cesista et al., arXiv 2606.12921; REFERENCE §5).
+"""LoRAMuon: spectral steepest descent on the low-rank manifold (Cesista et al., arXiv 2606.12921;
+docs/optimizer_math.md §6).
 
 Naming. The paper writes W = W₀ + A·Bᵀ with A: m×r, B: n×r. PEFT writes W = W₀ + s·lora_B·lora_A with
 lora_B: m×r (the paper's A) and lora_A: r×n (the paper's Bᵀ), s = alpha/r. This file keeps PEFT's layout:

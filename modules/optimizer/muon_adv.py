@@ -712,7 +712,7 @@ def _make_member(p: Tensor, name: str, gi: int, group: dict, pair: str | None) -
 
 
 def _route(role: Role, p: Tensor, group: dict, name: str) -> str:
-    """Which update a tensor takes: "muon", "adam" or "signsgd" (the toggles of issue 3)."""
+    """Which update a tensor takes: "muon", "adam" or "signsgd" (docs/optimizer_math.md §4.3, §7)."""
     if role in (Role.VECTOR, Role.EMBEDDING, Role.DORA_MAGNITUDE):
         return "adam"
     if role is Role.OFT:

@@ -2,7 +2,7 @@
 
 Every method here is a scalar map ``f`` on singular values: for ``X = U·diag(σ)·Vᵀ`` the result is
 ``U·diag(f(σ̂))·Vᵀ`` where ``σ̂ = σ / (‖X‖_F·safety + eps)`` are the singular values after the
-Frobenius normalization (REFERENCE §1). ``eps`` is ADDITIVE: it is the damping of REFERENCE §3, in
+Frobenius normalization (docs/optimizer_math.md §2). ``eps`` is ADDITIVE: it is the damping of §3.1 there, in
 the units of ``X``. When ``‖X‖_F ≪ eps`` all σ̂ are small and the maps act linearly
 (``f(σ̂) ≈ f'(0)·σ̂``: the result follows the input's own spectrum); when ``‖X‖_F ≫ eps`` the result is
 (close to) orthogonal.

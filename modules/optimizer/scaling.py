@@ -1,4 +1,4 @@
-"""Depth- and width-aware numbers of the tuneonce recipe (REFERENCE §2–§3), as small pure functions.
+"""Depth- and width-aware numbers of the tuneonce recipe (docs/optimizer_math.md §3), as small pure functions.
 
 Notation: a matrix W of shape (fan_out, fan_in) in a residual network of depth L. For LoRA factors,
 A is (r, base_fan_in) and B is (base_fan_out, r).
@@ -31,7 +31,7 @@ def keller_jordan_scale(fan_in: int, fan_out: int) -> float:
 
 
 def ns_damping(fan_in: int, fan_out: int, depth: int) -> float:
-    """Additive Newton–Schulz damping √(fan_in/fan_out)/L (REFERENCE §3).
+    """Additive Newton–Schulz damping √(fan_in/fan_out)/L (docs/optimizer_math.md §3.1).
 
     It shrinks as 1/L (tracking gradients that shrink with depth); the seed's prose says it "grows
     with the model", which its own formula does not do: we follow the formula.
@@ -41,7 +41,7 @@ def ns_damping(fan_in: int, fan_out: int, depth: int) -> float:
 
 
 def adamuon_eps(fan_in: int, fan_out: int, depth: int) -> float:
-    """AdaMuon second-moment eps 1/(L·√(fan_in·fan_out)) (REFERENCE §3)."""
+    """AdaMuon second-moment eps 1/(L·√(fan_in·fan_out)) (docs/optimizer_math.md §3.1)."""
     _check_fans(fan_in, fan_out, depth)
     return 1.0 / (depth * math.sqrt(fan_in * fan_out))
 
@@ -63,7 +63,7 @@ def width_decay(weight_decay: float, fan_in: int, schedule_factor: float) -> flo
     """Fraction of a dense matrix removed per step: s_t·wd/fan_in (W ← (1 − that)·W).
 
     "Truly decoupled": multiplied by the schedule factor lr_t/lr_peak, never by lr itself, so it does
-    not change when the peak lr is tuned (REFERENCE §2–§3).
+    not change when the peak lr is tuned (Qiu et al.; docs/optimizer_math.md §3.3).
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -79,7 +79,8 @@ def lora_pair_decay_multiplier(weight_decay: float, base_fan_in: int, schedule_f
 
     The adapted weight's delta is s·B·A. Decaying B ← c·B and A ← c·A decays the product by c², and the
     dense rule for the base layer asks for (1 − λ) with λ = s_t·wd/base_fan_in (the BASE layer's fan_in,
-    not the factor's r). So c = √(1 − λ): the split of LoRA-Muon (REFERENCE §5), applied to the 1/width rule.
+    not the factor's r). So c = √(1 − λ): LoRA-Muon's split decay (docs/optimizer_math.md §4.3, §6.2), applied to
+    the 1/width rule.
     """
     return math.sqrt(1.0 - width_decay(weight_decay, base_fan_in, schedule_factor))
 
