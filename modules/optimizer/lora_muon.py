@@ -23,6 +23,8 @@ dense Muon's (1 − λ)·W. λ = s_t·wd/base_fan_in with width_scaled_weight_de
 decoupled"), else lr·wd as in torch's AdamW.
 
 Parameters that are not LoRA pairs go to the auxiliary AdamW (adam_lr times the same schedule factor s_t).
+
+The same math one pair at a time, from SVDs: reference.lora_muon_step (tested against this engine).
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ One step, for the tensors on the orthogonalized ("Muon") path, batched per bucke
 Everything else (vectors, embeddings, DoRA magnitudes, factors routed away from Muon) takes the
 auxiliary AdamW (or sign-SGD for LoRA A) of aux_adam.py with its own adam_* settings.
 
+The same math one tensor at a time, without buckets or processes: reference.py (tested against this engine for
+every switch combination); the formulas and their sources: docs/optimizer_math.md §1–§5 and §7.
+
 _lora_scale_note: the adapted weight is W₀ + s·B·A with PEFT's A initialised independently of alpha
 and B = 0. Training with scale s is then equivalent to training with scale 1 on B̃ = s·B: the
 gradient of B̃ is grad_B/s, the gradient of A is unchanged, and the step of B is the step of B̃

@@ -162,15 +162,15 @@ def spectral_norm(X: Tensor) -> Tensor:
     return torch.linalg.matrix_norm(X, ord=2)
 
 
-def update_scale(p: RefParam, fan_in: int, fan_out: int) -> float:
+def update_scale(p: RefParam) -> float:
     """Size of a unit-lr update (math §3.2).
 
     spectral_scaling: the spectral norm √(fan_out/fan_in) ("A Spectral Condition for Feature Learning", Yang,
     Simon & Bernstein; Qiu et al. for Muon); otherwise Keller Jordan's √max(1, fan_out/fan_in) applied to O.
     """
     if p.hp["spectral_scaling"]:
-        return math.sqrt(fan_out / fan_in)
-    return math.sqrt(max(1.0, fan_out / fan_in))
+        return math.sqrt(p.fan_out / p.fan_in)
+    return math.sqrt(max(1.0, p.fan_out / p.fan_in))
 
 
 def scaled_update(O: Tensor, lr: float, scale: float, spectral: bool) -> Tensor:
@@ -307,7 +307,7 @@ def aux_step(p: RefParam, kind: str) -> None:
 def muon_direction(p: RefParam, adaptive: bool) -> Tensor:
     """One Muon-path tensor up to the pair rule: momentum, orthogonalization, AdaMuon, spectral scale.
 
-    Returns the update Δ (matrix view) with W ← d·W − Δ; updates the momentum (and second moment) in place.
+    Returns the update Δ (matrix view) with W ← d·W − Δ; stores the new momentum (and second moment) in p.state.
     """
     hp, st = p.hp, p.state
     inv = lora_gradient_scale(p)
@@ -320,7 +320,7 @@ def muon_direction(p: RefParam, adaptive: bool) -> Tensor:
         v = st.get("exp_avg_sq", torch.zeros_like(O))
         eps, spectral = adamuon_eps(p), hp["spectral_scaling"]
         O, st["exp_avg_sq"] = adamuon_precondition(O, v, hp["beta2"], st["step"], eps, spectral)
-    return scaled_update(O, hp["lr"], update_scale(p, p.fan_in, p.fan_out) * inv, hp["spectral_scaling"])
+    return scaled_update(O, hp["lr"], update_scale(p) * inv, hp["spectral_scaling"])
 
 
 def muon_adv_step(params: list[RefParam], adaptive: bool = False) -> None:
