@@ -285,7 +285,7 @@ class OptimizerConfig(Section):
     rebalance_every: int = Field(
         default=0, ge=0, description="LoRA-Muon gauge rebalancing every N steps (0 = never; lora_muon)."
     )
-    rebalance_power: float = Field(default=1.0, ge=0, description="LoRA-Muon rebalancing exponent alpha (lora_muon).")
+    rebalance_power: float = Field(default=1.0, gt=0, description="LoRA-Muon rebalancing exponent alpha (lora_muon).")
     text_encoder_lr: TextEncoderLR = Field(
         default_factory=TextEncoderLR, description="Separate peak LR per text encoder (null = optimizer.lr)."
     )
