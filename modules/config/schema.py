@@ -121,6 +121,19 @@ class LoraConfig(Section):
     train_text_encoders: TextEncoderFlags = Field(
         default_factory=TextEncoderFlags, description="Per text encoder: train a LoRA on it too."
     )
+    type: Literal["lora", "loha", "lokr"] = Field(
+        default="lora",
+        description=(
+            "Adapter: lora (low-rank B·A; with dora: DoRA), loha (LyCORIS LoHa, Hadamard product of two rank-r "
+            "products), lokr (LyCORIS LoKr, Kronecker product); loha/lokr files use the LyCORIS/kohya key layout."
+        ),
+    )
+    lokr_factor: int = Field(
+        default=-1, ge=-1, description="LoKr: split each dimension near this factor (-1: near its square root)."
+    )
+    lokr_decompose_both: bool = Field(
+        default=False, description="LoKr: also write the small Kronecker factor as a rank-r product."
+    )
     dora: bool = Field(default=False, description="Use DoRA (weight-decomposed LoRA) instead of plain LoRA.")
     force_dora_with_spectral: bool = Field(
         default=False,

@@ -110,6 +110,7 @@ def lora_settings(family: ModelFamily, lora: Any, *, text_encoder: bool) -> Lora
     return LoraSettings(
         rank=lora.rank, alpha=lora.effective_alpha, dropout=lora.dropout, dora=lora.dora, targets=suffixes,
         within=within, layer_filter=tuple(layer_filter) if isinstance(layer_filter, list) else layer_filter,
+        kind=lora.type, lokr_factor=lora.lokr_factor, lokr_decompose_both=lora.lokr_decompose_both,
     )  # fmt: skip
 
 
