@@ -157,6 +157,28 @@ class DataFolder(Section):
     default_caption: str = Field(default="", description="Caption of images in this folder without a caption file.")
 
 
+class MaskedLossConfig(Section):
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Weight each latent pixel's loss by the image's mask (downsampled to the latent grid; follows crops and "
+            "flips). Training images without a mask are skipped with a warning naming them; a mask that cannot be "
+            "read is an error naming it. The validation loss stays unmasked."
+        ),
+    )
+    unmasked_weight: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Loss weight where the mask is black (white = 1; grey blends linearly): w = u + (1 - u)·mask.",
+    )  # fmt: skip
+    source: Literal["masklabel", "alpha"] = Field(
+        default="masklabel",
+        description=(
+            "masklabel: a grayscale <name>-masklabel.png beside each image (OneTrainer's naming; never trained on "
+            "as an image); alpha: the image's own alpha channel (kohya's alpha_mask)."
+        ),
+    )
+
+
 class DataConfig(Section):
     folders: list[DataFolder] = Field(min_length=1, description="Image folders to train on, each with its repeats.")
     resolution: int = Field(
@@ -190,6 +212,9 @@ class DataConfig(Section):
         default=None, description="Folder for the caches; null uses <saving.output_dir>/cache."
     )
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes (0 = load in the main process).")
+    masked_loss: MaskedLossConfig = Field(
+        default_factory=MaskedLossConfig, description="Weight the loss per pixel by a mask per image."
+    )
 
     @field_validator("random_flip", mode="before")
     @classmethod
