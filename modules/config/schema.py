@@ -463,11 +463,27 @@ class SavingConfig(Section):
     dtype: Dtype = Field(default="float32", description="dtype of the saved weights.")
 
 
+class WandbConfig(Section):
+    enabled: bool = Field(
+        default=False,
+        description="Also log metrics and sample images to Weights & Biases (needs the wandb extra: pip install '.[wandb]').",
+    )
+    project: str = Field(default="tuneonce", min_length=1, description="W&B project name.")
+    mode: Literal["offline", "online"] = Field(
+        default="offline",
+        description=(
+            "offline: write the run under <log_dir>/wandb (no account or network; upload later with `wandb sync`); "
+            "online: stream to the W&B server (needs `wandb login`)."
+        ),
+    )
+
+
 class LoggingConfig(Section):
     tensorboard: bool = Field(default=True, description="Write TensorBoard event files.")
     jsonl: bool = Field(default=True, description="Write metrics as one JSON object per line (metrics.jsonl).")
     log_dir: str | None = Field(default=None, description="Folder for logs; null uses <saving.output_dir>/logs.")
     every_n_steps: int = Field(default=1, ge=1, description="Log metrics every N optimizer steps.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases, beside TensorBoard/JSONL.")
 
 
 # --------------------------------------------------------------------------- the whole config
