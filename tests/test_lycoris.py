@@ -283,3 +283,25 @@ def test_example_presets_validate(name):
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "training_presets" / "examples" / name)
     assert cfg.lora.type == name.split("_")[-1].removesuffix(".yaml") and cfg.lora.effective_alpha == cfg.lora.rank
+
+
+def test_loha_run_resumes_from_a_checkpoint_bit_identically(sd15_base, data_dirs, tmp_path):
+    def config(out, **extra):
+        return tiny_train_config(
+            "sd15", sd15_base, data_dirs, out, lora={"type": "loha", "rank": 4}, schedule={"max_steps": 4},
+            validation={"every_n_steps": 4}, saving={"checkpoint_every_n_steps": 2}, **extra,
+        )  # fmt: skip
+
+    reference = train(config(tmp_path / "reference"), show_progress=False)
+    resumed_out = tmp_path / "resumed"
+    checkpoint = tmp_path / "reference" / "checkpoints" / "step000002"
+    assert checkpoint.is_dir()
+    resumed = train(config(resumed_out, resume=str(checkpoint)), show_progress=False)
+    assert resumed.steps == reference.steps == 4
+    from modules.trainer.metrics import read_metrics
+
+    trained_steps = [r["step"] for r in read_metrics(resumed_out / "logs" / "metrics.jsonl") if "loss" in r]
+    assert trained_steps == [3, 4]  # it went on from the checkpoint, it did not start over
+    ours = load_file(str(resumed_out / "run.safetensors"))
+    theirs = load_file(str(tmp_path / "reference" / "run.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
