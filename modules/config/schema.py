@@ -466,7 +466,7 @@ class SavingConfig(Section):
 class WandbConfig(Section):
     enabled: bool = Field(
         default=False,
-        description="Also log metrics and sample images to Weights & Biases (needs the wandb extra: pip install '.[wandb]').",
+        description="Also log metrics and sample images to Weights & Biases (needs the optional wandb extra).",
     )
     project: str = Field(default="tuneonce", min_length=1, description="W&B project name.")
     mode: Literal["offline", "online"] = Field(
