@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements" / "lock.txt"
-EXTRAS = "test,bench,sweep"
+EXTRAS = "test,bench,sweep,wandb"
 PROJECT = "tuneonce"
 # The torch release the suite runs on: its CPU build lies on this project's machines; PyPI's build of the same
 # release (CUDA on Linux) satisfies the same pin on a GPU box.

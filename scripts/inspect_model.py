@@ -1,6 +1,7 @@
 """Show what tuneonce's optimizer will see of a model: residual depth, parameter roles, eps and decay.
 
     python scripts/inspect_model.py sdxl --lora-rank 16
+    python scripts/inspect_model.py sdxl --lora-rank 16 --lora-type lokr
     python scripts/inspect_model.py flux-dev --json
     python scripts/inspect_model.py /path/to/diffusers/folder --depth unet=87
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help=f"local diffusers folder or built-in name: {', '.join(builtin_names())}")
     parser.add_argument("--lora-rank", type=int, help="put a PEFT LoRA of this rank on the default targets")
     parser.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
+    parser.add_argument("--lora-type", choices=("lora", "loha", "lokr"), default="lora",
+                        help="adapter of --lora-rank: LoRA, or LyCORIS LoHa / LoKr (docs/lycoris_muon.md)")
     parser.add_argument("--lora-components", help="comma-separated components to adapt (default: the backbone)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak lr (table: spectral norm of an update)")
     parser.add_argument("--wd", type=float, default=0.1, help="weight decay, applied as wd/fan_in per step")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             totals = total_params(components)
             if args.lora_rank is not None:
                 names = args.lora_components.split(",") if args.lora_components else None
-                add_lora(components, args.lora_rank, alpha=args.lora_alpha, names=names)
+                add_lora(components, args.lora_rank, alpha=args.lora_alpha, names=names, kind=args.lora_type)
             report = inspect_components(
                 components,
                 pipeline=pipeline,

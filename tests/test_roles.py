@@ -195,10 +195,11 @@ def test_kohya_and_lycoris_names():
 
     w1a, w1a_pair = specs["lora_unet_mid_block_attentions_0_proj_out.hada_w1_a"]
     w1b, w1b_pair = specs["lora_unet_mid_block_attentions_0_proj_out.hada_w1_b"]
-    _, w2a_pair = specs["lora_unet_mid_block_attentions_0_proj_out.hada_w2_a"]
+    w2a, w2a_pair = specs["lora_unet_mid_block_attentions_0_proj_out.hada_w2_a"]
     assert (w1a.role, w1a.fan_in, w1a.fan_out, w1a.base_fan_in, w1a.base_fan_out) == (Role.LORA_B, 4, 48, 32, 48)
     assert (w1b.role, w1b.fan_in, w1b.fan_out) == (Role.LORA_A, 32, 4)
-    assert w1a_pair == w1b_pair != w2a_pair and w1a.lora_scale == 2.0 / 4
+    # alpha/r scales the Hadamard product once: on branch 2 (LyCORIS zero-inits hada_w2_a), not on both branches
+    assert w1a_pair == w1b_pair != w2a_pair and w1a.lora_scale == 1.0 and w2a.lora_scale == 2.0 / 4
 
     assert specs["lora_te1_fc1.lokr_w1"][0].role is Role.MATRIX
     w2b, _ = specs["lora_te1_fc1.lokr_w2_b"]

@@ -103,7 +103,8 @@ def test_demo_base_is_built_then_cached(tmp_path, monkeypatch):
     marker = json.loads((base / demo.MARKER_NAME).read_text())
     assert marker["source"] == "pretrained" and marker["settings_hash"] == demo.settings_hash(SMALL)
     assert marker["decoder_hash"] == demo.decoder_hash(SMALL, SMALL_DECODER) and marker["unet_hash"] is None
-    assert len(list((tmp_path / "concept").glob("*.png"))) == 3
+    assert len(list((tmp_path / "concept").glob("*.png"))) == 2 * 3  # each image with its loss mask
+    assert len(list((tmp_path / "concept").glob("*-masklabel.png"))) == 3
     assert len(list((tmp_path / "concept_val").glob("*.txt"))) == 2
     assert "zxq" in (tmp_path / "concept" / "0000.txt").read_text()
     pipe = StableDiffusionXLPipeline.from_pretrained(base)

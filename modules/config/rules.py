@@ -190,6 +190,32 @@ def init_lora_is_safetensors(cfg: TrainConfig) -> list[Problem]:
     return []
 
 
+LYCORIS_FAMILIES = ("sd15", "sd2", "sdxl")  # kohya-layout UNet files (modules/model/lycoris_files.py)
+
+
+def lycoris_settings(cfg: TrainConfig) -> list[Problem]:
+    """lora.type loha/lokr: SD-family UNets, kohya layout; no DoRA, dropout, init_lora, lora_muon; lokr_factor != 0."""
+    lora = cfg.lora
+    if cfg.method != "lora" or lora.type == "lora":
+        return []
+    kind, out = lora.type, []
+    if cfg.model.family not in LYCORIS_FAMILIES:
+        out.append(("lora.type", f"{kind} files are written for {', '.join(LYCORIS_FAMILIES)}, not {cfg.model.family}"))
+    if cfg.saving.format != "kohya":
+        out.append(("saving.format", f"{kind} is written in the LyCORIS/kohya layout only; set saving.format: kohya"))
+    if lora.dora:
+        out.append(("lora.dora", f"DoRA is a LoRA option; set lora.dora: false with lora.type {kind}"))
+    if lora.dropout:
+        out.append(("lora.dropout", f"input dropout is a LoRA option; set lora.dropout: 0 with lora.type {kind}"))
+    if lora.init_lora:
+        out.append(("lora.init_lora", f"starting from a file is supported for lora.type lora only, not {kind}"))
+    if cfg.optimizer.type == "lora_muon":
+        out.append(("optimizer.type", f"lora_muon trains LoRA pairs only; use muon_adv or adamuon_adv with {kind}"))
+    if kind == "lokr" and lora.lokr_factor == 0:
+        out.append(("lora.lokr_factor", "must be -1 (near the square root) or a positive factor, got 0"))
+    return out
+
+
 RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
     dora_vs_spectral,
     lora_muon_needs_lora,
@@ -204,6 +230,7 @@ RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
     init_lora_is_safetensors,
     flow_family_settings,
     single_file_has_writer,
+    lycoris_settings,
 )
 
 

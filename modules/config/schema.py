@@ -121,6 +121,19 @@ class LoraConfig(Section):
     train_text_encoders: TextEncoderFlags = Field(
         default_factory=TextEncoderFlags, description="Per text encoder: train a LoRA on it too."
     )
+    type: Literal["lora", "loha", "lokr"] = Field(
+        default="lora",
+        description=(
+            "Adapter: lora (low-rank B·A; with dora: DoRA), loha (LyCORIS LoHa, Hadamard product of two rank-r "
+            "products), lokr (LyCORIS LoKr, Kronecker product); loha/lokr files use the LyCORIS/kohya key layout."
+        ),
+    )
+    lokr_factor: int = Field(
+        default=-1, ge=-1, description="LoKr: split each dimension near this factor (-1: near its square root)."
+    )
+    lokr_decompose_both: bool = Field(
+        default=False, description="LoKr: also write the small Kronecker factor as a rank-r product."
+    )
     dora: bool = Field(default=False, description="Use DoRA (weight-decomposed LoRA) instead of plain LoRA.")
     force_dora_with_spectral: bool = Field(
         default=False,
@@ -142,6 +155,28 @@ class DataFolder(Section):
     path: str = Field(min_length=1, description="Folder of images with same-name caption files.")
     repeats: int = Field(default=1, ge=1, description="How many times each image of this folder counts per epoch.")
     default_caption: str = Field(default="", description="Caption of images in this folder without a caption file.")
+
+
+class MaskedLossConfig(Section):
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Weight each latent pixel's loss by the image's mask (downsampled to the latent grid; follows crops and "
+            "flips). Training images without a mask are skipped with a warning naming them; a mask that cannot be "
+            "read is an error naming it. The validation loss stays unmasked."
+        ),
+    )
+    unmasked_weight: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Loss weight where the mask is black (white = 1; grey blends linearly): w = u + (1 - u)·mask.",
+    )  # fmt: skip
+    source: Literal["masklabel", "alpha"] = Field(
+        default="masklabel",
+        description=(
+            "masklabel: a grayscale <name>-masklabel.png beside each image (OneTrainer's naming; never trained on "
+            "as an image); alpha: the image's own alpha channel (kohya's alpha_mask)."
+        ),
+    )
 
 
 class DataConfig(Section):
@@ -177,6 +212,9 @@ class DataConfig(Section):
         default=None, description="Folder for the caches; null uses <saving.output_dir>/cache."
     )
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes (0 = load in the main process).")
+    masked_loss: MaskedLossConfig = Field(
+        default_factory=MaskedLossConfig, description="Weight the loss per pixel by a mask per image."
+    )
 
     @field_validator("random_flip", mode="before")
     @classmethod
@@ -445,11 +483,27 @@ class SavingConfig(Section):
     dtype: Dtype = Field(default="float32", description="dtype of the saved weights.")
 
 
+class WandbConfig(Section):
+    enabled: bool = Field(
+        default=False,
+        description="Also log metrics and sample images to Weights & Biases (needs the optional wandb extra).",
+    )
+    project: str = Field(default="tuneonce", min_length=1, description="W&B project name.")
+    mode: Literal["offline", "online"] = Field(
+        default="offline",
+        description=(
+            "offline: write the run under <log_dir>/wandb (no account or network; upload later with `wandb sync`); "
+            "online: stream to the W&B server (needs `wandb login`)."
+        ),
+    )
+
+
 class LoggingConfig(Section):
     tensorboard: bool = Field(default=True, description="Write TensorBoard event files.")
     jsonl: bool = Field(default=True, description="Write metrics as one JSON object per line (metrics.jsonl).")
     log_dir: str | None = Field(default=None, description="Folder for logs; null uses <saving.output_dir>/logs.")
     every_n_steps: int = Field(default=1, ge=1, description="Log metrics every N optimizer steps.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases, beside TensorBoard/JSONL.")
 
 
 # --------------------------------------------------------------------------- the whole config

@@ -36,6 +36,7 @@ from modules.data.buckets import CropPlan, Size, apply_crop, assign_bucket, make
 from modules.data.cache import CacheStats, DiskCache, content_hash, dtype_name, settings_key
 from modules.data.captions import Stream, item_rng, process_caption
 from modules.data.folders import FolderSpec, ImageRecord, load_image, scan_folders, split_records, to_tensor
+from modules.data.masks import MaskSettings, check_mask, mask_weights
 from modules.data.sampler import BucketBatchSampler, SampleKey
 
 __all__ = [
@@ -76,6 +77,7 @@ class DataSettings:
     cache_latents: bool = False
     cache_text_embeddings: bool = False
     num_workers: int = 0
+    masked_loss: MaskSettings | None = None  # data.masked_loss when enabled (modules/data/masks.py)
 
     @classmethod
     def from_config(cls, cfg: Any) -> DataSettings:
@@ -95,6 +97,7 @@ class DataSettings:
         defaults = cls(folders=folders)
         values = {name: get(name, getattr(defaults, name)) for name in cls.__dataclass_fields__ if name != "folders"}
         values["random_flip"] = 0.5 if flip is True else float(flip or 0.0)
+        values["masked_loss"] = MaskSettings.from_config(values["masked_loss"])
         return cls(folders=folders, **values)
 
 
@@ -141,6 +144,7 @@ class TrainDataset(Dataset):
         self.bucket_ids = [self.record_buckets[i] for i in self.item_records]
         self.flip_probability = settings.random_flip if augment else 0.0
         self.random_crop = settings.random_crop and augment
+        self.masks = settings.masked_loss if augment else None  # validation loss stays unmasked
         self._latent_cache: DiskCache | None = None
         self._latent_keys: dict[tuple[int, bool], str] = {}
         self._text_cache: DiskCache | None = None
@@ -206,6 +210,8 @@ class TrainDataset(Dataset):
             item["pixel_values"] = self._pixels(record, plan, flipped)
         if self._text_cache is not None:
             item["text_embeddings"] = self._text_cache.get(self._text_keys[caption])
+        if self.masks is not None:  # same crop plan and flip as the pixels / cached latents
+            item["mask_weights"] = mask_weights(record.path, plan, flipped, self.masks)
         return item
 
     def _pixels(self, record: ImageRecord, plan: CropPlan, flipped: bool) -> torch.Tensor:
@@ -398,7 +404,7 @@ def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     for name in ("original_size", "crop_top_left", "target_size"):
         batch[name] = torch.tensor([item[name] for item in items], dtype=torch.long)
-    for name in ("pixel_values", "latents"):
+    for name in ("pixel_values", "latents", "mask_weights"):
         if name in first:
             batch[name] = torch.stack([item[name] for item in items])
     if "text_embeddings" in first:
@@ -420,7 +426,7 @@ def build_dataset(data_cfg: Any, *, seed: int, exclude: Collection[Path] = ()) -
     if exclude:
         excluded = {Path(p).resolve() for p in exclude}
         records = [r for r in records if r.path.resolve() not in excluded]
-    return TrainDataset(records, settings, seed=seed)
+    return TrainDataset(_masked(records, settings), settings, seed=seed)
 
 
 def build_datasets(data_cfg: Any, validation_cfg: Any = None, *, seed: int) -> tuple[TrainDataset, TrainDataset | None]:
@@ -444,9 +450,19 @@ def build_datasets(data_cfg: Any, validation_cfg: Any = None, *, seed: int) -> t
         held = {r.path for r in val_records}
         records = [r for r in records if r.path not in held]
         val_records = [ImageRecord(r.path, r.size, r.caption, 1) for r in val_records]
-    train = TrainDataset(records, settings, seed=seed)
+    train = TrainDataset(_masked(records, settings), settings, seed=seed)
     val = TrainDataset(val_records, settings, seed=seed, augment=False) if val_records else None
     return train, val
+
+
+def _masked(records: list[ImageRecord], settings: DataSettings) -> list[ImageRecord]:
+    """With masked loss: the records that have a mask (the others skipped with a warning each)."""
+    if settings.masked_loss is None:
+        return records
+    kept = [r for r in records if check_mask(r.path, settings.masked_loss)]
+    if not kept:
+        raise ValueError(f"data.masked_loss: none of the {len(records)} training images has a mask")
+    return kept
 
 
 def _get(cfg: Any, name: str) -> Any:

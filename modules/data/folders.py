@@ -49,6 +49,8 @@ def scan_folders(folders: Sequence[FolderSpec], caption_extension: str = ".txt")
         for path in sorted(folder.path.iterdir()):
             if path.name.startswith(".") or path.is_dir() or path.suffix.lower() == caption_extension.lower():
                 continue
+            if path.stem.endswith("-masklabel"):  # OneTrainer's loss mask of <name>: never an image of its own
+                continue
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 logger.warning("skipping unsupported file %s (supported: %s)", path, ", ".join(IMAGE_EXTENSIONS))
                 continue

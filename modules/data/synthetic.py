@@ -114,8 +114,10 @@ def _shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float
     ]
 
 
-def render_sample(concept: Concept, rng: np.random.Generator, size: tuple[int, int]) -> tuple[Image.Image, str]:
-    """Draw one image of ``concept`` (size = (width, height)) and return it with its caption."""
+def render_sample(concept: Concept, rng: np.random.Generator, size: tuple[int, int], *,
+                  with_mask: bool = False) -> tuple[Image.Image, str] | tuple[Image.Image, str, Image.Image]:
+    """Draw one image of ``concept`` (size = (width, height)) and return it with its caption (and, ``with_mask``,
+    the shape's grayscale coverage mask, a loss mask for data.masked_loss)."""
     width, height = size
     shape = concept.shapes[int(rng.integers(len(concept.shapes)))]
     color = concept.colors[int(rng.integers(len(concept.colors)))]
@@ -144,6 +146,8 @@ def render_sample(concept: Concept, rng: np.random.Generator, size: tuple[int, i
     image = Image.new("RGB", big, BACKGROUNDS[background])
     image.paste(Image.fromarray(fill), (0, 0), mask)
     image = image.resize((width, height), Image.Resampling.BOX)  # area average: anti-aliased, no ringing
+    if with_mask:
+        return image, _caption(concept, shape, color, background), mask.resize((width, height), Image.Resampling.BOX)
     return image, _caption(concept, shape, color, background)
 
 
@@ -155,11 +159,13 @@ def write_dataset(
     size: int | tuple[int, int] = 64,
     seed: int = 0,
     caption_extension: str = ".txt",
+    masks: bool = False,
 ) -> list[Path]:
     """Write ``count`` png + caption pairs of ``concept`` into ``out_dir`` and return the image paths.
 
     ``size`` is a side length or (width, height). Files are named ``0000.png``, ``0001.png``, ...;
-    existing files with those names are overwritten, other files are left alone.
+    existing files with those names are overwritten, other files are left alone. ``masks``: also the shape's
+    ``0000-masklabel.png`` (OneTrainer's loss-mask naming; the images are the same with or without).
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
@@ -172,9 +178,11 @@ def write_dataset(
     for i in range(count):
         # one stream per image: image i is the same whatever ``count`` is
         rng = np.random.default_rng([seed & 0xFFFFFFFF, i])
-        image, caption = render_sample(concept, rng, (width, height))
+        image, caption, mask = render_sample(concept, rng, (width, height), with_mask=True)
         path = out / f"{i:04d}.png"
         image.save(path, format="PNG")
+        if masks:
+            mask.save(out / f"{i:04d}-masklabel.png", format="PNG")
         path.with_suffix(caption_extension).write_text(caption + "\n", encoding="utf-8")
         paths.append(path)
     return paths
@@ -188,7 +196,8 @@ def write_pretrain_dataset(
 
 
 def write_concept_dataset(
-    out_dir: str | Path, *, count: int = 16, size: int | tuple[int, int] = 64, seed: int = 1
+    out_dir: str | Path, *, count: int = 16, size: int | tuple[int, int] = 64, seed: int = 1, masks: bool = False
 ) -> list[Path]:
-    """The new concept the demo LoRA learns (:data:`NEW_CONCEPT`, trigger word ``zxq``)."""
-    return write_dataset(out_dir, NEW_CONCEPT, count=count, size=size, seed=seed)
+    """The new concept the demo LoRA learns (:data:`NEW_CONCEPT`, trigger word ``zxq``); ``masks``: with the stars'
+    loss masks."""
+    return write_dataset(out_dir, NEW_CONCEPT, count=count, size=size, seed=seed, masks=masks)

@@ -166,8 +166,11 @@ def _read_marker(folder: Path) -> dict:
         return {}
 
 
-def _count_pngs(folder: Path) -> int:
-    return len(list(folder.glob("*.png"))) if folder.is_dir() else 0
+def _count_pngs(folder: Path, suffix: str = "") -> int:
+    """Images (suffix "") or their loss masks (suffix "-masklabel") in `folder`."""
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.glob("*.png") if p.stem.endswith("-masklabel") == bool(suffix))
 
 
 def prepare_demo_base(
@@ -192,7 +195,7 @@ def prepare_demo_base(
     digest, decoder_digest = settings_hash(settings), decoder_hash(settings, decoder)
     unet_digest = unet_hash(settings, decoder, unet) if unet is not None else None
     marker = _read_marker(folder)
-    data_ready = (_count_pngs(paths.concept) == settings.concept_images
+    data_ready = (_count_pngs(paths.concept) == _count_pngs(paths.concept, "-masklabel") == settings.concept_images
                   and _count_pngs(paths.concept_val) == settings.concept_val_images)
     if (not from_scratch and data_ready and marker.get("settings_hash") == digest
             and marker.get("unet_hash") == unet_digest):
@@ -205,7 +208,9 @@ def prepare_demo_base(
     for data, count, seed in ((paths.concept, settings.concept_images, settings.concept_seed),
                               (paths.concept_val, settings.concept_val_images, settings.concept_val_seed)):
         shutil.rmtree(data, ignore_errors=True)
-        synthetic.write_concept_dataset(data, count=count, size=settings.image_size, seed=seed)
+        # the training concept carries its stars' loss masks (data.masked_loss example preset)
+        synthetic.write_concept_dataset(data, count=count, size=settings.image_size, seed=seed,
+                                        masks=data == paths.concept)
 
     pipe = build_tiny_sdxl(settings.seed)
     source = "assets"

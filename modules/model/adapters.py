@@ -28,6 +28,9 @@ class LoraSettings:
     # Presets pass them, so a suffix such as Flux's `proj_out` cannot also catch the top-level final layer.
     within: tuple[str, ...] = ()
     layer_filter: str | tuple[str, ...] | None = None  # regex, or several regexes any of which must match
+    kind: str = "lora"  # lora | loha | lokr (LyCORIS through PEFT: modules/model/lycoris.py)
+    lokr_factor: int = -1
+    lokr_decompose_both: bool = False
 
 
 def check_dora_compatible(*, dora: bool, optimizer_type: str, spectral_scaling: bool, force: bool) -> None:
@@ -69,7 +72,7 @@ def lora_target_names(
 
 
 def add_lora(module: nn.Module, settings: LoraSettings, *, component: str, adapter_name: str = "default") -> list[str]:
-    """Freeze `module`, inject a LoRA (or DoRA) adapter on the selected layers; returns the adapted layer names."""
+    """Freeze `module`, inject a LoRA / DoRA / LoHa / LoKr adapter on the selected layers; returns their names."""
     from peft import LoraConfig, inject_adapter_in_model
 
     names = lora_target_names(module, settings.targets, settings.layer_filter, settings.within)
@@ -81,6 +84,17 @@ def add_lora(module: nn.Module, settings: LoraSettings, *, component: str, adapt
     module.requires_grad_(False)
     # Exact names as a regex: PEFT full-matches a string target, so the filter cannot catch extra layers.
     pattern = "|".join(re.escape(n) for n in names)
+    if settings.kind != "lora":
+        from modules.model import lycoris
+
+        config = lycoris.peft_config(
+            settings.kind, rank=settings.rank, alpha=settings.alpha, target_modules=f"^(?:{pattern})$",
+            lokr_factor=settings.lokr_factor, lokr_decompose_both=settings.lokr_decompose_both,
+        )  # fmt: skip
+        inject_adapter_in_model(config, module, adapter_name=adapter_name)
+        lycoris.init_like_lycoris(module, adapter_name, lokr_factor=settings.lokr_factor,
+                                  decompose_both=settings.lokr_decompose_both)
+        return names
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,

@@ -99,8 +99,10 @@ def resolve_model(model: str) -> tuple[dict[str, nn.Module], str | None]:
     raise ValueError(f"MODEL {model!r} is neither a local diffusers folder nor a built-in name ({', '.join(builtin_names())})")
 
 
-def add_lora(components: Mapping[str, nn.Module], rank: int, *, alpha: float | None = None, names: list[str] | None = None) -> None:
-    """Freeze everything, then put a PEFT LoRA (default targets, alpha = rank unless given) on `names`."""
+def add_lora(components: Mapping[str, nn.Module], rank: int, *, alpha: float | None = None, names: list[str] | None = None,
+             kind: str = "lora") -> None:
+    """Freeze everything, then put a PEFT LoRA / LoHa / LoKr (`kind`; default targets, alpha = rank unless given)
+    on `names`."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
@@ -113,6 +115,14 @@ def add_lora(components: Mapping[str, nn.Module], rank: int, *, alpha: float | N
         module.requires_grad_(False)
     for name in names:
         module = components[name]
+        if kind != "lora":  # LyCORIS through PEFT, initialised as tuneonce trains it
+            from modules.model import lycoris
+
+            config = lycoris.peft_config(kind, rank=rank, alpha=alpha if alpha is not None else rank,
+                                         target_modules=default_lora_targets(module))
+            inject_adapter_in_model(config, module)
+            lycoris.init_like_lycoris(module)
+            continue
         config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=default_lora_targets(module))
         inject_adapter_in_model(config, module)
 

@@ -113,6 +113,9 @@ class _Builder:
             spec = _factor_spec(param, _PEFT_FACTORS[parts[-2]], base, scale, depth)
             self.add(name, param, spec, pair=f"{layer_path}:{adapter}", module=layer_path)
             return
+        lycoris = len(parts) >= 2 and parts[-1].startswith(("hada_w", "lokr_w"))
+        if lycoris and self._peft_lycoris(parts, local, name, param):
+            return
         if len(parts) >= 2 and parts[-2] == "lora_magnitude_vector":
             n = max(param.numel(), 1)
             self.add(name, param, GroupSpec(Role.DORA_MAGNITUDE, fan_in=n, fan_out=n, depth=depth), module=path)
@@ -153,8 +156,22 @@ class _Builder:
             return False
         role = Role.LORA_B if local.endswith("_a") else Role.LORA_A
         base = (_fans(b.shape)[0], a.shape[0])
-        spec = _factor_spec(param, role, base, _alpha_scale(module, a.shape[1]), self.depth)
+        # alpha/r multiplies the whole product: counted once, on LoHa's zero-initialised branch 2 (docs/lycoris_muon.md)
+        scale = _alpha_scale(module, a.shape[1]) if stem == "hada_w2" else 1.0
+        spec = _factor_spec(param, role, base, scale, self.depth)
         self.add(name, param, spec, pair=f"{path}:{stem}", module=path)
+        return True
+
+    def _peft_lycoris(self, parts: list[str], adapter: str, name: str, param: torch.Tensor) -> bool:
+        """PEFT LoHa / LoKr: <layer>.hada_w1_a.<adapter> is an entry of a ParameterDict on the LyCORIS layer."""
+        from modules.model.lycoris import LOHA_NAMES, LOKR_NAMES, factor_spec
+
+        layer_path, stem = ".".join(parts[:-1]), parts[-1]
+        layer = self.modules.get(layer_path)
+        if stem not in LOHA_NAMES + LOKR_NAMES or not hasattr(layer, "get_base_layer"):
+            return False
+        spec, pair = factor_spec(layer, stem, adapter, self.depth)
+        self.add(name, param, spec, pair=f"{layer_path}:{adapter}:{pair}" if pair else None, module=layer_path)
         return True
 
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from modules.model import lycoris_files
 from modules.model.lora_files import (
     LORA_ADAPTER_METADATA_KEY,
     LoraModuleWeights,
@@ -244,6 +245,10 @@ def save_lora(
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA output path must end in .safetensors: {path}")
     sdxl = is_sdxl_like(components) if sdxl is None else sdxl
+    if lycoris_files.has_lycoris(components, adapter_name):
+        return _save_lycoris(path, components, layout=layout, dtype=dtype, adapter_name=adapter_name, sdxl=sdxl,
+                             base_model=base_model, output_name=output_name, optimizer=optimizer, depth=depth,
+                             training=training)  # fmt: skip
     tensors = lora_state_dict(components, layout, dtype=dtype, adapter_name=adapter_name, sdxl=sdxl)
     weights = collect_lora_weights(components, adapter_name)
     metadata = lora_metadata(
@@ -261,6 +266,45 @@ def save_lora(
     if layout == "diffusers":
         metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(diffusers_adapter_metadata(weights), indent=2, sort_keys=True)
     atomic_save(tensors, path, metadata)
+    return path
+
+
+def _save_lycoris(path: Path, components: Mapping[str, nn.Module], *, layout: str, dtype, adapter_name: str, sdxl: bool,
+                  output_name: str | None, **facts: Any) -> Path:
+    """A LoHa / LoKr file (lycoris_files.py) with kohya's LyCORIS metadata (ss_network_module lycoris.kohya)."""
+    if layout != "kohya":
+        raise ValueError(f"saving.format: LoHa/LoKr files are written in the kohya/LyCORIS layout only, not {layout!r}")
+    if "unet" not in components:
+        kind = backbone_class(components)
+        raise ValueError(f"lora.type: LoHa/LoKr files are written for SD-family UNets, not {kind}")
+    tensors, info = lycoris_files.lycoris_state_dict(components, sdxl=sdxl, adapter_name=adapter_name,
+                                                     dtype=resolve_dtype(dtype))  # fmt: skip
+    layers = [m for c in components.values() for m in lycoris_files.lycoris_layers(c, adapter_name).values()]
+    lokr_options = {}
+    if info["algo"] == "lokr":
+        first = layers[0]
+        lokr_options = {"lokr_factor": getattr(first, "tuneonce_lokr_factor", None),
+                        "decompose_both": getattr(first, "tuneonce_decompose_both", None)}  # fmt: skip
+    components_trained = sorted(c for c, m in components.items() if lycoris_files.lycoris_layers(m, adapter_name))
+    meta = run_metadata(
+        version=base_model_version(components, sdxl), kind="lora", layout=layout, implementation="diffusers",
+        output_name=output_name if output_name is not None else path.stem, **facts,
+    )  # fmt: skip
+    meta |= {
+        "ss_network_module": lycoris_files.KOHYA_LYCORIS_MODULE,
+        "ss_network_dim": str(info["rank"]),
+        "ss_network_alpha": _number(info["alpha"]),
+        "ss_network_args": json.dumps(lycoris_files.lycoris_network_args(info, **lokr_options)),
+        "ss_network_train_unet_only": str(not any(c.startswith("text_encoder") for c in components_trained)),
+        "ss_network_train_text_encoder_only": str("unet" not in components_trained),
+        "tuneonce_components": json.dumps(components_trained),
+        "tuneonce_rank": str(info["rank"]),
+        "tuneonce_alpha": _number(info["alpha"]),
+        "tuneonce_adapter": info["algo"],
+        "tuneonce_num_modules": str(info["modules"]),
+        "format": "pt",
+    }
+    atomic_save(tensors, path, meta)
     return path
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from modules.trainer.masked_loss import weighted_squared_error
 from modules.trainer.objective import TimestepSampling, sample_unit_interval
 
 
@@ -117,11 +118,14 @@ class FlowMatchObjective:
         return noise - latents
 
     def per_sample_loss(
-        self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+        self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+        pixel_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         err = prediction.float() - self.target(latents, noise, t).float()
-        return err.pow(2).flatten(1).mean(1)
+        return weighted_squared_error(err, pixel_weights)
 
-    def loss(self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Mean over the batch of the per-sample MSE to the velocity, in fp32 (uniform weighting, as SD3/Flux train)."""
-        return self.per_sample_loss(prediction, latents, noise, t).mean()
+    def loss(self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+             pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over the batch of the per-sample MSE to the velocity, in fp32 (uniform weighting, as SD3/Flux train);
+        `pixel_weights`: the masked loss's weights on the latent grid."""
+        return self.per_sample_loss(prediction, latents, noise, t, pixel_weights).mean()

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from modules.model.families.base import ModelFamily, TextEmbeddings
+from modules.trainer.masked_loss import latent_weights
 from modules.trainer.objective import make_noise
 
 
@@ -111,7 +112,8 @@ def compute_loss(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
     noisy = parts.objective.add_noise(latents, noise, timesteps)
     conditioning = parts.family.conditioning(batch, text, latents.device, parts.dtype)
     prediction = parts.family.predict(parts.backbone, noisy, timesteps, text, conditioning)
-    return parts.objective.loss(prediction, latents, noise, timesteps)
+    weights = latent_weights(batch.get("mask_weights"), latents)  # data.masked_loss; None without masks
+    return parts.objective.loss(prediction, latents, noise, timesteps, weights)
 
 
 def train_step(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:

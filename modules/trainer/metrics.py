@@ -1,4 +1,5 @@
-"""Where numbers go: a tqdm bar (loss, lr, it/s, ETA), TensorBoard and a JSONL file (one JSON object per line).
+"""Where numbers go: a tqdm bar (loss, lr, it/s, ETA), TensorBoard, a JSONL file (one JSON object per line) and,
+optionally, Weights & Biases (modules/trainer/wandb_log.py; sample images too).
 
 The JSONL file is `<log_dir>/metrics.jsonl`; every record has "step" plus the logged scalars (e.g. "loss", "lr",
 "val_loss"). The GUI and the LR-sweep tooling read it.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -15,8 +17,9 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: str | Path, *, tensorboard: bool = True, jsonl: bool = True) -> None:
+    def __init__(self, log_dir: str | Path, *, tensorboard: bool = True, jsonl: bool = True, wandb: Any = None) -> None:
         self.log_dir = Path(log_dir)
+        self.wandb = wandb  # a WandbSink, or None
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.log_dir / METRICS_FILE, "a", encoding="utf-8") if jsonl else None
         self._writer = None
@@ -37,6 +40,13 @@ class MetricsLogger:
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, values)
+
+    def log_images(self, step: int, paths: list[Path], captions: list[str] | None = None) -> None:
+        """Sample images: to W&B when it is on (TensorBoard and JSONL keep scalars; the PNGs are on disk)."""
+        if self.wandb is not None:
+            self.wandb.log_images(step, paths, captions)
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -45,6 +55,9 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

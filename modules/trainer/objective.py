@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from modules.trainer.masked_loss import weighted_squared_error
+
 PredictionType = Literal["epsilon", "v_prediction"]
 TimestepSampling = Literal["uniform", "logit_normal"]
 
@@ -118,18 +120,21 @@ class DiffusionObjective:
         clipped = snr.clamp(max=self.min_snr_gamma)
         return clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
 
-    def loss(self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Mean over the batch of the (weighted) per-sample MSE, computed in fp32."""
-        per_sample = self.per_sample_loss(prediction, latents, noise, t)
+    def loss(self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+             pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over the batch of the (weighted) per-sample MSE, computed in fp32; `pixel_weights` (B, 1, h, w): the
+        masked loss's weights on the latent grid (modules/trainer/masked_loss.py)."""
+        per_sample = self.per_sample_loss(prediction, latents, noise, t, pixel_weights)
         weights = self.loss_weights(t)
         if weights is not None:
             per_sample = per_sample * weights
         return per_sample.mean()
 
     def per_sample_loss(
-        self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+        self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+        pixel_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         target = self.target(latents, noise, t)
         err = prediction.float() - target.float()
-        return err.pow(2).flatten(1).mean(1)
+        return weighted_squared_error(err, pixel_weights)
 

@@ -110,6 +110,7 @@ def lora_settings(family: ModelFamily, lora: Any, *, text_encoder: bool) -> Lora
     return LoraSettings(
         rank=lora.rank, alpha=lora.effective_alpha, dropout=lora.dropout, dora=lora.dora, targets=suffixes,
         within=within, layer_filter=tuple(layer_filter) if isinstance(layer_filter, list) else layer_filter,
+        kind=lora.type, lokr_factor=lora.lokr_factor, lokr_decompose_both=lora.lokr_decompose_both,
     )  # fmt: skip
 
 
@@ -315,7 +316,8 @@ class RunEvents:
         self.main = accelerator.is_main_process
         logging_cfg = self.config.logging
         self.metrics = MetricsLogger(
-            run.paths.log_dir, tensorboard=logging_cfg.tensorboard and self.main, jsonl=logging_cfg.jsonl and self.main
+            run.paths.log_dir, tensorboard=logging_cfg.tensorboard and self.main, jsonl=logging_cfg.jsonl and self.main,
+            wandb=wandb_sink(self.config, run.paths.log_dir) if self.main else None,
         )
         self.bar = progress_bar(run.total_steps, disable=not show_progress or not self.main)
         self.depth = {info.component: info.spec.depth for info in run.infos}  # depth used, saved as metadata
@@ -363,11 +365,13 @@ class RunEvents:
 
         if self.main and self.config.sampling.prompts:
             with self.weights():
-                self.result.samples += sample_images(
+                made = sample_images(
                     self.run.family, self.run.components, self.config.sampling.prompts, samples_dir=self.run.paths.samples_dir,
                     step=state.step, sampler=self.config.sampling.sampler, default_size=self.config.data.resolution,
                     device=self.run.parts.accelerator.device,
                 )  # fmt: skip
+            self.result.samples += made
+            self.metrics.log_images(state.step, made, [p.prompt for p in self.config.sampling.prompts])
 
     def save(self, suffix: str, step: int) -> None:
         if self.main:
@@ -410,6 +414,17 @@ class RunEvents:
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()
+
+
+def wandb_sink(config: Any, log_dir: Path) -> Any:
+    """The W&B run of logging.wandb (None when off); it gets the resolved config as its run config."""
+    settings = config.logging.wandb
+    if not settings.enabled:
+        return None
+    from modules.trainer.wandb_log import WandbSink
+
+    return WandbSink(project=settings.project, mode=settings.mode, log_dir=log_dir, name=config.saving.name,
+                     config=config.model_dump(mode="json"))  # fmt: skip
 
 
 def build_ema(config: Any, run: Run) -> EMA | None:
