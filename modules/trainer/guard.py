@@ -1,0 +1,157 @@
+"""The non-finite guard: a step whose loss, gradients or resulting weights are not finite is undone.
+
+One policy for every optimizer. Before the optimizer step the trainable weights and the optimizer state are copied
+into buffers kept for the run (one `_foreach_copy_`); after it, one fused check reads the loss, the total gradient
+norm (the clipping already computes it) and the per-parameter weight norms (`torch._foreach_norm`), with a single
+host sync. A bad step copies the weights and state back, is named in one warning line (step, LR, the worst
+parameters) and counts towards `training.max_nonfinite_steps` consecutive bad steps, after which the run stops
+(`Diverged`, exit code 3 in the CLI) and keeps its last good checkpoint.
+
+A weight norm that overflows float32 (|w| around 1e19 and more) counts as non-finite: such weights are diverged,
+and the next forward would turn the loss into inf/nan anyway. Under DDP the loss is each process's own, so only
+the gradient and weight norms decide (they are the same on every process); with an fp16 grad scaler, non-finite
+gradients are the scaler's business (it skips the step and lowers the scale), so only the weights decide.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("tuneonce.train")
+
+
+class Diverged(RuntimeError):
+    """`max_bad` consecutive steps were non-finite: the run cannot go on (the message is one line)."""
+
+    def __init__(self, step: int, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[dict, str, torch.Tensor]]:
+    """(state dict, key, tensor) of every tensor in the optimizer's per-parameter state."""
+    return [(st, k, v) for st in optimizer.state.values() for k, v in st.items() if isinstance(v, torch.Tensor)]
+
+
+class NonFiniteGuard:
+    def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], optimizer: torch.optim.Optimizer, *,
+                 max_bad: int, use_loss: bool = True, use_grads: bool = True) -> None:  # fmt: skip
+        self.params, self.names, self.optimizer = list(params), list(names), optimizer
+        self.max_bad, self.use_loss, self.use_grads = max_bad, use_loss, use_grads
+        self.step = 0  # the number of the step being taken (set by the loop)
+        self.consecutive = 0
+        self.total = 0
+        self.last_step_bad = False
+        self._param_backup: list[torch.Tensor] | None = None
+        self._state: list[tuple[dict, str, torch.Tensor]] = []
+        self._state_backup: list[torch.Tensor] = []
+        self._scalars: dict[int, dict[str, Any]] = {}
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        if hasattr(inner, "report_nonfinite"):
+            inner.report_nonfinite = False  # this guard names the step once; the optimizer's own skip stays silent
+
+    def before_step(self) -> None:
+        """Copy the trainable weights and the optimizer state (state created lazily gets its buffers once)."""
+        with torch.no_grad():
+            if self._param_backup is None:
+                self._param_backup = [p.detach().clone() for p in self.params]
+            else:
+                torch._foreach_copy_(self._param_backup, [p.detach() for p in self.params])
+            state = optimizer_state_tensors(self.optimizer)
+            if not self._is_same(state):
+                self._state = state
+                self._state_backup = [t.detach().clone() for _, _, t in state]
+            elif state:
+                torch._foreach_copy_(self._state_backup, [t for _, _, t in state])
+            # step counters and other plain numbers: a shallow copy per parameter (cheap, few entries)
+            self._scalars = {
+                id(st): {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+                for st in self.optimizer.state.values()
+            }
+
+    def _is_same(self, state: list[tuple[dict, str, torch.Tensor]]) -> bool:
+        return len(state) == len(self._state) and all(a[2] is b[2] for a, b in zip(state, self._state))
+
+    def after_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, lr: float) -> bool:
+        """Check the step just taken (one host sync); undo it when something is not finite. True when it was fine.
+        `step` is the number of the step just taken (1-based); raises `Diverged` after `max_bad` bad ones in a row."""
+        with torch.no_grad():
+            weight_norms = torch._foreach_norm([p.detach() for p in self.params])
+            checks = [torch.stack(weight_norms).float()]
+            if self.use_grads and grad_norm is None:
+                grads = [p.grad for p in self.params if p.grad is not None]
+                grad_norm = torch.stack(torch._foreach_norm(grads)).norm() if grads else None
+            if self.use_grads and grad_norm is not None:
+                checks.append(grad_norm.detach().float().reshape(1).to(checks[0].device))
+            if self.use_loss:
+                checks.append(loss.detach().float().reshape(1).to(checks[0].device))
+            ok = bool(torch.isfinite(torch.cat(checks)).all())
+        self.last_step_bad = not ok
+        if ok:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.total += 1
+        worst = self._worst(weight_norms)
+        self._restore()
+        message = (
+            f"warning: step {step}: non-finite {self._what(loss, grad_norm, weight_norms)} at lr {lr:.3g}; step undone "
+            f"(weights and optimizer state restored) - worst: {worst} [{self.consecutive}/{self.max_bad} in a row]"
+        )
+        logger.warning(message)
+        if self.consecutive >= self.max_bad:
+            raise Diverged(step, (
+                f"training diverged: {self.consecutive} non-finite steps in a row (training.max_nonfinite_steps "
+                f"{self.max_bad}), last at step {step}, lr {lr:.3g}; lower optimizer.lr or check the data"
+            ))  # fmt: skip
+        return False
+
+    def _what(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, weight_norms: list[torch.Tensor]) -> str:
+        parts = []
+        if self.use_loss and not bool(torch.isfinite(loss).all()):
+            parts.append(f"loss ({float(loss):g})")
+        if self.use_grads and grad_norm is not None and not bool(torch.isfinite(grad_norm).all()):
+            parts.append("gradient")
+        if not bool(torch.isfinite(torch.stack(weight_norms)).all()):
+            parts.append("weights after the step")
+        return " and ".join(parts) or "values"
+
+    def _worst(self, weight_norms: list[torch.Tensor], shown: int = 3) -> str:
+        """The parameters to blame: non-finite gradient first, then non-finite weights, then the largest weights."""
+        scored = []
+        for name, p, w in zip(self.names, self.params, weight_norms):
+            g = p.grad
+            g_norm = float(g.detach().float().norm()) if g is not None else 0.0
+            w_norm = float(w)
+            bad_grad, bad_weight = not _finite(g_norm), not _finite(w_norm)
+            scored.append(((bad_grad, bad_weight, w_norm if _finite(w_norm) else 0.0), name, g_norm, w_norm))
+        scored.sort(key=lambda s: s[0], reverse=True)
+        return ", ".join(f"{name} (grad norm {g:.3g}, weight norm {w:.3g})" for _, name, g, w in scored[:shown])
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            if self._param_backup is not None:
+                torch._foreach_copy_([p.detach() for p in self.params], self._param_backup)
+            state = optimizer_state_tensors(self.optimizer)
+            known = {id(t) for _, _, t in self._state}
+            for (st, key, tensor), saved in zip(self._state, self._state_backup):
+                tensor.copy_(saved)
+            for st, key, tensor in state:
+                if id(tensor) not in known:  # created by the bad step: back to a fresh (zero) state
+                    tensor.zero_()
+            for st in self.optimizer.state.values():
+                before = self._scalars.get(id(st))
+                for key, value in list(st.items()):
+                    if isinstance(value, torch.Tensor):
+                        continue
+                    if before is not None and key in before:
+                        st[key] = before[key]
+                    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                        st[key] = type(value)(0)  # a counter the bad step started
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
