@@ -302,3 +302,45 @@ def test_free_space_is_checked_against_the_estimate(env, tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
     need, how = preflight.trained_output_bytes(cfg, 1000)
     assert need == 1000 * 4 + 1000 * 12 and "1,000 trained values" in how
+
+
+# ---- Ctrl-C / SIGTERM -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("save_on_stop", [True, False])
+def test_stop_writes_the_lora_so_far_beside_the_checkpoint(env, tmp_path, monkeypatch, save_on_stop):
+    """In process (the signal arrives inside a chosen step, no waiting): SIGTERM in step 2 of 3 finishes the step,
+    writes the checkpoint and, with saving.save_on_stop, the LoRA file of the weights so far."""
+    import signal
+
+    from modules.config.schema import TrainConfig
+    from modules.trainer import loop
+    from modules.trainer.train import train
+
+    calls, real = [0], loop.compute_loss
+
+    def terminated_in_step_2(parts, batch):
+        calls[0] += 1
+        if calls[0] == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real(parts, batch)
+
+    monkeypatch.setattr(loop, "compute_loss", terminated_in_step_2)
+    out = tmp_path / "out"
+    cfg = TrainConfig.model_validate(dict(
+        env.config, schedule={"max_steps": 3}, saving={"name": "run", "output_dir": str(out), "save_on_stop": save_on_stop},
+    ))  # fmt: skip
+    torch.set_num_threads(1)
+    result = train(cfg, show_progress=False)
+    assert result.interrupted and result.steps == 2 and result.checkpoint == out / "checkpoints" / "step000002"
+    assert not (out / "run.safetensors").exists()  # the run did not finish: no final file
+    saved = out / "run-step000002.safetensors"
+    assert saved.exists() == save_on_stop and result.saved == ([saved] if save_on_stop else [])
+    if save_on_stop:
+        tensors = load_file(saved)
+        weights = ckpt_weights(result.checkpoint)
+        ups = [v for k, v in tensors.items() if "lora_up" in k]
+        assert ups and any(v.abs().sum() > 0 for v in ups)  # two steps moved B away from zero
+        assert len(tensors) == 3 * len([k for k in weights if "lora_B" in k])  # down, up, alpha per adapter
+
+
+def ckpt_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "weights.safetensors")
