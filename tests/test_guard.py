@@ -128,3 +128,28 @@ def test_metrics_stay_json(tmp_path):
     assert records == read_metrics(tmp_path / "metrics.jsonl")
     assert records[0]["loss"] is None and records[0]["nonfinite"] is True and records[0]["lr"] == 1e30
     assert records[1]["lr"] is None and records[1]["loss"] == 0.5 and records[1]["nonfinite"] is True
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_without_backup_bad_gradients_skip_the_step_and_bad_weights_stop(kind):
+    """training.nonfinite_backup false (finetunes): nothing is copied; a NaN gradient skips the optimizer step,
+    weights that turn non-finite end the run at once."""
+    net, ref = model(), model()
+    opt, ref_opt = OPTIMIZERS[kind](list(net.parameters())), OPTIMIZERS[kind](list(ref.parameters()))
+    guard = NonFiniteGuard(list(net.parameters()), [n for n, _ in net.named_parameters()], opt, max_bad=3, backup=False)
+    assert step(net, opt, guard, 1) and step(ref, ref_opt, None, 1)
+    before = state_of(net, opt)
+    g = torch.Generator().manual_seed(2)
+    loss = (net(torch.randn(5, 8, generator=g)) ** 2).mean()
+    loss.backward()
+    next(net.parameters()).grad[0, 0] = float("nan")
+    guard.before_step()
+    assert not guard.may_step(loss.detach(), None, 1e-2)  # the loop does not call optimizer.step
+    assert not guard.after_step(2, loss.detach(), None, 1e-2) and guard.consecutive == 1
+    opt.zero_grad(set_to_none=True)
+    after = state_of(net, opt)
+    assert all(torch.equal(after[k], before[k]) for k in before) and guard._param_backup is None
+    assert step(net, opt, guard, 3) and step(ref, ref_opt, None, 3)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), ref.parameters()))
+    with pytest.raises(Diverged, match="weights turned non-finite in step 4 .*training.nonfinite_backup"):
+        step(net, opt, guard, 4, poison="weights")

@@ -360,6 +360,12 @@ class TrainingConfig(Section):
         "state restored) and named in a warning; after this many such steps in a row the run stops with exit code 3, "
         "keeping its last good checkpoint and writing no final file.",
     )
+    nonfinite_backup: bool | None = Field(
+        default=None,
+        description="Keep a copy of the trained weights and optimizer state to undo a non-finite step (costs their "
+        "memory once more); without it a bad loss or gradient still skips the step, but weights that turn "
+        "non-finite stop the run at once. null: on for method lora, off for finetune.",
+    )
 
 
 # --------------------------------------------------------------------------- sampling / validation

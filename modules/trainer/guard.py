@@ -37,17 +37,25 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[dict
 
 
 class NonFiniteGuard:
+    """`backup` True: copy weights and optimizer state before each step and undo a bad step after it (one sync).
+    False (for full finetunes, whose copy would double the memory of weights and state): a non-finite loss or
+    gradient is caught before the optimizer step, which is then skipped (one sync), and non-finite weights after
+    a step, which cannot be undone without the copy, stop the run at once (a second sync)."""
+
     def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], optimizer: torch.optim.Optimizer, *,
-                 max_bad: int, use_loss: bool = True, use_grads: bool = True) -> None:  # fmt: skip
+                 max_bad: int, backup: bool = True, use_loss: bool = True, use_grads: bool = True) -> None:  # fmt: skip
         self.params, self.names, self.optimizer = list(params), list(names), optimizer
-        self.max_bad, self.use_loss, self.use_grads = max_bad, use_loss, use_grads
+        self.max_bad, self.backup, self.use_loss, self.use_grads = max_bad, backup, use_loss, use_grads
         self.step = 0  # the number of the step being taken (set by the loop)
         self.consecutive = 0
         self.total = 0
         self.last_step_bad = False
+        self._skipped = False
         self._param_backup: list[torch.Tensor] | None = None
         self._state: list[tuple[dict, str, torch.Tensor]] = []
         self._state_backup: list[torch.Tensor] = []
+        self._state_tensors: list[torch.Tensor] = []
+        self._state_key: tuple[int, int, int] | None = None
         self._scalars: dict[int, dict[str, Any]] = {}
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
         if hasattr(inner, "report_nonfinite"):
@@ -55,67 +63,107 @@ class NonFiniteGuard:
 
     def before_step(self) -> None:
         """Copy the trainable weights and the optimizer state (state created lazily gets its buffers once)."""
+        self._skipped = False
+        if not self.backup:
+            return
         with torch.no_grad():
             if self._param_backup is None:
                 self._param_backup = [p.detach().clone() for p in self.params]
             else:
-                torch._foreach_copy_(self._param_backup, [p.detach() for p in self.params])
-            state = optimizer_state_tensors(self.optimizer)
-            if not self._is_same(state):
-                self._state = state
-                self._state_backup = [t.detach().clone() for _, _, t in state]
-            elif state:
-                torch._foreach_copy_(self._state_backup, [t for _, _, t in state])
+                torch._foreach_copy_(self._param_backup, self.params)
+            # The list of state tensors changes when the optimizer creates its state (first step) or loads one
+            # (a new state dict): only then is it collected again and are the buffers reallocated.
+            st = self.optimizer.state
+            key = (id(st), len(st), sum(len(s) for s in st.values()))
+            if key != self._state_key:
+                self._state_key = key
+                self._state = optimizer_state_tensors(self.optimizer)
+                self._state_tensors = [t for _, _, t in self._state]
+                self._state_backup = [t.detach().clone() for t in self._state_tensors]
+            elif self._state_tensors:
+                torch._foreach_copy_(self._state_backup, self._state_tensors)
             # step counters and other plain numbers: a shallow copy per parameter (cheap, few entries)
             self._scalars = {
                 id(st): {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
                 for st in self.optimizer.state.values()
             }
 
-    def _is_same(self, state: list[tuple[dict, str, torch.Tensor]]) -> bool:
-        return len(state) == len(self._state) and all(a[2] is b[2] for a, b in zip(state, self._state))
+    def _input_checks(self, loss: torch.Tensor, grad_norm: torch.Tensor | None,
+                      device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor | None]:  # fmt: skip
+        checks = []
+        if self.use_grads and grad_norm is None:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            grad_norm = torch.stack(torch._foreach_norm(grads)).norm() if grads else None
+        if self.use_grads and grad_norm is not None:
+            checks.append(grad_norm.detach().float().reshape(1).to(device))
+        if self.use_loss:
+            checks.append(loss.detach().float().reshape(1).to(device))
+        return checks, grad_norm
+
+    def may_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, lr: float) -> bool:
+        """Without a backup: False (the optimizer step is skipped) when the loss or the gradient is not finite."""
+        if self.backup:
+            return True
+        with torch.no_grad():
+            checks, grad_norm = self._input_checks(loss, grad_norm, self.params[0].device)
+            if not checks or bool(torch.isfinite(torch.cat(checks)).all()):
+                return True
+        self._skipped = True
+        self._bad(loss, grad_norm, None, lr, "step skipped (weights and optimizer state untouched)")
+        return False
 
     def after_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, lr: float) -> bool:
         """Check the step just taken (one host sync); undo it when something is not finite. True when it was fine.
         `step` is the number of the step just taken (1-based); raises `Diverged` after `max_bad` bad ones in a row."""
+        self.step = step
+        if self._skipped:  # may_step found it bad and counted it
+            return False
         with torch.no_grad():
-            weight_norms = torch._foreach_norm([p.detach() for p in self.params])
+            weight_norms = torch._foreach_norm(self.params)
             checks = [torch.stack(weight_norms).float()]
-            if self.use_grads and grad_norm is None:
-                grads = [p.grad for p in self.params if p.grad is not None]
-                grad_norm = torch.stack(torch._foreach_norm(grads)).norm() if grads else None
-            if self.use_grads and grad_norm is not None:
-                checks.append(grad_norm.detach().float().reshape(1).to(checks[0].device))
-            if self.use_loss:
-                checks.append(loss.detach().float().reshape(1).to(checks[0].device))
+            if self.backup:
+                more, grad_norm = self._input_checks(loss, grad_norm, checks[0].device)
+                checks += more
             ok = bool(torch.isfinite(torch.cat(checks)).all())
         self.last_step_bad = not ok
         if ok:
             self.consecutive = 0
             return True
-        self.consecutive += 1
-        self.total += 1
-        worst = self._worst(weight_norms)
-        self._restore()
-        message = (
-            f"warning: step {step}: non-finite {self._what(loss, grad_norm, weight_norms)} at lr {lr:.3g}; step undone "
-            f"(weights and optimizer state restored) - worst: {worst} [{self.consecutive}/{self.max_bad} in a row]"
-        )
-        logger.warning(message)
-        if self.consecutive >= self.max_bad:
+        if not self.backup:
             raise Diverged(step, (
-                f"training diverged: {self.consecutive} non-finite steps in a row (training.max_nonfinite_steps "
-                f"{self.max_bad}), last at step {step}, lr {lr:.3g}; lower optimizer.lr or check the data"
+                f"training diverged: the weights turned non-finite in step {step} (lr {lr:.3g}; worst: "
+                f"{self._worst(weight_norms, shown=1)}) and no copy was kept to undo it (training.nonfinite_backup); "
+                "lower optimizer.lr"
             ))  # fmt: skip
+        worst = self._worst(weight_norms)
+        what = self._what(loss, grad_norm, weight_norms)
+        self._restore()
+        self._bad(loss, grad_norm, what, lr, f"step undone (weights and optimizer state restored) - worst: {worst}")
         return False
 
-    def _what(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, weight_norms: list[torch.Tensor]) -> str:
+    def _bad(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, what: str | None, lr: float, done: str) -> None:
+        """Count a bad step, name it in one warning line, stop the run after `max_bad` in a row."""
+        self.last_step_bad = True
+        self.consecutive += 1
+        self.total += 1
+        what = what or self._what(loss, grad_norm, None)
+        logger.warning(
+            "warning: step %d: non-finite %s at lr %.3g; %s [%d/%d in a row]",
+            self.step, what, lr, done, self.consecutive, self.max_bad,
+        )  # fmt: skip
+        if self.consecutive >= self.max_bad:
+            raise Diverged(self.step, (
+                f"training diverged: {self.consecutive} non-finite steps in a row (training.max_nonfinite_steps "
+                f"{self.max_bad}), last at step {self.step}, lr {lr:.3g}; lower optimizer.lr or check the data"
+            ))  # fmt: skip
+
+    def _what(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, weight_norms: list[torch.Tensor] | None) -> str:
         parts = []
         if self.use_loss and not bool(torch.isfinite(loss).all()):
             parts.append(f"loss ({float(loss):g})")
         if self.use_grads and grad_norm is not None and not bool(torch.isfinite(grad_norm).all()):
             parts.append("gradient")
-        if not bool(torch.isfinite(torch.stack(weight_norms)).all()):
+        if weight_norms is not None and not bool(torch.isfinite(torch.stack(weight_norms)).all()):
             parts.append("weights after the step")
         return " and ".join(parts) or "values"
 
@@ -134,7 +182,7 @@ class NonFiniteGuard:
     def _restore(self) -> None:
         with torch.no_grad():
             if self._param_backup is not None:
-                torch._foreach_copy_([p.detach() for p in self.params], self._param_backup)
+                torch._foreach_copy_(self.params, self._param_backup)
             state = optimizer_state_tensors(self.optimizer)
             known = {id(t) for _, _, t in self._state}
             for (st, key, tensor), saved in zip(self._state, self._state_backup):

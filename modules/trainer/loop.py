@@ -134,10 +134,12 @@ def train_step(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
             if parts.max_grad_norm is not None:
                 grad_norm = accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)
             lr = parts.optimizer.param_groups[0]["lr"]
-            parts.optimizer.step()
+            grad_norm = grad_norm if isinstance(grad_norm, torch.Tensor) else None
+            if guard is None or guard.may_step(loss, grad_norm, lr):
+                parts.optimizer.step()
             parts.lr_scheduler.step()
             if guard is not None:  # one host sync; a non-finite step is undone here (trainer/guard.py)
-                guard.after_step(guard.step, loss, grad_norm if isinstance(grad_norm, torch.Tensor) else None, lr)
+                guard.after_step(guard.step, loss, grad_norm, lr)
             parts.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 

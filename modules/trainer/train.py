@@ -314,14 +314,10 @@ def build_run(config: Any) -> Run:
 
     check_outputs(config)  # the CLI checked too; the GUI and the API start here
     paths = RunPaths.from_config(config)
-    # Cheap checks first: the data scan reads image headers and captions before a model is looked at (the demo's
-    # base is prepared first: it writes the demo's datasets too).
-    demo = Path(config.model.base_model).name in DEMO_BASES
-    if demo:
-        ensure_base_model(config)
+    # Cheap checks first: the base model's path (the demo's base is prepared here, with its datasets), then the
+    # data scan (image headers and captions), before accelerate or a model is loaded.
+    ensure_base_model(config)
     datasets = build_datasets(config.data, config.validation, seed=config.training.seed)
-    if not demo:
-        ensure_base_model(config)
     tcfg = config.training
     if tcfg.mixed_precision == "fp16" and PartialState().device.type == "cpu":  # accelerate would train in float32
         raise ValueError("training.mixed_precision: fp16 autocast needs a GPU (on CPU accelerate skips it and the run "
@@ -370,6 +366,7 @@ def build_run(config: Any) -> Run:
         guard=NonFiniteGuard(
             [info.param for info in infos], [info.name for info in infos], optimizer,
             max_bad=tcfg.max_nonfinite_steps, use_loss=accelerator.num_processes == 1,
+            backup=tcfg.nonfinite_backup if tcfg.nonfinite_backup is not None else config.method == "lora",
             use_grads=accelerator.scaler is None,
         ),
     )  # fmt: skip
