@@ -78,16 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for warning in config_warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
-    if args.dry_run:
-        print(dump_config(cfg), end="")
-        return 0
     from modules.trainer.preflight import InputError, check_outputs  # torch-free
 
     try:
-        check_outputs(cfg)  # before any model loads
+        check_outputs(cfg)  # before any model loads (a dry run validates them too)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
     print(summary(cfg), flush=True)
 
     # Imported here so that config errors never pay for torch/diffusers imports.

@@ -57,7 +57,7 @@ def check_writable_dir(field: str, path: Path) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise InputError(f"{field}: {path} is not writable ({e.strerror or e} in {base})") from e
+        raise InputError(f"{field}: {path} is not writable (cannot create a file in {base}: {e.strerror or e})") from e
     return base
 
 
