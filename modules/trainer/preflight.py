@@ -164,5 +164,5 @@ def check_image_memory(config: Any, largest: tuple[int, int], available: int | N
         raise InputError(
             f"data.resolution: {config.data.resolution} trains images up to {width}x{height}, whose VAE encode needs "
             f"about {human(need)} (modules/trainer/preflight.py: vae_encode_bytes), more than the {human(available)} "
-            f"of free {where}; lower data.resolution or set data.upscale: false"
+            f"of free {where}; lower data.resolution" + (" or set data.upscale: false" if config.data.upscale else "")
         )
