@@ -174,7 +174,7 @@ def _lora_b_unmoved(outcome: Outcome) -> None:
 def _own_size(outcome: Outcome) -> None:
     saved = load_file(outcome.out / "run.safetensors")
     assert saved and all(torch.isfinite(v).all() for v in saved.values())
-    assert "step=2" in outcome.stdout.replace(" ", "=") or "trained 2 steps" in outcome.stdout
+    assert "trained 2 steps" in outcome.stdout
 
 
 def _no_samples(outcome: Outcome) -> None:
@@ -336,11 +336,8 @@ def test_stop_writes_the_lora_so_far_beside_the_checkpoint(env, tmp_path, monkey
     assert saved.exists() == save_on_stop and result.saved == ([saved] if save_on_stop else [])
     if save_on_stop:
         tensors = load_file(saved)
-        weights = ckpt_weights(result.checkpoint)
+        weights = load_file(result.checkpoint / "weights.safetensors")
         ups = [v for k, v in tensors.items() if "lora_up" in k]
         assert ups and any(v.abs().sum() > 0 for v in ups)  # two steps moved B away from zero
         assert len(tensors) == 3 * len([k for k in weights if "lora_B" in k])  # down, up, alpha per adapter
 
-
-def ckpt_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path / "weights.safetensors")

@@ -15,6 +15,7 @@ gradients are the scaler's business (it skips the step and lowers the scale), so
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -174,8 +175,8 @@ class NonFiniteGuard:
             g = p.grad
             g_norm = float(g.detach().float().norm()) if g is not None else 0.0
             w_norm = float(w)
-            bad_grad, bad_weight = not _finite(g_norm), not _finite(w_norm)
-            scored.append(((bad_grad, bad_weight, w_norm if _finite(w_norm) else 0.0), name, g_norm, w_norm))
+            bad_grad, bad_weight = not math.isfinite(g_norm), not math.isfinite(w_norm)
+            scored.append(((bad_grad, bad_weight, 0.0 if bad_weight else w_norm), name, g_norm, w_norm))
         scored.sort(key=lambda s: s[0], reverse=True)
         return ", ".join(f"{name} (grad norm {g:.3g}, weight norm {w:.3g})" for _, name, g, w in scored[:shown])
 
@@ -200,6 +201,3 @@ class NonFiniteGuard:
                     elif isinstance(value, (int, float)) and not isinstance(value, bool):
                         st[key] = type(value)(0)  # a counter the bad step started
 
-
-def _finite(x: float) -> bool:
-    return x == x and x not in (float("inf"), float("-inf"))
