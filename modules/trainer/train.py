@@ -80,7 +80,7 @@ class RunResult:
 
 
 # ---- model ----------------------------------------------------------------------------------------------------------
-DEMO_BASES = ("tiny_sdxl_base", "tiny_sdxl_base_v1", "tiny_flux_base")  # modules.demo's folders (tests check)
+DEMO_BASES = ("tiny_sdxl_base", "tiny_sdxl_base_v1", "tiny_flux_base")  # modules.demo's folders (test_demo checks)
 
 
 def ensure_base_model(config: Any) -> None:
