@@ -325,9 +325,8 @@ def test_stop_writes_the_lora_so_far_beside_the_checkpoint(env, tmp_path, monkey
 
     monkeypatch.setattr(loop, "compute_loss", terminated_in_step_2)
     out = tmp_path / "out"
-    cfg = TrainConfig.model_validate(dict(
-        env.config, schedule={"max_steps": 3}, saving={"name": "run", "output_dir": str(out), "save_on_stop": save_on_stop},
-    ))  # fmt: skip
+    saving = {"name": "run", "output_dir": str(out), "save_on_stop": save_on_stop}
+    cfg = TrainConfig.model_validate(dict(env.config, schedule={"max_steps": 3}, saving=saving))
     torch.set_num_threads(1)
     result = train(cfg, show_progress=False)
     assert result.interrupted and result.steps == 2 and result.checkpoint == out / "checkpoints" / "step000002"
