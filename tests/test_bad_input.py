@@ -91,7 +91,8 @@ def run_cli(env: Env, tmp: Path, sets: list[str], *, config_text: str | None = N
     command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(config_path), *extra]
     if sets:
         command += ["--set", *sets]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # CPU on every machine: the memory bound is the CPU's (an accelerator fuses the attention it counts there)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp, timeout=300, env=environment)
     return Outcome(done.returncode, done.stdout, done.stderr, out)
 
