@@ -318,3 +318,26 @@ def test_synthetic_datasets_are_deterministic(tmp_path):
     assert (np.abs(pixels - magenta).sum(1) < 30).any()  # the concept colour is really drawn
     with pytest.raises(ValueError, match="shapes"):
         synthetic.Concept("bad", shapes=("hexagon",), colors=("red",), backgrounds=("white",))
+
+
+def test_small_images_train_at_their_own_size_unless_upscale(tmp_path):
+    """kohya's bucket_no_upscale: an image smaller than its bucket gets a bucket of its own size (same aspect, sides
+    on the grid of 8); data.upscale: true enlarges it as before."""
+    from modules.data.buckets import fit_within
+
+    assert fit_within((1024, 1024), (64, 64)) == (64, 64)
+    assert fit_within((1152, 896), (300, 200)) == (256, 200)  # scale min(300/1152, 200/896), floored to 8
+    assert fit_within((512, 512), (800, 600)) == (512, 512)  # already covered: unchanged
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "small.png")
+    Image.new("RGB", (1200, 1200), (0, 255, 0)).save(tmp_path / "large.png")
+    records = scan_folders([FolderSpec(tmp_path)])
+    kept = TrainDataset(records, DataSettings(folders=(FolderSpec(tmp_path),), resolution=512, bucketing=False), seed=0)
+    sizes = {r.path.name: kept.bucket_size(i) for i, r in enumerate(kept.records)}
+    assert sizes == {"small.png": (64, 64), "large.png": (512, 512)}
+    assert [r.path.name for r in kept.below_resolution()] == ["small.png"] and kept.upscaled() == []
+    assert kept[0]["pixel_values"].shape[-2:] == (512, 512) and kept[1]["pixel_values"].shape[-2:] == (64, 64)
+    settings = DataSettings(folders=(FolderSpec(tmp_path),), resolution=512, bucketing=False, upscale=True)
+    enlarged = TrainDataset(records, settings, seed=0)
+    assert {enlarged.bucket_size(i) for i in range(2)} == {(512, 512)} and enlarged.below_resolution() == []
+    [(record, bucket, factor)] = enlarged.upscaled()
+    assert record.path.name == "small.png" and bucket == (512, 512) and factor == 8.0

@@ -128,3 +128,14 @@ def test_demo_figure_puts_training_images_then_each_sampled_step(tmp_path):
         compose(tmp_path / "empty", concept)
     with pytest.raises(FileNotFoundError, match="no training image on a white and one on a black background"):
         compose(tmp_path / "run", tmp_path / "empty")
+
+
+def test_the_trainer_knows_the_demo_base_names(tmp_path):
+    """train.ensure_base_model prepares the demo bases by folder name without importing the demo code for other
+    models: its list must name every demo base."""
+    from modules.demo import demo_paths
+    from modules.demo.flux import FLUX_DEMO_BASE
+    from modules.trainer.train import DEMO_BASES
+
+    demo = demo_paths(tmp_path)
+    assert set(DEMO_BASES) == {demo.base.name, demo.base_v1.name, FLUX_DEMO_BASE}

@@ -137,9 +137,11 @@ def run_length(cfg: TrainConfig) -> list[Problem]:
 
 
 def sampling_has_prompts(cfg: TrainConfig) -> list[Problem]:
-    """sampling.every_n_steps > 0 needs at least one prompt."""
+    """sampling.every_n_steps > 0 or sampling.at_end needs at least one prompt."""
     if cfg.sampling.every_n_steps and not cfg.sampling.prompts:
         return [("sampling.prompts", "sampling.every_n_steps is set but there are no prompts")]
+    if cfg.sampling.at_end and not cfg.sampling.prompts:
+        return [("sampling.prompts", "sampling.at_end is set but there are no prompts")]
     return []
 
 
@@ -252,6 +254,9 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
         out.append("data.keep_tokens only applies with data.shuffle_tags: true")
     if cfg.training.timestep_sampling != "logit_normal" and (cfg.training.logit_mean, cfg.training.logit_std) != (0, 1):
         out.append("training.logit_mean/logit_std are set but training.timestep_sampling is not logit_normal")
+    sampling = cfg.sampling
+    if sampling.prompts and not (sampling.every_n_steps or sampling.at_start or sampling.at_end):
+        out.append("sampling.prompts are never sampled: set sampling.every_n_steps, at_start or at_end")
     if cfg.training.mixed_precision == "fp16" and cfg.model.train_dtype == "bfloat16":
         out.append("training.mixed_precision fp16 with model.train_dtype bfloat16: pick one half type")
     return out

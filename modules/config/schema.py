@@ -215,6 +215,13 @@ class DataConfig(Section):
     masked_loss: MaskedLossConfig = Field(
         default_factory=MaskedLossConfig, description="Weight the loss per pixel by a mask per image."
     )
+    upscale: bool = Field(
+        default=False,
+        description=(
+            "Upscale images smaller than their bucket; false (kohya's bucket_no_upscale) trains such an image at "
+            "its own size, shrunk to the multiple of 8 that fits, in its own bucket."
+        ),
+    )
 
     @field_validator("random_flip", mode="before")
     @classmethod
@@ -405,6 +412,18 @@ class TrainingConfig(Section):
     )
     noise_offset: float = Field(default=0.0, ge=0, description="Noise offset (per-channel constant added to noise).")
     ema: EMAConfig = Field(default_factory=EMAConfig, description="Exponential moving average of the trained weights.")
+    max_nonfinite_steps: int = Field(
+        default=3, ge=1,
+        description="A step whose loss, gradient or updated weights are not finite is undone (weights and optimizer "
+        "state restored) and named in a warning; after this many such steps in a row the run stops with exit code 3, "
+        "keeping its last good checkpoint and writing no final file.",
+    )
+    nonfinite_backup: bool | None = Field(
+        default=None,
+        description="Keep a copy of the trained weights and optimizer state to undo a non-finite step (costs their "
+        "memory once more); without it a bad loss or gradient still skips the step, but weights that turn "
+        "non-finite stop the run at once. null: on for method lora, off for finetune.",
+    )
 
 
 # --------------------------------------------------------------------------- sampling / validation
@@ -421,9 +440,16 @@ class SamplePrompt(Section):
 
 
 class SamplingConfig(Section):
-    every_n_steps: int = Field(default=0, ge=0, description="Sample images every N optimizer steps (0 = never).")
+    every_n_steps: int = Field(
+        default=0, ge=0,
+        description="Sample images every N optimizer steps (0 = never; at_start / at_end add step 0 / the end).",
+    )
     at_start: bool = Field(
         default=False, description="Also sample before the first step (step 0: the base model, for before/after)."
+    )
+    at_end: bool = Field(
+        default=False,
+        description="Also sample the final model after the last step (when every_n_steps did not just sample it).",
     )
     sampler: Literal["default", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "unipc"] = Field(
         default="default", description="Inference scheduler; default = the one saved with the base model."
@@ -479,6 +505,13 @@ class SavingConfig(Section):
     )
     keep_last_n_checkpoints: int = Field(
         default=2, ge=0, description="Keep the newest N checkpoints, delete older ones (0 keeps all)."
+    )
+    save_on_stop: bool = Field(
+        default=True,
+        description=(
+            "On Ctrl-C / SIGTERM also write <name>-stepNNNNNN.safetensors (the LoRA; a finetune as finetune_format) "
+            "of the weights so far, beside the resumable checkpoint."
+        ),
     )
     dtype: Dtype = Field(default="float32", description="dtype of the saved weights.")
 

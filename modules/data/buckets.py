@@ -57,6 +57,22 @@ def assign_bucket(width: int, height: int, buckets: list[Size]) -> int:
     )
 
 
+def fit_within(bucket: Size, size: Size, grid: int = 8) -> Size:
+    """``bucket`` if an image of ``size`` covers it; otherwise the bucket scaled down (same aspect, sides rounded
+    down to the VAE's grid of 8) until the image covers it: kohya's bucket_no_upscale, so small images are cropped
+    at their own resolution instead of being upscaled."""
+    width, height = size
+    if bucket[0] <= width and bucket[1] <= height:
+        return bucket
+    scale = min(width / bucket[0], height / bucket[1])
+    return (max(grid, int(bucket[0] * scale) // grid * grid), max(grid, int(bucket[1] * scale) // grid * grid))
+
+
+def upscale_factor(size: Size, target: Size) -> float:
+    """How much an image of ``size`` is enlarged to cover ``target`` (1 or less: not enlarged)."""
+    return max(target[0] / size[0], target[1] / size[1])
+
+
 @dataclass(frozen=True)
 class CropPlan:
     """How an image of some size is scaled and cropped into ``target`` (all (width, height) except crop)."""

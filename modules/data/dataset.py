@@ -32,7 +32,9 @@ import torch
 from PIL import ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from modules.data.buckets import CropPlan, Size, apply_crop, assign_bucket, make_buckets, plan_crop
+from modules.data.buckets import (
+    CropPlan, Size, apply_crop, assign_bucket, fit_within, make_buckets, plan_crop, upscale_factor,
+)  # fmt: skip
 from modules.data.cache import CacheStats, DiskCache, content_hash, dtype_name, settings_key
 from modules.data.captions import Stream, item_rng, process_caption
 from modules.data.folders import FolderSpec, ImageRecord, load_image, scan_folders, split_records, to_tensor
@@ -78,6 +80,7 @@ class DataSettings:
     cache_text_embeddings: bool = False
     num_workers: int = 0
     masked_loss: MaskSettings | None = None  # data.masked_loss when enabled (modules/data/masks.py)
+    upscale: bool = False  # False: images smaller than their bucket train at their own size (bucket_no_upscale)
 
     @classmethod
     def from_config(cls, cfg: Any) -> DataSettings:
@@ -140,6 +143,15 @@ class TrainDataset(Dataset):
         else:
             self.buckets = [(settings.resolution, settings.resolution)]
         self.record_buckets = [assign_bucket(*r.size, self.buckets) for r in self.records]
+        self.shrunk: list[int] = []  # records whose bucket was shrunk to their size
+        if not settings.upscale:  # a smaller image gets a bucket of its own size instead of being enlarged
+            for i, record in enumerate(self.records):
+                fitted = fit_within(self.buckets[self.record_buckets[i]], record.size)
+                if fitted != self.buckets[self.record_buckets[i]]:
+                    self.shrunk.append(i)
+                    if fitted not in self.buckets:
+                        self.buckets.append(fitted)
+                    self.record_buckets[i] = self.buckets.index(fitted)
         self.item_records = [i for i, r in enumerate(self.records) for _ in range(r.repeats)]
         self.bucket_ids = [self.record_buckets[i] for i in self.item_records]
         self.flip_probability = settings.random_flip if augment else 0.0
@@ -160,6 +172,20 @@ class TrainDataset(Dataset):
             counts[bucket] = counts.get(bucket, 0) + 1
         buckets = ", ".join(f"{self.buckets[b][0]}x{self.buckets[b][1]} ×{n}" for b, n in sorted(counts.items()))
         return f"{len(self)} items from {len(self.records)} images in {len(counts)} buckets: {buckets}"
+
+    def largest_size(self) -> Size:
+        """The largest (by area) image size this dataset trains at."""
+        return max((self.buckets[b] for b in set(self.record_buckets)), key=lambda s: s[0] * s[1])
+
+    def upscaled(self) -> list[tuple[ImageRecord, Size, float]]:
+        """(record, bucket, factor) of every image enlarged to fill its bucket (only with upscale: true)."""
+        out = [(r, self.bucket_size(i), upscale_factor(r.size, self.bucket_size(i)))
+               for i, r in enumerate(self.records)]  # fmt: skip
+        return [item for item in out if item[2] > 1.0]
+
+    def below_resolution(self) -> list[ImageRecord]:
+        """Images smaller than their bucket, trained at their own size (upscale: false)."""
+        return [self.records[i] for i in self.shrunk]
 
     def bucket_size(self, record_index: int) -> Size:
         return self.buckets[self.record_buckets[record_index]]

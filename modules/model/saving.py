@@ -35,7 +35,7 @@ from modules.model.lora_files import (
     to_kohya_state_dict,
     unwrapped_backbone,
 )
-from modules.util.files import atomic_save
+from modules.util.files import atomic_save, check_finite
 
 LoraLayout = Literal["kohya", "diffusers"]
 LORA_LAYOUTS: tuple[str, ...] = ("kohya", "diffusers")
@@ -324,6 +324,10 @@ def save_diffusers_folder(pipeline, folder: str | Path, *, dtype: str | torch.dt
     it is); None keeps the training dtype.
     """
     folder = Path(folder)
+    check_finite(
+        ((f"{name}.{key}", value) for name, module in pipeline.components.items() if isinstance(module, nn.Module)
+         for key, value in module.state_dict().items()), folder,
+    )  # fmt: skip
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     target = resolve_dtype(dtype)

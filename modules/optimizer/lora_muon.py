@@ -109,6 +109,8 @@ class LoRAMuon(torch.optim.Optimizer):
             factor lr_t/lr_peak of its group).
     """
 
+    report_nonfinite = True  # warn when a step is skipped; the training loop's guard reports instead (trainer/guard.py)
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
@@ -279,7 +281,9 @@ class LoRAMuon(torch.optim.Optimizer):
         if bool(torch.isfinite(torch.stack([x.float().to(norms[0].device) for x in norms])).all()):
             return True
         bad = [name for (name, _), norm in zip(named, norms) if not torch.isfinite(norm)]
-        warnings.warn(f"LoRAMuon: non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; step skipped", stacklevel=3)
+        if self.report_nonfinite:
+            shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+            warnings.warn(f"LoRAMuon: non-finite gradient in {shown}; step skipped", stacklevel=3)
         return False
 
     def _aux_adam(self, group: dict) -> None:

@@ -142,6 +142,8 @@ class Muon_adv(torch.optim.Optimizer):
     _adaptive = False
     _extra_keys: tuple[str, ...] = ()  # subclass hyperparameters passed through **extra
 
+    report_nonfinite = True  # warn when a step is skipped; the training loop's guard reports instead (trainer/guard.py)
+
     def __init__(
         self,
         params: Iterable,
@@ -356,7 +358,9 @@ class Muon_adv(torch.optim.Optimizer):
         if aux:
             bad += [m.name for m, ok in zip(aux, torch.isfinite(checks[-1]).tolist()) if not ok]
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        warnings.warn(f"{type(self).__name__}: non-finite gradient in {shown}; step skipped, state unchanged", stacklevel=3)
+        if self.report_nonfinite:
+            name = type(self).__name__
+            warnings.warn(f"{name}: non-finite gradient in {shown}; step skipped, state unchanged", stacklevel=3)
         return False
 
     def _split(self, works: list[_Work], rank: int, world_size: int) -> distributed.RowSplit:

@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modules.trainer.loop import StopTraining, TrainState
+from modules.util.files import NonFiniteError, check_finite
 
 logger = logging.getLogger("tuneonce.checkpoint")
 
@@ -138,7 +139,8 @@ def storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    """The one writer of tensor files (tests replace it to simulate a full disk)."""
+    """The one writer of tensor files (tests replace it to simulate a full disk); non-finite tensors are refused."""
+    check_finite(tensors, path)
     save_file(storable(tensors), str(path))
     _fsync(path)
 
@@ -257,6 +259,9 @@ def save_checkpoint(
             write_json(manifest, tmp / MANIFEST)
             _fsync(tmp)
             _move_into_place(tmp, final)
+    except NonFiniteError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"checkpoint {name} not written: {e}") from e
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         earlier = [p.name for p in list_checkpoints(root) if p.name != name]

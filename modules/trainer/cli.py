@@ -2,6 +2,12 @@
 
 Config errors print one line and exit with code 2 before anything heavy (torch, diffusers) is
 imported; ``--debug`` shows the traceback instead.
+
+Exit codes: 0 trained (or --dry-run); 1 a run error (bad input found once models and data are opened: a missing
+model folder, an unreadable checkpoint, ...); 2 bad input found before training starts (config, output folders that
+are files / unwritable / too full, images too large to encode); 3 training diverged (``training.max_nonfinite_steps``
+non-finite steps in a row; the last good checkpoint is kept, no final file is written); 130 stopped by Ctrl-C /
+SIGTERM (a checkpoint and, with ``saving.save_on_stop``, the LoRA so far are written).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from modules.config.schema import TrainConfig, config_warnings
 EXIT_CONFIG_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_RUN_ERROR = 1
+EXIT_DIVERGED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for warning in config_warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
+    from modules.trainer.preflight import InputError, check_outputs  # torch-free
+
+    try:
+        check_outputs(cfg)  # before any model loads (a dry run validates them too)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
@@ -85,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except InputError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     except (FileNotFoundError, NotADirectoryError, ValueError, CheckpointError) as e:
         # Bad input found once models and data are opened (missing folder, wrong family, empty dataset):
         # one line, like config errors; --debug keeps the traceback for real bugs.

@@ -58,6 +58,7 @@ class StepParts:
     noise_offset: float = 0.0
     train_text: bool = False  # text encoders are trained: encode captions with gradients
     dtype: torch.dtype = torch.float32
+    guard: Any = None  # trainer.guard.NonFiniteGuard: undoes non-finite steps (None: unguarded, e.g. benchmarks)
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -128,10 +129,19 @@ def train_step(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
         accelerator.backward(loss)  # divides by the accumulation steps; scales the loss for fp16
         if accelerator.sync_gradients:
             average_text_encoder_grads(parts)
+            guard = parts.guard
+            grad_norm = None
+            if guard is not None:
+                guard.before_step()
             if parts.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)
-            parts.optimizer.step()
+                grad_norm = accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)
+            lr = parts.optimizer.param_groups[0]["lr"]
+            grad_norm = grad_norm if isinstance(grad_norm, torch.Tensor) else None
+            if guard is None or guard.may_step(loss, grad_norm, lr):
+                parts.optimizer.step()
             parts.lr_scheduler.step()
+            if guard is not None:  # one host sync; a non-finite step is undone here (trainer/guard.py)
+                guard.after_step(guard.step, loss, grad_norm, lr)
             parts.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
@@ -190,6 +200,8 @@ def run_loop(
         module.train()
     accelerator = parts.accelerator
     while state.step < total_steps:
+        if parts.guard is not None:
+            parts.guard.step = state.step + 1
         loss = step_fn(parts, next(batches))
         if not accelerator.sync_gradients:
             continue

@@ -2,11 +2,13 @@
 optionally, Weights & Biases (modules/trainer/wandb_log.py; sample images too).
 
 The JSONL file is `<log_dir>/metrics.jsonl`; every record has "step" plus the logged scalars (e.g. "loss", "lr",
-"val_loss"). The GUI and the LR-sweep tooling read it.
+"val_loss"). A value that is not finite (NaN, inf: not JSON) is written as null and the record gets
+"nonfinite": true, so every line stays valid JSON. The GUI and the LR-sweep tooling read it.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,8 @@ class MetricsLogger:
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self._jsonl is not None:
-            record = {"step": step, "time": round(time.time(), 3), **values}
-            self._jsonl.write(json.dumps(record) + "\n")
+            record = {"step": step, "time": round(time.time(), 3), **json_values(values)}
+            self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
             self._jsonl.flush()
         if self._writer is not None:
             for key, value in values.items():
@@ -58,6 +60,17 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.close()
             self.wandb = None
+
+
+def json_values(values: dict[str, float]) -> dict[str, object]:
+    """`values` with non-finite numbers as None, plus "nonfinite": True when there was one."""
+    out: dict[str, object] = {}
+    for key, value in values.items():
+        bad = isinstance(value, float) and not math.isfinite(value)
+        out[key] = None if bad else value
+        if bad:
+            out["nonfinite"] = True
+    return out
 
 
 def read_metrics(path: str | Path) -> list[dict]:

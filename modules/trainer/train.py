@@ -3,15 +3,20 @@
 Output layout under `saving.output_dir`:
     <name>.safetensors              the final LoRA (kohya layout by default) — finetune: <name>/ diffusers folder,
                                     or <name>.safetensors in the original layout (saving.finetune_format: single_file)
-    <name>-step000100.safetensors   intermediate saves (saving.save_every_n_steps / _epochs)
+    <name>-step000100.safetensors   intermediate saves (saving.save_every_n_steps / _epochs; Ctrl-C with
+                                    saving.save_on_stop)
     checkpoints/step000100/         resumable checkpoints (saving.checkpoint_every_n_steps, Ctrl-C; checkpoint.py)
-    samples/step000100_00.png       sample images (sampling.every_n_steps; step000000_* with sampling.at_start)
+    samples/step000100_00.png       sample images (sampling.every_n_steps; step000000_* with sampling.at_start,
+                                    the last step with sampling.at_end)
+
+Nothing non-finite is written: a non-finite step is undone (trainer/guard.py), and every writer refuses NaN/inf.
     logs/metrics.jsonl, logs/tensorboard/   metrics (logging.log_dir overrides logs/)
     cache/                          latent / text-embedding caches (data.cache_dir overrides)
 """
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -24,15 +29,18 @@ from modules.model.adapters import LoraSettings, add_lora, check_dora_compatible
 from modules.model.families import ModelFamily, get_family
 from modules.optimizer.factory import build_optimizer
 from modules.trainer.checkpoint import (
-    Checkpointer, DataPosition, StopSignal, drop_metrics_after, find_checkpoint, restore_run, trained_parameters,
+    Checkpointer, DataPosition, StopSignal, drop_metrics_after, find_checkpoint, list_checkpoints, restore_run,
+    trained_parameters,
 )  # fmt: skip
 from modules.trainer.ema import EMA
+from modules.trainer.guard import Diverged, NonFiniteGuard
 from modules.trainer.loop import LoopHooks, StepParts, StopTraining, TrainState, endless, run_loop
 from modules.trainer.metrics import METRICS_FILE, MetricsLogger, progress_bar
 from modules.trainer.schedule import build_lr_scheduler
 
 logger = logging.getLogger("tuneonce.train")
 
+EXIT_DIVERGED = 3  # the CLI's exit code when training diverged (cli.py lists them all)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,31 +75,39 @@ class RunResult:
     components: dict[str, Any] = field(default_factory=dict, repr=False)  # the trained pipeline components
     resumed_from: Path | None = None  # the checkpoint this run continued
     interrupted: bool = False  # stopped by Ctrl-C / SIGTERM before the last step
+    diverged: str | None = None  # why the run stopped on non-finite steps (trainer/guard.py); nothing final saved
     checkpoint: Path | None = None  # the checkpoint written when interrupted
 
 
 # ---- model ----------------------------------------------------------------------------------------------------------
+DEMO_BASES = ("tiny_sdxl_base", "tiny_sdxl_base_v1", "tiny_flux_base")  # modules.demo's folders (test_demo checks)
+
+
 def ensure_base_model(config: Any) -> None:
     """The embedded demo's base (a folder named like modules.demo's: workspace/demo/tiny_sdxl_base, or base v1's
     tiny_sdxl_base_v1) and its concept datasets are prepared beside it on first use (cached: later calls return at
-    once). A folder of that name without the demo's marker file is someone's own model and left alone."""
-    from modules.demo import demo_paths, prepare_demo_base
-    from modules.demo.prepare import MARKER_NAME
-
+    once). A folder of that name without the demo's marker file is someone's own model and left alone. Other names
+    never import the demo code (diffusers): a wrong path is reported at once."""
     base = Path(config.model.base_model)
-    demo = demo_paths(base.parent)
-    if base.name in (demo.base.name, demo.base_v1.name) and (not base.exists() or (base / MARKER_NAME).is_file()):
-        if base.name == demo.base_v1.name:
-            prepare_demo_base(base.parent, unet=None)
-        else:
-            prepare_demo_base(base.parent)
-    elif base.name == "tiny_flux_base" and (not base.exists() or (base / MARKER_NAME).is_file()):
-        from modules.demo.flux import prepare_flux_demo_base  # the Flux demo's base, beside the SDXL demo's
+    if base.name in DEMO_BASES:
+        from modules.demo import demo_paths, prepare_demo_base
+        from modules.demo.prepare import MARKER_NAME
 
-        prepare_flux_demo_base(base.parent)
-    elif base.suffix == ".safetensors":  # a single-file checkpoint: family.load checks it and components_from
+        demo = demo_paths(base.parent)
+        if base.name in (demo.base.name, demo.base_v1.name) and (not base.exists() or (base / MARKER_NAME).is_file()):
+            if base.name == demo.base_v1.name:
+                prepare_demo_base(base.parent, unet=None)
+            else:
+                prepare_demo_base(base.parent)
+            return
+        if base.name == "tiny_flux_base" and (not base.exists() or (base / MARKER_NAME).is_file()):
+            from modules.demo.flux import prepare_flux_demo_base  # the Flux demo's base, beside the SDXL demo's
+
+            prepare_flux_demo_base(base.parent)
+            return
+    if base.suffix == ".safetensors":  # a single-file checkpoint: family.load checks it and components_from
         return
-    elif not (base / "model_index.json").is_file():
+    if not (base / "model_index.json").is_file():
         raise FileNotFoundError(f"model.base_model: {base} is not a diffusers folder (no model_index.json)")
 
 
@@ -163,10 +179,38 @@ def encoder_id(config: Any, what: str) -> str:
 IN_MEMORY_CACHE_ITEMS = 4096  # keep cached latents in RAM up to this many images (~1 GB of SDXL 1024px latents)
 
 
-def build_data(config: Any, family: ModelFamily, components: dict[str, Any], paths: RunPaths, accelerator: Any, trains_text: bool):
+def check_images(config: Any, datasets: list[Any], device: torch.device) -> None:
+    """One warning line when images are enlarged (data.upscale: true) or train below data.resolution (false); an
+    InputError when the largest training image would not fit in memory to encode (preflight.check_image_memory)."""
+    from modules.trainer.preflight import available_memory_bytes, check_image_memory
+
+    upscaled = [item for d in datasets for item in d.upscaled()]
+    if upscaled:
+        record, bucket, factor = max(upscaled, key=lambda item: item[2])
+        logger.warning(
+            "warning: data.upscale: %d images are enlarged to fill their bucket, up to %.1fx (%s: %dx%d -> %dx%d)",
+            len(upscaled), factor, record.path.name, *record.size, *bucket,
+        )  # fmt: skip
+    smaller = [r for d in datasets for r in d.below_resolution()]
+    if smaller:
+        logger.warning(
+            "warning: data.resolution %d: %d images are smaller and train at their own size (largest %dx%d); "
+            "data.upscale: true would enlarge them", config.data.resolution, len(smaller),
+            *max((r.size for r in smaller), key=lambda s: s[0] * s[1]),
+        )  # fmt: skip
+    largest = max((d.largest_size() for d in datasets), key=lambda s: s[0] * s[1])
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = available_memory_bytes()
+    check_image_memory(config, largest, available, on_cpu=device.type == "cpu")
+
+
+def build_data(config: Any, family: ModelFamily, components: dict[str, Any], paths: RunPaths, accelerator: Any,
+               trains_text: bool, datasets: tuple[Any, Any] | None = None):
     from modules.data.dataset import build_datasets
 
-    train_set, val_set = build_datasets(config.data, config.validation, seed=config.training.seed)
+    train_set, val_set = datasets or build_datasets(config.data, config.validation, seed=config.training.seed)
     vae, device = components["vae"], accelerator.device
 
     def encode_images(pixels: torch.Tensor) -> torch.Tensor:
@@ -253,13 +297,28 @@ def optimizer_to_step(accelerator: Any, prepared: Any) -> torch.optim.Optimizer:
     return prepared.optimizer
 
 
+def check_room_for(config: Any, paths: RunPaths, trained: dict[str, torch.nn.Module]) -> None:
+    """Free space in saving.output_dir for the final file and one checkpoint of the trained parameters."""
+    from modules.trainer.preflight import check_free_space, trained_output_bytes
+
+    n = sum(p.numel() for module in trained.values() for p in module.parameters() if p.requires_grad)
+    need, how = trained_output_bytes(config, n)
+    check_free_space("saving.output_dir", paths.output_dir, None, need, how)
+
+
 def build_run(config: Any) -> Run:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    ensure_base_model(config)
+    from modules.data.dataset import build_datasets
+    from modules.trainer.preflight import check_outputs
+
+    check_outputs(config)  # the CLI checked too; the GUI and the API start here
     paths = RunPaths.from_config(config)
-    paths.output_dir.mkdir(parents=True, exist_ok=True)
+    # Cheap checks first: the base model's path (the demo's base is prepared here, with its datasets), then the
+    # data scan (image headers and captions), before accelerate or a model is loaded.
+    ensure_base_model(config)
+    datasets = build_datasets(config.data, config.validation, seed=config.training.seed)
     tcfg = config.training
     if tcfg.mixed_precision == "fp16" and PartialState().device.type == "cpu":  # accelerate would train in float32
         raise ValueError("training.mixed_precision: fp16 autocast needs a GPU (on CPU accelerate skips it and the run "
@@ -270,6 +329,8 @@ def build_run(config: Any) -> Run:
     )  # under DDP: adapters the forward never reaches (SDXL's last text-encoder layer) get no gradient
     set_seed(tcfg.seed)
     device = accelerator.device
+    check_images(config, [d for d in datasets if d is not None], device)  # before the model loads
+    paths.output_dir.mkdir(parents=True, exist_ok=True)
 
     family = get_family(config.model.family)
     components = family.load(
@@ -278,6 +339,7 @@ def build_run(config: Any) -> Run:
     if components["vae"].dtype != DTYPES[config.model.vae_dtype]:
         components["vae"].to(dtype=DTYPES[config.model.vae_dtype])
     trained = setup_trainable(config, family, components)
+    check_room_for(config, paths, trained)
     for module in components.values():
         if isinstance(module, torch.nn.Module):
             module.to(device)
@@ -289,7 +351,7 @@ def build_run(config: Any) -> Run:
 
     infos = param_infos_for(config, trained, family.pipeline_class_name)
     optimizer = build_optimizer(config.optimizer, infos)
-    _, loader, val_set = build_data(config, family, components, paths, accelerator, trains_text)
+    _, loader, val_set = build_data(config, family, components, paths, accelerator, trains_text, datasets)
     total_steps = total_optimizer_steps(config, len(loader))
     lr_scheduler = build_lr_scheduler(
         optimizer, kind=config.schedule.scheduler, warmup_steps=config.schedule.warmup_steps, total_steps=total_steps
@@ -302,6 +364,12 @@ def build_run(config: Any) -> Run:
         lr_scheduler=lr_scheduler, trained_modules=list(prepared[:-1]), params=[info.param for info in infos],
         generator=torch.Generator(device=device).manual_seed(tcfg.seed), max_grad_norm=tcfg.max_grad_norm,  # same on every rank: loop.draw_noise
         noise_offset=tcfg.noise_offset, train_text=trains_text, dtype=DTYPES[config.model.train_dtype],
+        guard=NonFiniteGuard(
+            [info.param for info in infos], [info.name for info in infos], optimizer,
+            max_bad=tcfg.max_nonfinite_steps, use_loss=accelerator.num_processes == 1,
+            backup=tcfg.nonfinite_backup if tcfg.nonfinite_backup is not None else config.method == "lora",
+            use_grads=accelerator.scaler is None,
+        ),
     )  # fmt: skip
     return Run(config, family, components, trained, parts, infos, loader, val_set, paths, total_steps)
 
@@ -387,7 +455,11 @@ class RunEvents:
             value = float(accelerator.reduce(loss, "mean") if accelerator.num_processes > 1 else loss)  # the global batch's
             lr = self.run.parts.optimizer.param_groups[0]["lr"]
             self.result.final_loss = value
-            self.metrics.log(state.step, {"loss": value, "lr": lr, "epoch": state.epoch})
+            values = {"loss": value, "lr": lr, "epoch": state.epoch}
+            guard = self.run.parts.guard
+            if guard is not None and guard.last_step_bad:
+                values["undone"] = True  # the guard restored the weights of before this step
+            self.metrics.log(state.step, values)
             self.bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
         self.bar.update(1)
         if cfg.validation.every_n_steps and state.step % cfg.validation.every_n_steps == 0:
@@ -406,10 +478,10 @@ class RunEvents:
     def on_end(self, state: TrainState) -> None:
         self.result.steps = state.step
         self.validate(state)
+        self.save("", state.step)  # the file first: it is what the run is for (samples can take minutes on CPU)
         every = self.config.sampling.every_n_steps
-        if not every or state.step % every:  # the final model's samples, unless just made
+        if self.config.sampling.at_end and (not every or state.step % every):  # unless just made
             self.sample(state)
-        self.save("", state.step)
 
     def close(self) -> None:
         self.bar.close()
@@ -467,6 +539,12 @@ def train(config: Any, *, show_progress: bool = True) -> RunResult:
         result.steps = state.step
     except StopTraining as stopped:
         result.steps, result.interrupted, result.checkpoint = stopped.step, True, stopped.checkpoint
+        if saving.save_on_stop:  # the weights so far, as OneTrainer saves on stop; named as an intermediate save
+            events.save(f"-step{stopped.step:06d}", stopped.step)
+    except Diverged as diverged:
+        result.steps, result.diverged = diverged.step, str(diverged)
+        found = list_checkpoints(checkpointer.root)
+        result.checkpoint = found[-1] if found else None
     finally:
         events.close()
     result.seconds = time.perf_counter() - started
@@ -478,8 +556,14 @@ def run_training(config: Any) -> int:
     result = train(config)
     if result.resumed_from is not None:
         print(f"resumed from {result.resumed_from}")
+    if result.diverged:
+        kept = f"last good checkpoint: {result.checkpoint}" if result.checkpoint else "no checkpoint was written"
+        print(f"error: {result.diverged}; {kept}", file=sys.stderr)
+        return EXIT_DIVERGED
     if result.interrupted:
         print(f"stopped after step {result.steps}; checkpoint {result.checkpoint} (continue with --resume latest)")
+        for path in result.saved:
+            print(f"saved {path}")
         return 130  # like a shell's Ctrl-C
     print(f"trained {result.steps} steps in {result.seconds:.1f}s; final loss {result.final_loss:.4f}")
     if result.val_losses and result.val_losses[0][0] != 0:  # resumed: the step-0 baseline is in the first run's log
