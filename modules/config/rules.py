@@ -179,6 +179,22 @@ def init_lora_is_safetensors(cfg: TrainConfig) -> list[Problem]:
     return []
 
 
+def memory_needs_lora(cfg: TrainConfig) -> list[Problem]:
+    """memory.quantize.denoiser and memory.offload_blocks need method lora (a finetune trains the base weights)."""
+    if cfg.method != "finetune":
+        return []
+    out = []
+    if cfg.memory.quantize.denoiser != "none":
+        out.append((
+            "memory.quantize.denoiser",
+            f"{cfg.memory.quantize.denoiser} stores the denoiser frozen; a full finetune trains it: set it to none "
+            "or use method: lora",
+        ))
+    if cfg.memory.offload_blocks:
+        out.append(("memory.offload_blocks", "offloading streams frozen weights only; set it to 0 or use method: lora"))
+    return out
+
+
 RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
     dora_vs_spectral,
     lora_muon_needs_lora,
@@ -192,6 +208,7 @@ RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
     init_lora_is_safetensors,
     flow_family_settings,
     single_file_has_writer,
+    memory_needs_lora,
 )
 
 

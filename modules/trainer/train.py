@@ -22,6 +22,7 @@ import torch
 
 from modules.model.adapters import LoraSettings, add_lora, check_dora_compatible, enable_gradient_checkpointing
 from modules.model.families import ModelFamily, get_family
+from modules.model.quantize import quantize_components
 from modules.optimizer.factory import build_optimizer
 from modules.trainer.checkpoint import (
     Checkpointer, DataPosition, StopSignal, drop_metrics_after, find_checkpoint, restore_run, trained_parameters,
@@ -276,6 +277,7 @@ def build_run(config: Any) -> Run:
     )
     if components["vae"].dtype != DTYPES[config.model.vae_dtype]:
         components["vae"].to(dtype=DTYPES[config.model.vae_dtype])
+    quantize_components(components, config.memory.quantize.by_component(family.backbone))  # before PEFT wraps
     trained = setup_trainable(config, family, components)
     for module in components.values():
         if isinstance(module, torch.nn.Module):
