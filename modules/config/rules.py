@@ -179,19 +179,24 @@ def init_lora_is_safetensors(cfg: TrainConfig) -> list[Problem]:
     return []
 
 
-def memory_needs_lora(cfg: TrainConfig) -> list[Problem]:
-    """memory.quantize.denoiser and memory.offload_blocks need method lora (a finetune trains the base weights)."""
-    if cfg.method != "finetune":
-        return []
+def memory_settings(cfg: TrainConfig) -> list[Problem]:
+    """memory.quantize.denoiser and memory.offload_blocks need method lora (a finetune trains the base weights);
+    offloading needs training.gradient_checkpointing."""
     out = []
-    if cfg.memory.quantize.denoiser != "none":
+    if cfg.method == "finetune" and cfg.memory.quantize.denoiser != "none":
         out.append((
             "memory.quantize.denoiser",
             f"{cfg.memory.quantize.denoiser} stores the denoiser frozen; a full finetune trains it: set it to none "
             "or use method: lora",
         ))
-    if cfg.memory.offload_blocks:
+    if cfg.memory.offload_blocks and cfg.method == "finetune":
         out.append(("memory.offload_blocks", "offloading streams frozen weights only; set it to 0 or use method: lora"))
+    elif cfg.memory.offload_blocks and not cfg.training.gradient_checkpointing:
+        out.append((
+            "memory.offload_blocks",
+            "offloaded blocks are brought back for the backward by recomputing them; set "
+            "training.gradient_checkpointing: true",
+        ))
     return out
 
 
@@ -208,7 +213,7 @@ RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
     init_lora_is_safetensors,
     flow_family_settings,
     single_file_has_writer,
-    memory_needs_lora,
+    memory_settings,
 )
 
 
