@@ -52,6 +52,20 @@ def test_prediction_within_tolerance_of_measured_peak(arch, blocks, heads, resol
     assert plan.adapters == measured.adapters
 
 
+@pytest.mark.parametrize("arch,offload", [("flux-dev", 3), ("qwen-image", 2)])
+def test_checkpointed_and_offloaded_prediction_within_tolerance(arch, offload):
+    model = reduced_model(arch, blocks=2, heads=4)
+    settings = PlanSettings(resolution=256, batch=1, train_dtype="float32", activation_dtype="float32",
+                            quantize={"transformer": "nf4"}, lora_rank=4, optimizer="adamw", text_tokens=64,
+                            checkpointing=True, offload_blocks=offload)  # fmt: skip
+    plan = plan_memory({"transformer": model}, settings)
+    measured = measure_step(model, step_inputs(model, 256, 1, 64), mode="nf4", rank=4, checkpointing=True,
+                            offload_blocks=offload)  # fmt: skip
+    assert abs(plan.peak / measured.peak - 1) < TOLERANCE, (plan.as_dict(), measured)
+    assert abs(plan.activations / measured.activations - 1) < TOLERANCE
+    assert plan.weights == pytest.approx(measured.weights)  # incl. what offloading takes off the device
+
+
 def test_checkpointing_quantization_and_offload_each_lower_the_flux_dev_prediction():
     components = build_meta_components("flux-dev")
     base = PlanSettings(resolution=1024)

@@ -18,6 +18,16 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device.type, storage.data_ptr()) if t.device.type != "meta" else ("meta", id(t))
 
 
+def _flat(values: list) -> list[torch.Tensor]:
+    out = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, (tuple, list)):
+            out.extend(_flat(list(value)))
+    return out
+
+
 class SavedActivations:
     """Context manager: `.total` bytes saved for backward (each storage once), `.per_block` by block name."""
 
@@ -26,6 +36,7 @@ class SavedActivations:
         self.per_block: dict[str, int] = {}
         self.block_inputs: dict[str, int] = {}
         self._seen: set[tuple] = set()
+        self._inputs_seen: set[tuple] = set()
         self._keep: list[torch.Tensor] = []  # keeps storages alive so a freed pointer is never reused and missed
         self._weights: set[tuple] = set()
         self._current: str | None = None
@@ -40,8 +51,12 @@ class SavedActivations:
     def _enter(self, name: str):
         def hook(module, args, kwargs):
             self._current = name
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-            self.block_inputs[name] = sum(t.numel() * t.element_size() for t in tensors)
+            # each storage once over all blocks: tensors every block gets (rotary tables, conditioning) count once
+            tensors = [a for a in _flat(list(args) + list(kwargs.values())) if a.is_floating_point()]
+            new = {_storage_key(t): t for t in tensors if _storage_key(t) not in self._inputs_seen}
+            self._inputs_seen.update(new)
+            self._keep.extend(new.values())
+            self.block_inputs[name] = self.block_inputs.get(name, 0) + sum(t.numel() * t.element_size() for t in new.values())
         return hook
 
     def _leave(self, module, args, output):

@@ -73,7 +73,8 @@ class BlockOffloader:
         self.resident: set[int] = set()
         self.last: int | None = None
         self.copies = 0  # block copies made (tests, bench)
-        self.peak_resident = 0
+        self.peak_resident = 0  # most offloaded blocks on the compute device at once, and their bytes
+        self.peak_resident_bytes = 0
         self.handles = [model.get_submodule(name).register_forward_pre_hook(self._hook(i))
                         for i, name in enumerate(self.order)]  # fmt: skip
 
@@ -135,6 +136,14 @@ class BlockOffloader:
             tensor.data = copy
         self.resident.add(i)
         self.peak_resident = max(self.peak_resident, len(self.resident) + len(self.arriving))
+        on_device = [*self.resident, *self.arriving]
+        self.peak_resident_bytes = max(self.peak_resident_bytes, sum(self.block_bytes(j) for j in on_device))
+
+    def block_bytes(self, i: int) -> int:
+        return sum(m.numel() * m.element_size() for m in self.masters[i])
+
+    def offloaded_bytes(self) -> int:
+        return sum(self.block_bytes(i) for i in self.offloaded)
 
     def _evict(self, i: int) -> None:
         for tensor, master in zip(self.tensors[i], self.masters[i]):

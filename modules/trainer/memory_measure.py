@@ -97,35 +97,58 @@ class StepMeasure:
         return self.weight_bytes + self.adapters + self.gradients + self.optimizer_state + self.activations
 
 
-def measure_step(model: nn.Module, inputs: dict, *, mode: str = "none", rank: int = 4,
-                 optimizer: str = "adamw", offload_blocks: int = 0) -> StepMeasure:
-    """Quantize `model` (in place), add a LoRA on the default targets, run one training step; bytes by kind.
-    `offload_blocks`: that many blocks stream through modules/model/offload.py (with checkpointing)."""
+def _block_names(model: nn.Module) -> list[str]:
+    from modules.model.offload import block_names
+
+    if type(model).__name__ == "UNet2DConditionModel":
+        return [n for n, m in model.named_modules() if type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock")]
+    return block_names(model)
+
+
+def measure_step(model: nn.Module, inputs: dict, *, mode: str = "none", rank: int = 4, optimizer: str = "adamw",
+                 checkpointing: bool = False, offload_blocks: int = 0) -> StepMeasure:
+    """Quantize `model` (in place), add a LoRA on the default targets, run one training step on CPU; bytes by kind.
+
+    Activations: without checkpointing, the saved-tensor bytes (exact). With it, what the checkpointed forward still
+    saves (the block inputs the checkpoints hold, the layers outside the blocks) + the largest block's saved bytes
+    (measured by a forward without checkpointing first): the backward recomputes one block at a time. `offload_blocks`: the first
+    N blocks stream through modules/model/offload.py; weights then count what is on the compute device at most."""
     quantize_linears(model, mode)
     add_default_lora(model, rank)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4) if optimizer == "adamw" else torch.optim.SGD(trainable, lr=1e-4, momentum=0.9)
+    blocks = _block_names(model)
+    largest_block = 0
+    if checkpointing or offload_blocks:
+        with SavedActivations(model, blocks) as probe:
+            model(**inputs)
+        largest_block = max(probe.per_block.values())
+        model.enable_gradient_checkpointing()
     offloader = None
     if offload_blocks:
         from modules.model.offload import BlockOffloader, block_names
 
-        model.enable_gradient_checkpointing()
-        offloader = BlockOffloader(model, block_names(model)[:offload_blocks], storage="cpu", compute="cpu")
+        order = block_names(model)
+        offloader = BlockOffloader(model, order[:offload_blocks], storage="cpu", compute="cpu", order=order)
     weights = weight_bytes_by_dtype(model)
     adapters = _tensor_bytes(trainable)
-    for key in list(weights):
-        weights[key] -= adapters if key == str(trainable[0].dtype).removeprefix("torch.") else 0
+    weights[str(trainable[0].dtype).removeprefix("torch.")] -= adapters
     started = time.perf_counter()
-    with SavedActivations(model) as saved:
+    with SavedActivations(model, blocks) as saved:
         out = model(**inputs)[0]
         loss = out.float().pow(2).mean()
     loss.backward()
     opt.step()
     seconds = time.perf_counter() - started
-    state = _tensor_bytes(t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.ndim)
+    activations = saved.total
+    if checkpointing or offload_blocks:
+        activations += largest_block
     if offloader is not None:
+        if offloader.peak_resident_bytes != offloader.offloaded_bytes():
+            weights["offloaded (in CPU memory)"] = offloader.peak_resident_bytes - offloader.offloaded_bytes()
         offloader.remove()
-    return StepMeasure(weights, adapters, adapters, state, saved.total, seconds, float(loss.detach()))
+    state = _tensor_bytes(t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.ndim)
+    return StepMeasure(weights, adapters, adapters, state, activations, seconds, float(loss.detach()))
 
 
 __all__ = ["REDUCIBLE", "StepMeasure", "add_default_lora", "measure_step", "reduced_model", "step_inputs"]

@@ -201,8 +201,8 @@ def plan_memory(components: Mapping[str, nn.Module], settings: PlanSettings) -> 
 
 
 def offload_saving(backbone: nn.Module, blocks: list[Block], settings: PlanSettings) -> float:
-    """Bytes the offloaded blocks free on the accelerator: their stored weights, less the two block buffers the
-    streaming needs (the one computing and the one arriving)."""
+    """Bytes the offloaded blocks free on the accelerator: their stored weights, less the two largest of them (at
+    most two are on the device at once: the one computing and the one arriving)."""
     n = min(settings.offload_blocks, len(blocks))
     if n == 0:
         return 0.0
@@ -210,7 +210,7 @@ def offload_saving(backbone: nn.Module, blocks: list[Block], settings: PlanSetti
     dtype_bytes = DTYPE_BYTES[settings.train_dtype]
     stored = [sum(_module_weight_bytes(backbone.get_submodule(b.name), mode, dtype_bytes).values())
               for b in blocks]  # fmt: skip
-    return max(0.0, sum(stored[:n]) - 2 * max(stored))
+    return sum(stored[:n]) - sum(sorted(stored[:n])[-2:])
 
 
 def pick_settings(components: Mapping[str, nn.Module], base: PlanSettings, budget_gb: float) -> tuple[MemoryPlan, list[str]]:
