@@ -105,3 +105,19 @@ def test_inspect_model_memory_cli(capsys, tmp_path):
     assert "int8" in report["plan"]["weights"]
     assert inspect_model.main(["nonesuch", "--memory"]) == 2
     assert "nonesuch" in capsys.readouterr().err
+
+
+def test_bench_memory_json_has_every_mode(capsys):
+    import bench_memory
+
+    argv = ["--model", "flux-dev", "--blocks", "2", "--heads", "1", "--resolution", "64", "--text-tokens", "8",
+            "--steps", "1", "--json"]
+    assert bench_memory.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["results"]) == ["bf16", "float8", "int8", "nf4", "nf4+offload"]
+    for row in report["results"].values():
+        assert {"peak_bytes", "predicted_peak_bytes", "weight_bytes", "step_s"} <= row.keys()
+        assert abs(row["predicted_peak_bytes"] / row["peak_bytes"] - 1) < TOLERANCE
+    weights = [report["results"][m]["weight_bytes"] for m in ("bf16", "int8", "nf4", "nf4+offload")]
+    assert weights == sorted(weights, reverse=True) and weights[-1] < weights[-2]  # offloading takes blocks off
+    assert bench_memory.main(["--model", "sd99"]) == 2 and "--model" in capsys.readouterr().err

@@ -106,13 +106,14 @@ def _block_names(model: nn.Module) -> list[str]:
 
 
 def measure_step(model: nn.Module, inputs: dict, *, mode: str = "none", rank: int = 4, optimizer: str = "adamw",
-                 checkpointing: bool = False, offload_blocks: int = 0) -> StepMeasure:
+                 checkpointing: bool = False, offload_blocks: int = 0, steps: int = 1) -> StepMeasure:
     """Quantize `model` (in place), add a LoRA on the default targets, run one training step on CPU; bytes by kind.
 
     Activations: without checkpointing, the saved-tensor bytes (exact). With it, what the checkpointed forward still
     saves (the block inputs the checkpoints hold, the layers outside the blocks) + the largest block's saved bytes
     (measured by a forward without checkpointing first): the backward recomputes one block at a time. `offload_blocks`: the first
-    N blocks stream through modules/model/offload.py; weights then count what is on the compute device at most."""
+    N blocks stream through modules/model/offload.py; weights then count what is on the compute device at most.
+    `steps` > 1: `seconds` is the median time of the steps after the first."""
     quantize_linears(model, mode)
     add_default_lora(model, rank)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -139,7 +140,14 @@ def measure_step(model: nn.Module, inputs: dict, *, mode: str = "none", rank: in
         loss = out.float().pow(2).mean()
     loss.backward()
     opt.step()
-    seconds = time.perf_counter() - started
+    times = [time.perf_counter() - started]
+    for _ in range(steps - 1):
+        started = time.perf_counter()
+        opt.zero_grad()
+        model(**inputs)[0].float().pow(2).mean().backward()
+        opt.step()
+        times.append(time.perf_counter() - started)
+    seconds = sorted(times[1:])[len(times[1:]) // 2] if steps > 1 else times[0]
     activations = saved.total
     if checkpointing or offload_blocks:
         activations += largest_block
