@@ -3,6 +3,7 @@ predicting close to its float self, PEFT on top, identical optimizer groups, and
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -140,3 +141,57 @@ def test_finetune_on_a_quantized_base_is_a_config_error(flux_base, data_dirs, tm
                           memory={"quantize": {"denoiser": "nf4"}})
     with pytest.raises(ValidationError, match="memory.quantize.text_encoder"):
         tiny_train_config("flux", flux_base, data_dirs, tmp_path, memory={"quantize": {"text_encoder": "int4"}})
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_peft_on_a_quantized_layer_equals_peft_on_its_dequantized_float_layer(dora):
+    """PEFT's LoRA / DoRA (which reads the base weight's norm) on a QuantLinear behaves exactly like on a plain
+    Linear holding the dequantized weight: forward and the adapters' gradients."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(48, 40))
+    quantized = copy.deepcopy(source)
+    quantize_linears(quantized, "nf4")
+    plain = copy.deepcopy(source)
+    with torch.no_grad():
+        plain[0].weight.copy_(quantized[0].weight)
+    x = torch.randn(5, 48)
+    outs, grads = [], []
+    for model in (quantized, plain):
+        torch.manual_seed(1)
+        inject_adapter_in_model(LoraConfig(r=4, target_modules=["0"], use_dora=dora, init_lora_weights=False), model)
+        model.requires_grad_(False)
+        trained = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in trained:
+            p.requires_grad_(True)
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad for p in trained])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_quantized_text_encoders_train_in_bfloat16(flux_base, data_dirs, tmp_path):
+    cfg = tiny_train_config(
+        "flux", flux_base, data_dirs, tmp_path, defaults=FLOW_RUN,
+        memory={"quantize": {"denoiser": "float8", "text_encoder": "int8", "text_encoder_2": "nf4"}},
+        lora={"train_text_encoders": {"text_encoder": True}}, data={"cache_text_embeddings": False},
+        model={"family": "flux", "base_model": str(flux_base), "train_dtype": "bfloat16"},
+    )  # fmt: skip
+    result = train(cfg, show_progress=False)
+    modes = {name: {m.mode for m in result.components[name].modules() if isinstance(m, QuantLinear)}
+             for name in ("transformer", "text_encoder", "text_encoder_2")}  # fmt: skip
+    assert modes == {"transformer": {"float8"}, "text_encoder": {"int8"}, "text_encoder_2": {"nf4"}}
+    clip_b = [p for n, p in result.components["text_encoder"].named_parameters() if ".lora_B." in n]
+    assert clip_b and all(p.abs().sum() > 0 for p in clip_b) and all(p.dtype == torch.bfloat16 for p in clip_b)
+    assert all(math.isfinite(v) for _, v in result.val_losses)
+
+
+def test_quantizing_a_component_the_model_lacks_names_the_field(flux_base, data_dirs, tmp_path):
+    cfg = tiny_train_config("flux", flux_base, data_dirs, tmp_path, defaults=FLOW_RUN,
+                            memory={"quantize": {"text_encoder_3": "int8"}})
+    with pytest.raises(ValueError, match="memory.quantize.text_encoder_3: this model has no component text_encoder_3"):
+        train(cfg, show_progress=False)

@@ -66,7 +66,9 @@ def quantize_weight(weight: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"quantization mode must be one of {', '.join(QUANT_MODES[1:])}, got {mode!r}")
 
 
-def dequantize_weight(stored: dict[str, torch.Tensor], mode: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_weight(stored: dict[str, torch.Tensor], mode: str, shape: torch.Size, dtype: torch.dtype,
+                      levels: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight back from `quantize_weight`'s tensors, in `dtype`; `levels`: the NF4 table on the data's device."""
     data = stored["data"]
     if mode == "bfloat16":
         return data.to(dtype)
@@ -75,9 +77,20 @@ def dequantize_weight(stored: dict[str, torch.Tensor], mode: str, shape: torch.S
     if mode == "float8":
         return (data.view(torch.float8_e4m3fn).float() * stored["scale"]).to(dtype)
     codes = torch.stack((data >> 4, data & 15), dim=-1).reshape(-1).long()
-    levels = torch.tensor(NF4_LEVELS, device=data.device)
+    if levels is None or levels.device != data.device:
+        levels = torch.tensor(NF4_LEVELS, device=data.device)
     values = (levels[codes].reshape(-1, NF4_BLOCK) * stored["scale"].unsqueeze(1)).reshape(-1)
     return values[: shape.numel()].reshape(shape).to(dtype)
+
+
+_LEVELS: dict[torch.device, torch.Tensor] = {}
+
+
+def _nf4_levels(device: torch.device) -> torch.Tensor:
+    """The NF4 table on `device`, made once per device (no host-to-device copy per forward)."""
+    if device not in _LEVELS:
+        _LEVELS[device] = torch.tensor(NF4_LEVELS, device=device)
+    return _LEVELS[device]
 
 
 class _FrozenQuantMatmul(torch.autograd.Function):
@@ -110,7 +123,8 @@ class QuantLinear(nn.Linear):
         stored = {"data": self.qdata, "scale": self.qscale}
         if device is not None and self.qdata.device != device:  # offloaded: the hooks normally moved it already
             stored = {k: v.to(device, non_blocking=True) for k, v in stored.items() if v is not None}
-        return dequantize_weight(stored, self.mode, self.weight_shape, dtype or self.compute_dtype)
+        levels = _nf4_levels(stored["data"].device) if self.mode == "nf4" else None
+        return dequantize_weight(stored, self.mode, self.weight_shape, dtype or self.compute_dtype, levels)
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
