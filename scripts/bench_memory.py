@@ -4,8 +4,8 @@
     python scripts/bench_memory.py --model qwen-image --device cuda --blocks 4 --heads 24 --resolution 1024
 
 Modes: bf16, float8, int8, nf4 (memory.quantize.denoiser) and nf4+offload (all blocks but the last streamed from CPU
-memory, with gradient checkpointing; SDXL: not offloaded, the planner's UNet blocks are finer than the offloader's).
-The model is the real diffusers class built from the bundled published config
+memory, with gradient checkpointing; a UNet's blocks are its down, mid and up blocks). The model is the real
+diffusers class built from the bundled published config
 with `--blocks` blocks per block list and `--heads` heads (modules/trainer/memory_measure.py), LoRA rank 4 on the
 default targets, AdamW. On CPU the peak is counted exactly (tensor bytes + saved activations, see
 modules/model/activations.py) and the model computes in float32 (weights stored per mode); with --device cuda it is
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     for name, mode in MODES.items():
         offload = name.endswith("+offload")
         model = reduced_model(args.model, blocks=args.blocks, heads=args.heads)
-        n_offload = len(block_names(model)) - 1 if offload and backbone == "transformer" else 0
+        n_offload = len(block_names(model)) - 1 if offload else 0
         settings = PlanSettings(resolution=args.resolution, batch=1, train_dtype=dtype, activation_dtype=dtype,
                                 quantize={backbone: mode}, lora_rank=4, optimizer="adamw", text_tokens=args.text_tokens,
                                 checkpointing=offload, offload_blocks=n_offload)  # fmt: skip

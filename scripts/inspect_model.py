@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth-source", choices=("model", "trained"), default="model")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     memory = parser.add_argument_group("memory plan (--memory)")
-    memory.add_argument("--memory", action="store_true", help="print the predicted peak accelerator memory of a LoRA run")
+    memory.add_argument("--memory", action="store_true", help="predicted peak accelerator memory of a LoRA run")
     memory.add_argument("--config", help="training YAML whose resolution, batch, LoRA, optimizer and memory: it plans")
     memory.add_argument("--resolution", type=int, help="training resolution in px (default 1024 or the config's)")
     memory.add_argument("--batch", type=int, help="batch size (default 1 or the config's)")

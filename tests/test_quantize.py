@@ -44,7 +44,8 @@ def test_formats_match_their_closed_forms():
     torch.testing.assert_close(int8["data"].float(), torch.round(w / row_scale).clamp(-127, 127))
     f8 = quantize_weight(w, "float8")
     scale = w.abs().amax(1, keepdim=True) / 448
-    torch.testing.assert_close(f8["data"].view(torch.float8_e4m3fn).float(), (w / scale).to(torch.float8_e4m3fn).float())
+    f8_ref = (w / scale).to(torch.float8_e4m3fn).float()
+    torch.testing.assert_close(f8["data"].view(torch.float8_e4m3fn).float(), f8_ref)
     nf4 = quantize_weight(w, "nf4")
     assert nf4["data"].dtype == torch.uint8 and nf4["data"].numel() == (2400 + 63) // 64 * 32  # two codes a byte
     layer = QuantLinear(nn.Linear(100, 24), "nf4")
@@ -89,7 +90,8 @@ def test_backward_keeps_no_dequantized_weight(transformer):
 
 
 def lora_groups(module: nn.Module) -> list[tuple]:
-    add_lora(module, LoraSettings(rank=4, alpha=4.0, targets=("to_q", "to_k", "to_v", "proj_mlp")), component="transformer")
+    settings = LoraSettings(rank=4, alpha=4.0, targets=("to_q", "to_k", "to_v", "proj_mlp"))
+    add_lora(module, settings, component="transformer")
     infos = param_infos({"transformer": module})
     groups = build_param_groups(infos, lr=1e-3, weight_decay=0.1)
     return [(g["names"], {k: v for k, v in g.items() if k not in ("params", "names", "pairs")}) for g in groups]

@@ -447,7 +447,7 @@ class QuantizeConfig(Section):
         ),
     )
     text_encoder: QuantMode = Field(default="none", description="Storage of the first text encoder's Linear weights.")
-    text_encoder_2: QuantMode = Field(default="none", description="Storage of the second text encoder's Linear weights.")
+    text_encoder_2: QuantMode = Field(default="none", description="Storage of the 2nd text encoder's Linear weights.")
     text_encoder_3: QuantMode = Field(default="none", description="Storage of the third text encoder's Linear weights.")
 
     def by_component(self, backbone: str) -> dict[str, str]:
@@ -473,8 +473,9 @@ class MemoryConfig(Section):
         default=None,
         gt=0,
         description=(
-            "Accelerator memory budget for scripts/inspect_model.py --memory: it picks quantization, gradient "
-            "checkpointing and offload_blocks to fit and prints them (training uses the settings above as written)."
+            "Accelerator memory budget in GiB for scripts/inspect_model.py --memory: it picks gradient checkpointing, "
+            "quantization and offload_blocks to fit (keeping 10% free) and prints them; training uses the settings "
+            "above as written."
         ),
     )
 

@@ -42,7 +42,8 @@ class SavedActivations:
         self._current: str | None = None
         self._handles: list = []
         if model is not None:
-            self._weights = {_storage_key(t) for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
+            tensors = [*model.parameters(), *model.buffers()]
+            self._weights = {_storage_key(t) for t in tensors if t.device.type != "meta"}
             for name in blocks:
                 block = model.get_submodule(name)
                 self._handles.append(block.register_forward_pre_hook(self._enter(name), with_kwargs=True))
@@ -56,7 +57,8 @@ class SavedActivations:
             new = {_storage_key(t): t for t in tensors if _storage_key(t) not in self._inputs_seen}
             self._inputs_seen.update(new)
             self._keep.extend(new.values())
-            self.block_inputs[name] = self.block_inputs.get(name, 0) + sum(t.numel() * t.element_size() for t in new.values())
+            size = sum(t.numel() * t.element_size() for t in new.values())
+            self.block_inputs[name] = self.block_inputs.get(name, 0) + size
         return hook
 
     def _leave(self, module, args, output):

@@ -25,10 +25,13 @@ from torch import nn
 
 def block_names(model: nn.Module, prefixes: Sequence[str] | None = None) -> list[str]:
     """Residual blocks in execution order: the items of each ModuleList named by `prefixes` (a family's
-    backbone_blocks, e.g. 'transformer_blocks.'), or of every top-level ModuleList when none are given; a prefix
-    naming a single module (a UNet's 'mid_block.') is one block."""
+    backbone_blocks, e.g. 'transformer_blocks.'), or when none are given of a UNet's down/mid/up blocks or else of
+    every top-level ModuleList; a prefix naming a single module (a UNet's 'mid_block.') is one block. (The order
+    only steers prefetching: a block that was not prefetched is fetched when it starts.)"""
     names = []
-    if prefixes is None:
+    if prefixes is None and isinstance(getattr(model, "mid_block", None), nn.Module):  # a UNet: down, mid, up
+        prefixes = ("down_blocks.", "mid_block.", "up_blocks.")
+    elif prefixes is None:
         prefixes = [f"{n}." for n, sub in model.named_children() if isinstance(sub, nn.ModuleList)]
     for prefix in prefixes:
         path = prefix.rstrip(".")
@@ -75,8 +78,12 @@ class BlockOffloader:
         self.copies = 0  # block copies made (tests, bench)
         self.peak_resident = 0  # most offloaded blocks on the compute device at once, and their bytes
         self.peak_resident_bytes = 0
-        self.handles = [model.get_submodule(name).register_forward_pre_hook(self._hook(i))
-                        for i, name in enumerate(self.order)]  # fmt: skip
+        # on every module inside a block: checkpointing may recompute only a part of it (a UNet's resnets and
+        # attentions are checkpointed one by one inside its down/up blocks), and that part needs the weights back
+        self.handles = [
+            sub.register_forward_pre_hook(self._hook(i))
+            for i, name in enumerate(self.order) for sub in model.get_submodule(name).modules()
+        ]  # fmt: skip
 
     def place(self) -> None:
         """Move all but the offloaded blocks' frozen tensors to the compute device."""
@@ -91,10 +98,13 @@ class BlockOffloader:
         return hook
 
     def arrive(self, i: int) -> None:
+        if i == self.last:  # a module inside the block in use: it is on the device already
+            return
         forward = self.last is None or i > self.last or i == 0
         self.last = i
         step = 1 if forward else -1
-        ahead = next((j for j in range(i + step, len(self.order) if forward else -1, step) if j in self.offloaded), None)
+        stop = len(self.order) if forward else -1
+        ahead = next((j for j in range(i + step, stop, step) if j in self.offloaded), None)
         for j in list(self.resident):
             if j not in (i, ahead):
                 self._evict(j)

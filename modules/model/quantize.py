@@ -5,14 +5,14 @@ factors in the train dtype sit on top), the roles/depth code reads the same `in_
 module names (hence LoRA file keys) stay those of the float model. Its `weight` is a read-only property that
 dequantizes, which is what PEFT's DoRA (`dequantize_module_weight`) and anything else reading `.weight` see.
 
-Why our own small module rather than bitsandbytes / torchao / optimum-quanto (all three are on the registry):
-- none of them is needed for correctness on CPU, and this repo's tests run on CPU: bitsandbytes' CPU path and
-  torchao's tensor subclasses follow torch releases (torch 2.13 here), quanto's QLinear is not an nn.Linear so PEFT
-  needs a custom dispatcher for it;
-- dequantize-then-matmul per layer is what QLoRA-style training does on GPU anyway for the frozen path (bnb's
-  backward dequantizes too); the memory win is in storage, which this gives exactly;
-- the backward saves nothing for the frozen weight (a custom autograd function re-dequantizes in backward, as
-  bitsandbytes does), so a quantized layer's dequantized copy never lives across the forward.
+Why our own small module rather than bitsandbytes / torchao / optimum-quanto (all three install on CPU with torch
+2.13 and PEFT injects into each): each keeps its quantized state its own way (bnb's quant_state beside a packed
+Params4bit, torchao's tensor subclasses, quanto's QTensor), so offloading (modules/model/offload.py swaps plain
+tensors), the planner's byte counts and DoRA would need a path per library; bnb's CPU 4-bit kernel is fetched from
+the Hub (`kernels`), torchao follows torch releases; here the formats are a few lines each and testable against
+closed forms. The backward saves nothing for the frozen weight (a custom autograd function dequantizes again, as
+bitsandbytes does), so a layer's dequantized copy never lives across the forward. The price is GPU speed against
+fused kernels (not measured yet).
 Formats: int8 per-output-row absmax (LLM.int8()'s vector-wise scale without the outlier split); float8 e4m3 with a
 per-row scale to the format's max 448 (as in torchao's float8 weight-only); NF4 from QLoRA (Dettmers et al. 2023):
 16 normal-quantile levels, absmax per block of 64 values, two codes per byte (the double quantization of the

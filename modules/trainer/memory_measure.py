@@ -45,7 +45,8 @@ def step_inputs(model: nn.Module, resolution: int, batch: int, text_tokens: int,
     side = resolution // 16
     if cls == "UNet2DConditionModel":
         lat = resolution // 8
-        return dict(sample=torch.randn(batch, cfg.in_channels, lat, lat, generator=g), timestep=torch.full((batch,), 500),
+        return dict(sample=torch.randn(batch, cfg.in_channels, lat, lat, generator=g),
+                    timestep=torch.full((batch,), 500),
                     encoder_hidden_states=torch.randn(batch, text_tokens, cfg.cross_attention_dim, generator=g),
                     added_cond_kwargs={"text_embeds": torch.randn(batch, 256, generator=g),
                                        "time_ids": torch.randn(batch, 6, generator=g)}, return_dict=False)  # fmt: skip
@@ -58,7 +59,8 @@ def step_inputs(model: nn.Module, resolution: int, batch: int, text_tokens: int,
     grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side * 1.0), torch.arange(side * 1.0),
                                       indexing="ij"), -1).reshape(-1, 3)  # fmt: skip
     out = dict(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.full((batch,), 0.4), img_ids=grid,
-               txt_ids=torch.zeros(text_tokens, 3), pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+               txt_ids=torch.zeros(text_tokens, 3),
+               pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
                return_dict=False)  # fmt: skip
     if cfg.guidance_embeds:
         out["guidance"] = torch.full((batch,), 3.5)
@@ -111,13 +113,17 @@ def measure_step(model: nn.Module, inputs: dict, *, mode: str = "none", rank: in
 
     Activations: without checkpointing, the saved-tensor bytes (exact). With it, what the checkpointed forward still
     saves (the block inputs the checkpoints hold, the layers outside the blocks) + the largest block's saved bytes
-    (measured by a forward without checkpointing first): the backward recomputes one block at a time. `offload_blocks`: the first
-    N blocks stream through modules/model/offload.py; weights then count what is on the compute device at most.
+    (measured by a forward without checkpointing first): the backward recomputes one block at a time.
+    `offload_blocks`: the first N blocks stream through modules/model/offload.py; weights then count what is on
+    the compute device at most.
     `steps` > 1: `seconds` is the median time of the steps after the first."""
     quantize_linears(model, mode)
     add_default_lora(model, rank)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4) if optimizer == "adamw" else torch.optim.SGD(trainable, lr=1e-4, momentum=0.9)
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    else:
+        opt = torch.optim.SGD(trainable, lr=1e-4, momentum=0.9)
     blocks = _block_names(model)
     largest_block = 0
     if checkpointing or offload_blocks:

@@ -1,14 +1,15 @@
 """Predicted peak accelerator memory of a LoRA run, and a picker that fits a budget.
 
-peak = weights (by storage dtype, quantized layers at their stored size; offloaded blocks leave, two block buffers
+peak = weights (by storage dtype, quantized layers at their stored size; offloaded blocks leave, the two largest
        stay for the streaming) + adapters (LoRA factors) + their gradients + optimizer state (Muon_adv / LoRA-Muon
        1x, AdaMuon / AdamW 2x the adapter bytes, halved with state_dtype bfloat16) + activations.
 Activations (what autograd keeps between forward and backward) per residual block are k x batch x tokens x width x
 bytes, with k per block class measured on CPU with modules/model/activations.py (saved-tensor bytes, exact): Flux
-double block 18.2, single block 17.1, Qwen-Image block 19.0, SDXL transformer block 27 (with its proj_in/out), ResNet block 5 (of its input
-bytes). With gradient checkpointing each block keeps only its input (k = 1) and one block is recomputed at a time.
-tests/test_memory_plan.py checks the prediction against measured peaks of reduced real architectures. Not modelled:
-the allocator's fragmentation and the backward's short-lived temporaries (a GPU run needs some headroom on top).
+double block 18.2, single block 17.1, Qwen-Image block 19.0, SDXL transformer block 27 (with its proj_in/out),
+ResNet block 5 (of its input bytes). With gradient checkpointing each block keeps only its input (k = 1) and one
+block is recomputed at a time. tests/test_memory_plan.py checks the prediction against measured peaks of reduced
+real architectures. Not modelled: the allocator's fragmentation and the backward's short-lived temporaries (the
+budget picker keeps HEADROOM free for them).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ OUTSIDE_BLOCKS_K = 1.0  # embedders and the final layer, in units of one token x
 TEXT_TOKENS = {"FluxTransformer2DModel": 512, "ChromaTransformer2DModel": 512, "SD3Transformer2DModel": 333,
                "QwenImageTransformer2DModel": 256}  # fmt: skip
 MODES = ("none", "bfloat16", "float8", "int8", "nf4")
+HEADROOM = 0.10  # of a budget kept free for what the plan does not model (allocator fragmentation, temporaries)
 
 
 @dataclass
@@ -194,46 +196,51 @@ def plan_memory(components: Mapping[str, nn.Module], settings: PlanSettings) -> 
     if dtype_bytes == 2 and settings.state_dtype == "float32":
         state *= 2  # fp32 state for bf16 factors
     blocks = residual_blocks(backbone, settings.resolution, settings.text_tokens)
-    saves = offload_saving(backbone, blocks, settings)
+    saves = offload_saving(backbone, settings)
     if saves:
         weights["offloaded (in CPU memory)"] = -saves
     return MemoryPlan(weights, adapters, adapters, state, activation_bytes(blocks, settings), saves, settings)
 
 
-def offload_saving(backbone: nn.Module, blocks: list[Block], settings: PlanSettings) -> float:
-    """Bytes the offloaded blocks free on the accelerator: their stored weights, less the two largest of them (at
-    most two are on the device at once: the one computing and the one arriving)."""
-    n = min(settings.offload_blocks, len(blocks))
-    if n == 0:
+def offload_saving(backbone: nn.Module, settings: PlanSettings) -> float:
+    """Bytes the offloaded blocks (the first `offload_blocks` of modules/model/offload.py's order: a DiT's blocks, a
+    UNet's down/mid/up blocks) free on the accelerator: their stored weights, less the two largest of them (at most
+    two are on the device at once: the one computing and the one arriving)."""
+    from modules.model.offload import block_names
+
+    names = block_names(backbone)[: settings.offload_blocks]
+    if not names:
         return 0.0
     mode = settings.quantize.get("transformer", settings.quantize.get("unet", "none"))
     dtype_bytes = DTYPE_BYTES[settings.train_dtype]
-    stored = [sum(_module_weight_bytes(backbone.get_submodule(b.name), mode, dtype_bytes).values())
-              for b in blocks]  # fmt: skip
-    return sum(stored[:n]) - sum(sorted(stored[:n])[-2:])
+    stored = [sum(_module_weight_bytes(backbone.get_submodule(n), mode, dtype_bytes).values()) for n in names]
+    return sum(stored) - sum(sorted(stored)[-2:])
 
 
-def pick_settings(components: Mapping[str, nn.Module], base: PlanSettings, budget_gb: float) -> tuple[MemoryPlan, list[str]]:
-    """The least lossy settings that fit `budget_gb` (GiB, 2^30 bytes), trying in order: as given, gradient checkpointing, then the
-    denoiser's quantization bfloat16 -> float8 -> int8 -> nf4 (text encoders follow to float8/nf4), then offloading
-    more and more blocks. Returns the plan and what was changed (empty: it fits as given)."""
-    budget = budget_gb * GIB
+def pick_settings(
+    components: Mapping[str, nn.Module], base: PlanSettings, budget_gb: float
+) -> tuple[MemoryPlan, list[str]]:
+    """The least lossy settings whose predicted peak fits `budget_gb` (GiB, 2^30 bytes) less HEADROOM, trying in
+    order: as given; gradient checkpointing; int8 weights (denoiser and text encoders; as small as float8 and 6x
+    more exact on the tiny Flux of tests/test_quantize.py), then offloading up to half the blocks; nf4, then
+    offloading more and more blocks. Returns the plan and what was changed (empty: it fits as given)."""
+    from modules.model.offload import block_names
+
+    budget = budget_gb * GIB * (1 - HEADROOM)
     backbone = backbone_name(components)
     encoders = [n for n in components if n.startswith("text_encoder")]
-    candidates: list[tuple[PlanSettings, list[str]]] = [(base, [])]
+    n_blocks = len(block_names(components[backbone]))
     ckpt = PlanSettings(**{**asdict(base), "checkpointing": True})
-    candidates.append((ckpt, ["training.gradient_checkpointing: true"]))
-    for mode in ("float8", "int8", "nf4"):
-        enc_mode = "nf4" if mode == "nf4" else "float8"
-        quant = {backbone: mode, **{e: enc_mode for e in encoders}}
-        s = PlanSettings(**{**asdict(ckpt), "quantize": quant})
-        candidates.append((s, ["training.gradient_checkpointing: true", f"memory.quantize.denoiser: {mode}",
-                               *(f"memory.quantize.{e}: {enc_mode}" for e in encoders)]))
-    last_settings, last_changes = candidates[-1]
-    n_blocks = len(residual_blocks(components[backbone], base.resolution, base.text_tokens))
-    for n in range(2, n_blocks + 1, 2):
-        s = PlanSettings(**{**asdict(last_settings), "offload_blocks": n})
-        candidates.append((s, [*last_changes, f"memory.offload_blocks: {n}"]))
+    candidates: list[tuple[PlanSettings, list[str]]] = [(base, []), (ckpt, ["training.gradient_checkpointing: true"])]
+    for mode, most in (("int8", n_blocks // 2), ("nf4", n_blocks)):
+        quant = {backbone: mode, **{e: mode for e in encoders}}
+        quantized = PlanSettings(**{**asdict(ckpt), "quantize": quant})
+        changes = ["training.gradient_checkpointing: true", *(f"memory.quantize.{'denoiser' if c == backbone else c}: "
+                                                              f"{m}" for c, m in quant.items())]  # fmt: skip
+        candidates.append((quantized, changes))
+        for n in range(2, most + 1, 2):
+            candidates.append((PlanSettings(**{**asdict(quantized), "offload_blocks": n}),
+                               [*changes, f"memory.offload_blocks: {n}"]))  # fmt: skip
     for settings, changes in candidates:
         plan = plan_memory(components, settings)
         if plan.peak <= budget:
