@@ -254,14 +254,13 @@ def format_plan(plan: MemoryPlan, *, title: str = "") -> str:
     lines = [f"predicted peak accelerator memory{title}: {gb(plan.peak).strip()}",
              f"  at {s.resolution}px, batch {s.batch}, LoRA rank {s.lora_rank}, {s.optimizer}, "
              f"checkpointing {'on' if s.checkpointing else 'off'}, offload_blocks {s.offload_blocks}"]  # fmt: skip
-    for key, value in sorted(plan.weights.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  weights {key:<26}{gb(value)}")
-    lines += [f"  adapters (LoRA factors)         {gb(plan.adapters)}",
-              f"  adapter gradients               {gb(plan.gradients)}",
-              f"  optimizer state                 {gb(plan.optimizer_state)}",
-              f"  activations                     {gb(plan.activations)}"]  # fmt: skip
+    rows = [(f"weights {key}", value) for key, value in sorted(plan.weights.items(), key=lambda kv: -kv[1])
+            if value >= 0]  # the offloaded blocks' negative entry is the "offloading saves" row
+    rows += [("adapters (LoRA factors)", plan.adapters), ("adapter gradients", plan.gradients),
+             ("optimizer state", plan.optimizer_state), ("activations", plan.activations)]  # fmt: skip
     if plan.offload_saves:
-        lines.append(f"  offloading saves                {gb(plan.offload_saves)}")
+        rows.append(("offloading saves (CPU memory)", -plan.offload_saves))
+    lines += [f"  {label:<34}{gb(value)}" for label, value in rows]
     return "\n".join(lines)
 
 
@@ -291,6 +290,9 @@ def memory_report(components: Mapping[str, nn.Module], settings: PlanSettings, b
         picked, changes = pick_settings(components, settings, budget_gb)
         report["budget_gb"] = budget_gb
         report["picked"] = {"changes": changes, "plan": picked.as_dict()}
-        head = f"\nto fit {budget_gb:g} GiB: " + ("fits as given" if not changes else "; ".join(changes))
-        report["text"] += head + "\n" + format_plan(picked, title=" (picked)")
+        if not changes:
+            report["text"] += f"\nfits {budget_gb:g} GiB as given (with {HEADROOM:.0%} free)"
+        else:
+            report["text"] += f"\nto fit {budget_gb:g} GiB: " + "; ".join(changes) + "\n"
+            report["text"] += format_plan(picked, title=" (picked)")
     return report
