@@ -86,6 +86,8 @@ def memory_main(args: argparse.Namespace) -> int:
     from modules.trainer.memory_plan import PlanSettings, backbone_name, memory_report, settings_from_config
 
     try:
+        if args.budget_gb is not None and args.budget_gb <= 0:
+            raise ValueError(f"--budget-gb: expected a positive number of GiB, got {args.budget_gb:g}")
         components, _ = resolve_model(args.model)
         components = {k: v for k, v in components.items() if k.startswith(("unet", "transformer", "text_encoder"))}
         budget = None

@@ -106,6 +106,8 @@ def test_inspect_model_memory_cli(capsys, tmp_path):
     assert "int8" in report["plan"]["weights"]
     assert inspect_model.main(["nonesuch", "--memory"]) == 2
     assert "nonesuch" in capsys.readouterr().err
+    assert inspect_model.main(["sdxl", "--memory", "--budget-gb", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --budget-gb: expected a positive number of GiB, got 0"
 
 
 def test_bench_memory_json_has_every_mode(capsys):
