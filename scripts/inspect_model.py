@@ -4,6 +4,8 @@
     python scripts/inspect_model.py sdxl --lora-rank 16 --lora-type lokr
     python scripts/inspect_model.py flux-dev --json
     python scripts/inspect_model.py /path/to/diffusers/folder --depth unet=87
+    python scripts/inspect_model.py flux-dev --memory --config my_run.yaml     # predicted peak memory
+    python scripts/inspect_model.py flux-dev --memory --budget-gb 12           # pick settings that fit 12 GB
 
 MODEL is a local diffusers folder (a whole pipeline or one component) or a built-in name; it is built on
 the meta device from its config (no weights are read, nothing is downloaded).
@@ -43,7 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", help="override: N for the backbone, or comp=N[,comp=N...]")
     parser.add_argument("--depth-source", choices=("model", "trained"), default="model")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    memory = parser.add_argument_group("memory plan (--memory)")
+    memory.add_argument("--memory", action="store_true", help="predicted peak accelerator memory of a LoRA run")
+    memory.add_argument("--config", help="training YAML whose resolution, batch, LoRA, optimizer and memory: it plans")
+    memory.add_argument("--resolution", type=int, help="training resolution in px (default 1024 or the config's)")
+    memory.add_argument("--batch", type=int, help="batch size (default 1 or the config's)")
+    memory.add_argument("--budget-gb", type=float, help="pick quantization, checkpointing and offload to fit this")
     args = parser.parse_args(argv)
+    if args.memory:
+        return memory_main(args)
 
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -72,6 +82,37 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_report(report, lr=args.lr, total_params=totals))
+    return 0
+
+
+def memory_main(args: argparse.Namespace) -> int:
+    from modules.trainer.memory_plan import PlanSettings, backbone_name, memory_report, settings_from_config
+
+    try:
+        if args.budget_gb is not None and args.budget_gb <= 0:
+            raise ValueError(f"--budget-gb: expected a positive number of GiB, got {args.budget_gb:g}")
+        components, _ = resolve_model(args.model)
+        components = {k: v for k, v in components.items() if k.startswith(("unet", "transformer", "text_encoder"))}
+        budget = None
+        if args.config:
+            from modules.config.loading import load_config
+
+            settings, budget = settings_from_config(load_config(args.config), backbone=backbone_name(components))
+        else:
+            settings = PlanSettings(lora_rank=args.lora_rank or 16)
+        if args.resolution:
+            settings.resolution = args.resolution
+        if args.batch:
+            settings.batch = args.batch
+        budget = args.budget_gb if args.budget_gb is not None else budget
+        report = memory_report(components, settings, budget)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "text"}, indent=2))
+    else:
+        print(report["text"])
     return 0
 
 

@@ -218,6 +218,27 @@ def lycoris_settings(cfg: TrainConfig) -> list[Problem]:
     return out
 
 
+def memory_settings(cfg: TrainConfig) -> list[Problem]:
+    """memory.quantize.denoiser and memory.offload_blocks need method lora (a finetune trains the base weights);
+    offloading needs training.gradient_checkpointing."""
+    out = []
+    if cfg.method == "finetune" and cfg.memory.quantize.denoiser != "none":
+        out.append((
+            "memory.quantize.denoiser",
+            f"{cfg.memory.quantize.denoiser} stores the denoiser frozen; a full finetune trains it: set it to none "
+            "or use method: lora",
+        ))
+    if cfg.memory.offload_blocks and cfg.method == "finetune":
+        out.append(("memory.offload_blocks", "offloading streams frozen weights only; set it to 0 or use method: lora"))
+    elif cfg.memory.offload_blocks and not cfg.training.gradient_checkpointing:
+        out.append((
+            "memory.offload_blocks",
+            "offloaded blocks are brought back for the backward by recomputing them; set "
+            "training.gradient_checkpointing: true",
+        ))
+    return out
+
+
 RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
     dora_vs_spectral,
     lora_muon_needs_lora,
@@ -233,6 +254,7 @@ RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
     flow_family_settings,
     single_file_has_writer,
     lycoris_settings,
+    memory_settings,
 )
 
 

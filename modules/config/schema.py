@@ -539,6 +539,54 @@ class LoggingConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases, beside TensorBoard/JSONL.")
 
 
+# --------------------------------------------------------------------------- memory
+
+QuantMode = Literal["none", "bfloat16", "float8", "int8", "nf4"]
+
+
+class QuantizeConfig(Section):
+    denoiser: QuantMode = Field(
+        default="none",
+        description=(
+            "Storage of the frozen denoiser's Linear weights (weight-only; LoRA/DoRA factors and optimizer state stay "
+            "in model.train_dtype): none (train_dtype), bfloat16, float8 (e4m3, per-row scale), int8 (per-row "
+            "absmax), nf4 (QLoRA's 4-bit normal float, blocks of 64). Not with method: finetune."
+        ),
+    )
+    text_encoder: QuantMode = Field(default="none", description="Storage of the first text encoder's Linear weights.")
+    text_encoder_2: QuantMode = Field(default="none", description="Storage of the 2nd text encoder's Linear weights.")
+    text_encoder_3: QuantMode = Field(default="none", description="Storage of the third text encoder's Linear weights.")
+
+    def by_component(self, backbone: str) -> dict[str, str]:
+        """Pipeline component name -> mode, for the components that are quantized (backbone: unet/transformer)."""
+        modes = {backbone: self.denoiser, **{k: v for k, v in self.model_dump().items() if k != "denoiser"}}
+        return {name: mode for name, mode in modes.items() if mode != "none"}
+
+
+class MemoryConfig(Section):
+    quantize: QuantizeConfig = Field(
+        default_factory=QuantizeConfig, description="Quantized storage of frozen base weights, per component."
+    )
+    offload_blocks: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Keep this many of the denoiser's residual blocks in CPU memory and stream each to the accelerator just "
+            "ahead of its use (forward and backward, overlapped on a CUDA side stream); 0 keeps all on the "
+            "accelerator. Frozen weights only (method: lora)."
+        ),
+    )
+    budget_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Accelerator memory budget in GiB for scripts/inspect_model.py --memory: it picks gradient checkpointing, "
+            "quantization and offload_blocks to fit (keeping 10% free) and prints them; training uses the settings "
+            "above as written."
+        ),
+    )
+
+
 # --------------------------------------------------------------------------- the whole config
 
 
@@ -565,6 +613,9 @@ class TrainConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Held-out validation loss.")
     saving: SavingConfig = Field(default_factory=SavingConfig, description="Where and how results are saved.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics logging.")
+    memory: MemoryConfig = Field(
+        default_factory=MemoryConfig, description="Quantized frozen weights and block offloading (README: Memory)."
+    )
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "TrainConfig":

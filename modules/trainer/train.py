@@ -27,6 +27,7 @@ import torch
 
 from modules.model.adapters import LoraSettings, add_lora, check_dora_compatible, enable_gradient_checkpointing
 from modules.model.families import ModelFamily, get_family
+from modules.model.quantize import quantize_components
 from modules.optimizer.factory import build_optimizer
 from modules.trainer.checkpoint import (
     Checkpointer, DataPosition, StopSignal, drop_metrics_after, find_checkpoint, list_checkpoints, restore_run,
@@ -338,10 +339,19 @@ def build_run(config: Any) -> Run:
     )
     if components["vae"].dtype != DTYPES[config.model.vae_dtype]:
         components["vae"].to(dtype=DTYPES[config.model.vae_dtype])
+    quantize_components(components, config.memory.quantize.by_component(family.backbone))  # before PEFT wraps
     trained = setup_trainable(config, family, components)
     check_room_for(config, paths, trained)
-    for module in components.values():
-        if isinstance(module, torch.nn.Module):
+    offloader = None
+    if config.memory.offload_blocks:  # the first N blocks stay in CPU memory and stream in (modules/model/offload.py)
+        from modules.model.offload import offload_backbone
+
+        offloader = offload_backbone(components[family.backbone], family.backbone_blocks, config.memory.offload_blocks,
+                                     compute=device)  # fmt: skip
+    for name, module in components.items():
+        if offloader is not None and name == family.backbone:
+            offloader.place()
+        elif isinstance(module, torch.nn.Module):
             module.to(device)
     trains_text = len(trained) > 1
     objective = family.build_objective(
@@ -357,7 +367,9 @@ def build_run(config: Any) -> Run:
         optimizer, kind=config.schedule.scheduler, warmup_steps=config.schedule.warmup_steps, total_steps=total_steps
     )
     # Only trained modules and the optimizer go through accelerate (DDP wrapping, autocast, grad sync).
-    prepared = accelerator.prepare(*trained.values(), optimizer)
+    # (accelerate must not move an offloaded backbone's blocks onto the device: they are placed already)
+    placement = None if offloader is None else [False] * (len(trained) + 1)
+    prepared = accelerator.prepare(*trained.values(), optimizer, device_placement=placement)
     parts = StepParts(
         family=family, components=components, objective=objective, accelerator=accelerator,
         optimizer=optimizer_to_step(accelerator, prepared[-1]),
