@@ -206,17 +206,17 @@ CASES = {
     "newer config version": Case(prepare=_newer_version, says=("config_version", "99")),
     "old config version migrates": Case(rc=0, prepare=_old_version, check=_migrated),
     "resolution not a multiple of 8": Case(["data.resolution=100"], says=("data.resolution", "100")),
-    # found when the run opens data and model: one line, exit 1
-    "missing data folder": Case(["data.folders=[{path: no_such_folder}]"], rc=1, says=("no_such_folder",), fast=False),
-    "empty data folder": Case(["data.folders=[{path: empty}]"], rc=1, says=("empty", "no usable images"),
+    # found when the run opens data and model: one line, exit 2 as well
+    "missing data folder": Case(["data.folders=[{path: no_such_folder}]"], rc=2, says=("no_such_folder",), fast=False),
+    "empty data folder": Case(["data.folders=[{path: empty}]"], rc=2, says=("empty", "no usable images"),
                               prepare=_empty_folder, fast=False),
     "corrupt image is skipped": Case(["data.folders=[{path: mixed}]"], rc=0, says=("broken.png",),
                                      prepare=_corrupt_image, fast=False),
-    "bad caption encoding": Case(["data.folders=[{path: latin1}]"], rc=1, says=("a.txt", "utf-8"),
+    "bad caption encoding": Case(["data.folders=[{path: latin1}]"], rc=2, says=("a.txt", "utf-8"),
                                  prepare=_bad_caption, fast=False),
-    "base_model missing": Case(["model.base_model=no_such_model"], rc=1, says=("model.base_model", "no_such_model"),
+    "base_model missing": Case(["model.base_model=no_such_model"], rc=2, says=("model.base_model", "no_such_model"),
                                fast=False),
-    "base_model not a model": Case(["model.base_model=not_a_model"], rc=1, says=("model.base_model", "not_a_model"),
+    "base_model not a model": Case(["model.base_model=not_a_model"], rc=2, says=("model.base_model", "not_a_model"),
                                    prepare=_not_a_model, fast=False),
     "lr 0 moves nothing": Case(["optimizer.lr=0", "optimizer.adam_lr=0"], rc=0, check=_lora_b_unmoved, fast=False),
     # issue #14

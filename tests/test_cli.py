@@ -115,6 +115,6 @@ def test_missing_base_model_folder_is_one_line_error(tmp_path, capsys):
     rc = cli.main(["--config", str(DEMO), "--set", f"model.base_model={missing}", f"saving.output_dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]  # imports may log other lines
-    assert rc == 1
+    assert rc == 2  # bad input, like a config error
     assert len(errors) == 1 and str(missing) in errors[0] and "model.base_model" in errors[0]
     assert "Traceback" not in err

@@ -3,9 +3,10 @@
 Config errors print one line and exit with code 2 before anything heavy (torch, diffusers) is
 imported; ``--debug`` shows the traceback instead.
 
-Exit codes: 0 trained (or --dry-run); 1 a run error (bad input found once models and data are opened: a missing
-model folder, an unreadable checkpoint, ...); 2 bad input found before training starts (config, output folders that
-are files / unwritable / too full, images too large to encode); 3 training diverged (``training.max_nonfinite_steps``
+Exit codes: 0 trained (or --dry-run); 1 an unexpected error (a bug: its traceback is printed); 2 bad input, one line
+naming the field, file or value, whether found before anything loads (config, output folders that are files /
+unwritable / too full) or once models and data are opened (a missing model or data folder, an unreadable caption or
+checkpoint, images too large to encode); 3 training diverged (``training.max_nonfinite_steps``
 non-finite steps in a row; the last good checkpoint is kept, no final file is written); 130 stopped by Ctrl-C /
 SIGTERM (a checkpoint and, with ``saving.save_on_stop``, the LoRA so far are written).
 """
@@ -19,9 +20,8 @@ from collections.abc import Sequence
 from modules.config.loading import ConfigError, dump_config, load_config
 from modules.config.schema import TrainConfig, config_warnings
 
-EXIT_CONFIG_ERROR = 2
+EXIT_CONFIG_ERROR = 2  # bad input, wherever it is found
 EXIT_INTERRUPTED = 130
-EXIT_RUN_ERROR = 1
 EXIT_DIVERGED = 3
 
 
@@ -106,11 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     except (FileNotFoundError, NotADirectoryError, ValueError, CheckpointError) as e:
         # Bad input found once models and data are opened (missing folder, wrong family, empty dataset):
-        # one line, like config errors; --debug keeps the traceback for real bugs.
+        # one line and the same exit code as config errors; --debug keeps the traceback for real bugs.
         if args.debug:
             raise
         print(f"error: {e} (--debug shows the traceback)", file=sys.stderr)
-        return EXIT_RUN_ERROR
+        return EXIT_CONFIG_ERROR
     return int(result or 0)
 
 
