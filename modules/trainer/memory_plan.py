@@ -365,3 +365,19 @@ def parked_by_config(config, text_encoders: tuple[str, ...]) -> list[str]:
 
     trains_text = config.method == "lora" and bool(config.lora.train_text_encoders.enabled())
     return parked_names(config, text_encoders, trains_text)
+
+
+def memory_report(components: Mapping[str, nn.Module], settings: PlanSettings, budget_gb: float | None) -> dict:
+    """What `inspect_model.py --memory` prints: the plan as given and, with a budget, the picked one."""
+    plan = plan_memory(components, settings)
+    report = {"plan": plan.as_dict(), "text": format_plan(plan)}
+    if budget_gb is not None:
+        picked, changes = pick_settings(components, settings, budget_gb)
+        report["budget_gb"] = budget_gb
+        report["picked"] = {"changes": changes, "plan": picked.as_dict()}
+        if not changes:
+            report["text"] += f"\nfits {budget_gb:g} GiB as given (with {HEADROOM:.0%} free)"
+        else:
+            report["text"] += f"\nto fit {budget_gb:g} GiB: " + "; ".join(changes) + "\n"
+            report["text"] += format_plan(picked, title=" (picked)")
+    return report
