@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--resolution", type=int, help="training resolution in px (default 1024 or the config's)")
     memory.add_argument("--batch", type=int, help="batch size (default 1 or the config's)")
     memory.add_argument("--budget-gb", type=float, help="pick quantization, checkpointing and offload to fit this")
+    memory.add_argument("--resident-encoders", action="store_true",
+                        help="without --config: the text encoders stay on the accelerator (caches off)")
     args = parser.parse_args(argv)
     if args.memory:
         return memory_main(args)
@@ -98,8 +100,9 @@ def memory_main(args: argparse.Namespace) -> int:
             from modules.config.loading import load_config
 
             settings, budget = settings_from_config(load_config(args.config), backbone=backbone_name(components))
-        else:
-            settings = PlanSettings(lora_rank=args.lora_rank or 16)
+        else:  # a default config's run: both caches on, so the VAE and text encoders are parked after caching
+            parked = [] if args.resident_encoders else ["vae", *(n for n in components if n.startswith("text_encoder"))]
+            settings = PlanSettings(lora_rank=args.lora_rank or 16, parked=parked)
         if args.resolution:
             settings.resolution = args.resolution
         if args.batch:

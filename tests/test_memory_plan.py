@@ -124,3 +124,23 @@ def test_bench_memory_json_has_every_mode(capsys):
     weights = [report["results"][m]["weight_bytes"] for m in ("bf16", "int8", "nf4", "nf4+offload")]
     assert weights == sorted(weights, reverse=True) and weights[-1] < weights[-2]  # offloading takes blocks off
     assert bench_memory.main(["--model", "sd99"]) == 2 and "--model" in capsys.readouterr().err
+
+
+def test_budget_never_makes_a_chosen_setting_larger_and_spares_parked_encoders():
+    components = build_meta_components("flux-dev")
+    encoders = ["text_encoder", "text_encoder_2"]
+    chosen = PlanSettings(resolution=1024, quantize={"transformer": "nf4", "text_encoder_2": "float8"},
+                          offload_blocks=30, checkpointing=True)  # fmt: skip
+    plan, changes = pick_settings(components, chosen, 16)
+    s = plan.settings
+    assert s.quantize["transformer"] == "nf4" and s.quantize["text_encoder_2"] == "float8" and s.offload_blocks >= 30
+    assert not any("denoiser" in c or "text_encoder_2" in c for c in changes)
+    # parked encoders (cached embeddings, no sampling) leave the training peak: 16 GiB needs only the denoiser
+    parked, changes = pick_settings(components, PlanSettings(resolution=1024, parked=encoders), 16)
+    assert parked.settings.quantize == {"transformer": "int8"} and parked.parked > 9 * GIB
+    assert changes == ["training.gradient_checkpointing: true", "memory.quantize.denoiser: int8"]
+    resident, _ = pick_settings(components, PlanSettings(resolution=1024), 16)
+    assert resident.settings.offload_blocks > 0  # the same budget with the encoders kept on the accelerator
+    # sampling borrows them back beside the denoiser: then they are quantized too
+    sampled, changes = pick_settings(components, PlanSettings(resolution=1024, parked=encoders, samples=True), 12)
+    assert "memory.quantize.text_encoder_2: int8" in changes and sampled.peak == sampled.sampling_peak

@@ -232,3 +232,44 @@ def test_http_guards_and_host_warning(tmp_path):
         server.close()
     assert bind_warning("127.0.0.1") is None and bind_warning("localhost") is None
     assert "0.0.0.0" in bind_warning("0.0.0.0") and "token" in bind_warning("192.168.1.5")
+
+
+# ---------------------------------------------------------------- memory plan
+
+
+def test_memory_panel_shows_the_planners_prediction_and_budget_pick(backend, demo):
+    """The published SDXL architecture (no local folder) at 1024 px: the rows are the planner's own numbers, the
+    encoders leave the total when cached (and count only while caching / sampling), a budget shows its pick."""
+    from modules.model.builtin import build_meta_components
+    from modules.trainer.memory_plan import plan_memory, settings_from_config
+
+    config = ui_schema.set_path(demo["config"], "model.base_model", "no/such/folder")
+    config = ui_schema.set_path(config, "data.resolution", 1024)
+    report = backend.memory(config, demo["texts"])
+    rows = dict(report["rows"])
+    components = {k: v for k, v in build_meta_components("sdxl").items() if k.startswith(("unet", "text_encoder"))}
+    settings, _ = settings_from_config(load_config_dict(config, demo["texts"], backend), backbone="unet")
+    plan = plan_memory(components, settings)
+    assert rows["total (predicted peak)"] == f"{plan.peak / 2**30:.2f} GiB" == report["peak"]
+    assert rows["weights"] == f"{plan.weight_bytes / 2**30:.2f} GiB" and "parked after caching (CPU)" in rows
+    assert "peak while sampling" in rows  # the demo samples: the encoders are borrowed back for it
+    uncached = ui_schema.set_path(config, "data.cache_text_embeddings", False)
+    resident = dict(backend.memory(uncached, demo["texts"])["rows"])
+    assert "parked after caching (CPU)" not in resident
+    assert float(resident["weights"].split()[0]) > float(rows["weights"].split()[0]) + 1  # SDXL's encoders: ~1.6 GiB
+    assert "budget" not in report
+    picked = backend.memory(ui_schema.set_path(config, "memory.budget_gb", 8), demo["texts"])["budget"]
+    assert picked["fits"] and "training.gradient_checkpointing: true" in picked["changes"]
+    assert float(picked["peak"].split()[0]) <= 8 * 0.9
+    hopeless = backend.memory(ui_schema.set_path(config, "memory.budget_gb", 0.01), demo["texts"])["budget"]
+    assert not hopeless["fits"] and "memory.quantize.denoiser: nf4" in hopeless["changes"]
+    assert backend.memory(ui_schema.set_path(config, "data.resolution", -3), demo["texts"]) == {
+        "error": "the memory plan needs a valid config"}
+    finetune = ui_schema.set_path(config, "method", "finetune")
+    assert "LoRA runs" in backend.memory(finetune, demo["texts"])["error"]
+
+
+def load_config_dict(config: dict, texts: dict, backend: Backend) -> TrainConfig:
+    merged, errors = backend.merge_texts(config, texts)
+    assert not errors
+    return TrainConfig.model_validate(merged)

@@ -312,6 +312,17 @@ def test_depth_panel_follows_the_model_and_the_switches(page):
     sync_api.expect(unet.nth(3)).to_have_text("1e-07")
     field(page, "model.depth").fill("{vae: 3}")
     sync_api.expect(page.locator("#depth-body")).to_contain_text("unknown component 'vae'")
+    # the memory plan beside it: the planner's rows, then what a budget picks (SDXL at 1024 px, batch 4: 8 GiB
+    # needs checkpointing; 0.01 GiB cannot fit)
+    memory = page.locator("#memory-body")
+    field(page, "data.resolution").fill("1024")
+    sync_api.expect(memory.locator('tr[data-row="total (predicted peak)"]')).to_be_visible()
+    sync_api.expect(memory.locator('tr[data-row="parked after caching (CPU)"]')).to_be_visible()
+    field(page, "memory.budget_gb").fill("8")
+    sync_api.expect(page.locator("#memory-budget")).to_contain_text(
+        "budget 8 GiB: picks training.gradient_checkpointing: true")
+    field(page, "memory.budget_gb").fill("0.01")
+    sync_api.expect(page.locator("#memory-budget")).to_contain_text("does not fit even with")
 
 
 def test_real_training_run_from_the_page(page, tmp_path, tmp_path_factory):

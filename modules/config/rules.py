@@ -219,9 +219,12 @@ def lycoris_settings(cfg: TrainConfig) -> list[Problem]:
 
 
 def memory_settings(cfg: TrainConfig) -> list[Problem]:
-    """memory.quantize.denoiser and memory.offload_blocks need method lora (a finetune trains the base weights);
-    offloading needs training.gradient_checkpointing."""
+    """memory.quantize.denoiser, memory.offload_blocks and memory.budget_gb need method lora (a finetune trains the
+    base weights; the planner models LoRA runs); offloading needs training.gradient_checkpointing."""
     out = []
+    if cfg.method == "finetune" and cfg.memory.budget_gb is not None:
+        out.append(("memory.budget_gb", "the memory planner plans LoRA runs (it quantizes and offloads the frozen "
+                                        "denoiser); set it to null or use method: lora"))
     if cfg.method == "finetune" and cfg.memory.quantize.denoiser != "none":
         out.append((
             "memory.quantize.denoiser",

@@ -580,9 +580,11 @@ class MemoryConfig(Section):
         default=None,
         gt=0,
         description=(
-            "Accelerator memory budget in GiB for scripts/inspect_model.py --memory: it picks gradient checkpointing, "
-            "quantization and offload_blocks to fit (keeping 10% free) and prints them; training uses the settings "
-            "above as written."
+            "Accelerator memory budget in GiB (method: lora). At the start of a run the planner turns on gradient "
+            "checkpointing, quantization and offload_blocks as needed to fit (keeping 10% free), starting from the "
+            "settings above and never making one larger, and prints what it picked and the predicted peak; a budget "
+            "nothing fits stops the run (exit 2). null: the settings above are used as written. "
+            "scripts/inspect_model.py --memory shows the same plan."
         ),
     )
 

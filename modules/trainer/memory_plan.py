@@ -10,6 +10,12 @@ ResNet block 5 (of its input bytes). With gradient checkpointing each block keep
 block is recomputed at a time. tests/test_memory_plan.py checks the prediction against measured peaks of reduced
 real architectures. Not modelled: the allocator's fragmentation and the backward's short-lived temporaries (the
 budget picker keeps HEADROOM free for them).
+
+Parked components (modules/trainer/parking.py: the VAE with data.cache_latents, frozen text encoders with
+data.cache_text_embeddings) leave the accelerator once the caches are filled, so the training peak leaves them out.
+Two other moments can be higher and are counted too: filling the caches (the encoders and VAE alone on the
+accelerator, the denoiser arrives after) and sampling (the parked components borrowed back beside the denoiser, its
+adapters and the optimizer state; the training activations are freed by then, inference ones are not modelled).
 """
 from __future__ import annotations
 
@@ -52,6 +58,8 @@ class PlanSettings:
     checkpointing: bool = False
     offload_blocks: int = 0
     text_tokens: int | None = None
+    parked: list[str] = field(default_factory=list)  # components off the accelerator once the caches are filled
+    samples: bool = False  # sample images during the run (parked components are borrowed back for it)
 
 
 @dataclass
@@ -72,19 +80,39 @@ class MemoryPlan:
     activations: float
     offload_saves: float
     settings: PlanSettings
+    parked: float = 0.0  # bytes of the parked components (in CPU memory while training)
+    encoders: float = 0.0  # bytes of every component but the denoiser (on the accelerator while caching)
 
     @property
     def weight_bytes(self) -> float:
         return sum(self.weights.values())
 
     @property
-    def peak(self) -> float:
+    def training_peak(self) -> float:
         return self.weight_bytes + self.adapters + self.gradients + self.optimizer_state + self.activations
+
+    @property
+    def caching_peak(self) -> float:
+        """Filling the caches: the encoders and VAE on the accelerator before the denoiser is placed."""
+        return self.encoders if self.parked else 0.0
+
+    @property
+    def sampling_peak(self) -> float:
+        """Sampling: the parked components borrowed back; the training activations are freed."""
+        if not (self.parked and self.settings.samples):
+            return 0.0
+        return self.weight_bytes + self.parked + self.adapters + self.gradients + self.optimizer_state
+
+    @property
+    def peak(self) -> float:
+        return max(self.training_peak, self.caching_peak, self.sampling_peak)
 
     def as_dict(self) -> dict:
         return {"weights": self.weights, "weight_bytes": self.weight_bytes, "adapters": self.adapters,
                 "gradients": self.gradients, "optimizer_state": self.optimizer_state,
-                "activations": self.activations, "offload_saves": self.offload_saves, "peak_bytes": self.peak,
+                "activations": self.activations, "offload_saves": self.offload_saves, "parked": self.parked,
+                "training_peak_bytes": self.training_peak, "caching_peak_bytes": self.caching_peak,
+                "sampling_peak_bytes": self.sampling_peak, "peak_bytes": self.peak,
                 "settings": asdict(self.settings)}  # fmt: skip
 
 
@@ -185,10 +213,21 @@ def plan_memory(components: Mapping[str, nn.Module], settings: PlanSettings) -> 
     backbone = components[backbone_key]
     dtype_bytes = DTYPE_BYTES[settings.train_dtype]
     weights: dict[str, float] = {}
+    parked = encoders = 0.0
     for name, module in components.items():
         if not isinstance(module, nn.Module):
             continue
-        for key, value in _module_weight_bytes(module, settings.quantize.get(name, "none"), dtype_bytes).items():
+        if name == "vae":  # stored in model.vae_dtype, never quantized
+            dtype = next((str(t.dtype).removeprefix("torch.") for t in module.parameters()), "float32")
+            stored = {dtype: _bytes_of(module)}
+        else:
+            stored = _module_weight_bytes(module, settings.quantize.get(name, "none"), dtype_bytes)
+        if name != backbone_key:
+            encoders += sum(stored.values())
+        if name in settings.parked:
+            parked += sum(stored.values())
+            continue
+        for key, value in stored.items():
             weights[key] = weights.get(key, 0) + value
     adapters = sum(settings.lora_rank * (m.in_features + m.out_features) for m in lora_target_layers(backbone))
     adapters *= dtype_bytes
@@ -199,7 +238,8 @@ def plan_memory(components: Mapping[str, nn.Module], settings: PlanSettings) -> 
     saves = offload_saving(backbone, settings)
     if saves:
         weights["offloaded (in CPU memory)"] = -saves
-    return MemoryPlan(weights, adapters, adapters, state, activation_bytes(blocks, settings), saves, settings)
+    return MemoryPlan(weights, adapters, adapters, state, activation_bytes(blocks, settings), saves, settings, parked,
+                      encoders)  # fmt: skip
 
 
 def offload_saving(backbone: nn.Module, settings: PlanSettings) -> float:
@@ -221,31 +261,60 @@ def pick_settings(
     components: Mapping[str, nn.Module], base: PlanSettings, budget_gb: float
 ) -> tuple[MemoryPlan, list[str]]:
     """The least lossy settings whose predicted peak fits `budget_gb` (GiB, 2^30 bytes) less HEADROOM, trying in
-    order: as given; gradient checkpointing; int8 weights (denoiser and text encoders; as small as float8 and 6x
-    more exact on the tiny Flux of tests/test_quantize.py), then offloading up to half the blocks; nf4, then
-    offloading more and more blocks. Returns the plan and what was changed (empty: it fits as given)."""
+    order: as given; gradient checkpointing; int8 weights (denoiser and the text encoders that stay on the
+    accelerator, then the parked ones too; int8 is as small as float8 and 6x more exact on the tiny Flux of
+    tests/test_quantize.py), then offloading up to half the blocks; nf4 likewise, then offloading more and more
+    blocks. Nothing is made larger than `base` has it: a component's mode changes only to a smaller one, offloading
+    only grows, checkpointing is never turned off. Returns the plan and what was changed (empty: it fits as given;
+    when nothing fits, the last entry says so: see `fits`)."""
     from modules.model.offload import block_names
 
     budget = budget_gb * GIB * (1 - HEADROOM)
     backbone = backbone_name(components)
     encoders = [n for n in components if n.startswith("text_encoder")]
+    staying = [e for e in encoders if e not in base.parked]
     n_blocks = len(block_names(components[backbone]))
     ckpt = PlanSettings(**{**asdict(base), "checkpointing": True})
-    candidates: list[tuple[PlanSettings, list[str]]] = [(base, []), (ckpt, ["training.gradient_checkpointing: true"])]
+    candidates: list[tuple[PlanSettings, str | None]] = [(base, None), (ckpt, None)]
     for mode, most in (("int8", n_blocks // 2), ("nf4", n_blocks)):
-        quant = {backbone: mode, **{e: mode for e in encoders}}
-        quantized = PlanSettings(**{**asdict(ckpt), "quantize": quant})
-        changes = ["training.gradient_checkpointing: true", *(f"memory.quantize.{'denoiser' if c == backbone else c}: "
-                                                              f"{m}" for c, m in quant.items())]  # fmt: skip
-        candidates.append((quantized, changes))
-        for n in range(2, most + 1, 2):
-            candidates.append((PlanSettings(**{**asdict(quantized), "offload_blocks": n}),
-                               [*changes, f"memory.offload_blocks: {n}"]))  # fmt: skip
-    for settings, changes in candidates:
-        plan = plan_memory(components, settings)
-        if plan.peak <= budget:
-            return plan, changes
-    return plan, [*changes, f"does not fit {budget_gb:g} GiB even so (needs {plan.peak / GIB:.1f} GiB)"]
+        quant = {c: _smaller(base.quantize.get(c, "none"), mode, base.train_dtype) for c in [backbone, *staying]}
+        quantized = PlanSettings(**{**asdict(ckpt), "quantize": {**base.quantize, **quant}})
+        candidates.append((quantized, mode))
+        candidates += [(PlanSettings(**{**asdict(quantized), "offload_blocks": n}), mode)
+                       for n in range(2, most + 1, 2) if n > base.offload_blocks]  # fmt: skip
+    for settings, mode in candidates:
+        tries = [settings]
+        if mode is not None and staying != encoders:  # parked encoders count only while caching and sampling
+            more = {e: _smaller(base.quantize.get(e, "none"), mode, base.train_dtype) for e in encoders}
+            tries.append(PlanSettings(**{**asdict(settings), "quantize": {**settings.quantize, **more}}))
+        for settings in tries:
+            plan = plan_memory(components, settings)
+            if plan.peak <= budget:
+                return plan, describe_changes(base, settings, backbone)
+    return plan, [*describe_changes(base, settings, backbone),
+                  f"does not fit {budget_gb:g} GiB even so (needs {plan.peak / GIB:.1f} GiB)"]
+
+
+def fits(plan: MemoryPlan, budget_gb: float) -> bool:
+    """Whether a plan's peak leaves HEADROOM of `budget_gb` free (what pick_settings aims for)."""
+    return plan.peak <= budget_gb * GIB * (1 - HEADROOM)
+
+
+def _smaller(current: str, mode: str, train_dtype: str) -> str:
+    """The smaller storage of two modes (the current one on a tie: int8 does not replace a chosen float8)."""
+    size = lambda m: DTYPE_BYTES[train_dtype] if m == "none" else QUANT_BYTES[m]  # noqa: E731
+    return mode if size(mode) < size(current) else current
+
+
+def describe_changes(base: PlanSettings, picked: PlanSettings, backbone: str) -> list[str]:
+    """The config lines that turn `base` into `picked` (field: value)."""
+    out = ["training.gradient_checkpointing: true"] if picked.checkpointing and not base.checkpointing else []
+    for component, mode in picked.quantize.items():
+        if base.quantize.get(component, "none") != mode:
+            out.append(f"memory.quantize.{'denoiser' if component == backbone else component}: {mode}")
+    if picked.offload_blocks != base.offload_blocks:
+        out.append(f"memory.offload_blocks: {picked.offload_blocks}")
+    return out
 
 
 def format_plan(plan: MemoryPlan, *, title: str = "") -> str:
@@ -260,12 +329,17 @@ def format_plan(plan: MemoryPlan, *, title: str = "") -> str:
              ("optimizer state", plan.optimizer_state), ("activations", plan.activations)]  # fmt: skip
     if plan.offload_saves:
         rows.append(("offloading saves (CPU memory)", -plan.offload_saves))
+    if plan.parked:
+        rows += [("parked after caching (CPU memory)", plan.parked),
+                 ("peak while training", plan.training_peak), ("peak while filling the caches", plan.caching_peak)]
+        if s.samples:
+            rows.append(("peak while sampling", plan.sampling_peak))
     lines += [f"  {label:<34}{gb(value)}" for label, value in rows]
     return "\n".join(lines)
 
 
-__all__ = ["MemoryPlan", "PlanSettings", "activation_bytes", "format_plan", "pick_settings", "plan_memory",
-           "residual_blocks"]
+__all__ = ["MemoryPlan", "PlanSettings", "activation_bytes", "describe_changes", "fits", "format_plan",
+           "parked_by_config", "pick_settings", "plan_memory", "residual_blocks"]
 
 
 def settings_from_config(config, *, backbone: str) -> tuple[PlanSettings, float | None]:
@@ -278,8 +352,19 @@ def settings_from_config(config, *, backbone: str) -> tuple[PlanSettings, float 
         activation_dtype=mixed or config.model.train_dtype, quantize=quant, lora_rank=config.lora.rank,
         optimizer=config.optimizer.type, state_dtype=config.optimizer.state_dtype,
         checkpointing=config.training.gradient_checkpointing, offload_blocks=config.memory.offload_blocks,
+        parked=parked_by_config(config, ("text_encoder", "text_encoder_2", "text_encoder_3")),
+        samples=bool(config.sampling.prompts) and bool(
+            config.sampling.every_n_steps or config.sampling.at_start or config.sampling.at_end),
     )  # fmt: skip
     return settings, config.memory.budget_gb
+
+
+def parked_by_config(config, text_encoders: tuple[str, ...]) -> list[str]:
+    """Components that leave the accelerator once the caches are filled (the rule of modules/trainer/parking.py)."""
+    from modules.trainer.parking import parked_names
+
+    trains_text = config.method == "lora" and bool(config.lora.train_text_encoders.enabled())
+    return parked_names(config, text_encoders, trains_text)
 
 
 def memory_report(components: Mapping[str, nn.Module], settings: PlanSettings, budget_gb: float | None) -> dict:

@@ -285,6 +285,7 @@ class Run:
     val_set: Any
     paths: RunPaths
     total_steps: int
+    parking: Any = None  # trainer.parking.Parking: the encoders / VAE parked in CPU memory after caching
 
 
 def optimizer_to_step(accelerator: Any, prepared: Any) -> torch.optim.Optimizer:
@@ -339,6 +340,12 @@ def build_run(config: Any) -> Run:
     )
     if components["vae"].dtype != DTYPES[config.model.vae_dtype]:
         components["vae"].to(dtype=DTYPES[config.model.vae_dtype])
+    if config.memory.budget_gb is not None:  # the planner picks quantization, checkpointing, offloading to fit
+        from modules.trainer.budget import apply_budget
+
+        config, line = apply_budget(config, family, components)
+        if accelerator.is_main_process:
+            print(line, flush=True)
     quantize_components(components, config.memory.quantize.by_component(family.backbone))  # before PEFT wraps
     trained = setup_trainable(config, family, components)
     check_room_for(config, paths, trained)
@@ -348,12 +355,20 @@ def build_run(config: Any) -> Run:
 
         offloader = offload_backbone(components[family.backbone], family.backbone_blocks, config.memory.offload_blocks,
                                      compute=device)  # fmt: skip
-    for name, module in components.items():
-        if offloader is not None and name == family.backbone:
-            offloader.place()
-        elif isinstance(module, torch.nn.Module):
-            module.to(device)
     trains_text = len(trained) > 1
+    # The encoders and VAE go first, to fill the caches; the parked ones leave before the denoiser arrives.
+    from modules.trainer.parking import Parking, parked_names
+
+    parking = Parking(components, parked_names(config, family.text_encoders, trains_text), compute=device)
+    for name, module in components.items():
+        if name != family.backbone and isinstance(module, torch.nn.Module):
+            module.to(device)
+    _, loader, val_set = build_data(config, family, components, paths, accelerator, trains_text, datasets)
+    parking.park()
+    if offloader is not None:
+        offloader.place()
+    else:
+        components[family.backbone].to(device)
     objective = family.build_objective(
         components, prediction_type=tcfg.prediction_type, timestep_sampling=tcfg.timestep_sampling,
         logit_mean=tcfg.logit_mean, logit_std=tcfg.logit_std, min_snr_gamma=tcfg.min_snr_gamma,
@@ -361,7 +376,6 @@ def build_run(config: Any) -> Run:
 
     infos = param_infos_for(config, trained, family.pipeline_class_name)
     optimizer = build_optimizer(config.optimizer, infos)
-    _, loader, val_set = build_data(config, family, components, paths, accelerator, trains_text, datasets)
     total_steps = total_optimizer_steps(config, len(loader))
     lr_scheduler = build_lr_scheduler(
         optimizer, kind=config.schedule.scheduler, warmup_steps=config.schedule.warmup_steps, total_steps=total_steps
@@ -383,7 +397,7 @@ def build_run(config: Any) -> Run:
             use_grads=accelerator.scaler is None,
         ),
     )  # fmt: skip
-    return Run(config, family, components, trained, parts, infos, loader, val_set, paths, total_steps)
+    return Run(config, family, components, trained, parts, infos, loader, val_set, paths, total_steps, parking)
 
 
 class RunEvents:
@@ -444,7 +458,8 @@ class RunEvents:
         from modules.trainer.sampling import sample_images
 
         if self.main and self.config.sampling.prompts:
-            with self.weights():
+            parking = self.run.parking.borrowed() if self.run.parking is not None else nullcontext()
+            with self.weights(), parking:
                 made = sample_images(
                     self.run.family, self.run.components, self.config.sampling.prompts, samples_dir=self.run.paths.samples_dir,
                     step=state.step, sampler=self.config.sampling.sampler, default_size=self.config.data.resolution,

@@ -191,6 +191,13 @@ class Backend:
         config, _errors = self.merge_texts(config, texts or {})
         return depth_report(config, self.workdir)
 
+    def memory(self, config: dict, texts: dict | None = None) -> dict:
+        """The planner's predicted peak of this config and, with memory.budget_gb, what a run would pick."""
+        from modules.ui.memory_info import memory_report
+
+        config, errors = self.merge_texts(config, texts or {})
+        return {"error": "the memory plan needs a valid config"} if errors else memory_report(config, self.workdir)
+
 
 def write_text_atomic(path: Path, text: str, overwrite: bool = True) -> None:
     """Write via a temporary file in the same folder, then rename it into place: readers never see half a

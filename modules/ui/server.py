@@ -164,6 +164,10 @@ class Handler(BaseHTTPRequestHandler):
         config, texts, _ = self._config_and_texts()
         self._json(self.server.backend.depth(config, texts))
 
+    def post_memory(self, query: dict) -> None:
+        config, texts, _ = self._config_and_texts()
+        self._json(self.server.backend.memory(config, texts))
+
     def post_save(self, query: dict) -> None:
         config, texts, body = self._config_and_texts()
         overwrite = body.get("overwrite", False)
@@ -200,6 +204,7 @@ GET_ROUTES = {
 POST_ROUTES = {
     "/api/check": Handler.post_check,
     "/api/depth": Handler.post_depth,
+    "/api/memory": Handler.post_memory,
     "/api/save": Handler.post_save,
     "/api/run/start": Handler.post_run_start,
     "/api/run/stop": Handler.post_run_stop,

@@ -14,6 +14,7 @@ const state = {
   records: [],
   sampleKey: "",
   depthSeq: 0,
+  memorySeq: 0,
 };
 
 const $ = (sel, root = document) => root.querySelector(sel);
@@ -189,6 +190,7 @@ function onEdit(field, value, delay = 120) {
 let checkTimer = null;
 let checkSeq = 0;
 let depthTimer = null;
+let memoryTimer = null;
 
 function scheduleCheck(changedKey, delay) {
   clearTimeout(checkTimer);
@@ -197,6 +199,11 @@ function scheduleCheck(changedKey, delay) {
   if (changedKey && /^(model|optimizer|lora|method)\b/.test(changedKey)) {
     clearTimeout(depthTimer);
     depthTimer = setTimeout(loadDepth, delay + 300);
+  }
+  // the memory plan also follows the resolution, batch, caches, sampling and memory settings
+  if (changedKey && /^(model|optimizer|lora|method|data|training|memory|sampling)\b/.test(changedKey)) {
+    clearTimeout(memoryTimer);
+    memoryTimer = setTimeout(loadMemory, delay + 300);
   }
 }
 
@@ -310,6 +317,7 @@ async function openPreset(name) {
     renderForm();
     applyCheck(data);
     loadDepth();
+    loadMemory();
   } catch (err) {
     setStatus(err.message, true);
   }
@@ -354,6 +362,48 @@ function renderDepth(data) {
     table.append(tr);
   }
   body.append(table);
+  for (const note of data.notes || []) body.append(el("div", {class: "small muted", text: note}));
+}
+
+// ---------------------------------------------------------------- memory plan
+
+async function loadMemory() {
+  if (!state.config) return;
+  const body = $("#memory-body");
+  const seq = ++state.memorySeq;
+  try {
+    const data = await api("/api/memory", {config: state.config, texts: state.texts});
+    if (seq !== state.memorySeq) return;  // a newer request is on its way
+    renderMemory(data);
+  } catch (err) {
+    body.className = "bad";
+    body.textContent = err.message;
+  }
+}
+
+function renderMemory(data) {
+  const body = $("#memory-body");
+  body.className = "";
+  body.replaceChildren();
+  body.dataset.state = data.error ? "error" : "planned";
+  if (data.error) {
+    body.append(el("div", {class: "muted", text: data.error}));
+    return;
+  }
+  const table = el("table", {class: "memory"});
+  for (const [label, value] of data.rows) {
+    const tr = el("tr", {"data-row": label});
+    tr.append(el("td", {text: label}), el("td", {class: "num", text: value}));
+    table.append(tr);
+  }
+  body.append(table);
+  if (data.budget) {
+    const b = data.budget;
+    const what = b.changes.length ? `picks ${b.changes.join(", ")}` : "fits as written";
+    const line = b.fits ? `budget ${b.gb} GiB: ${what}; predicted peak ${b.peak}`
+      : `budget ${b.gb} GiB: does not fit even with ${b.changes.join(", ")} (${b.peak}); the run would stop`;
+    body.append(el("div", {id: "memory-budget", class: b.fits ? "small" : "small bad", text: line}));
+  }
   for (const note of data.notes || []) body.append(el("div", {class: "small muted", text: note}));
 }
 
