@@ -95,11 +95,27 @@ def text_cache_is_static(cfg: TrainConfig) -> list[Problem]:
             "data.cache_text_embeddings",
             "cannot cache text embeddings while training a text encoder; set it false",
         ))
-    if cfg.data.shuffle_tags:
+    if cfg.data.shuffle_tags or any(f.shuffle_tags for f in cfg.data.folders):
         out.append((
             "data.cache_text_embeddings",
             "cached embeddings cannot follow shuffled tags; set data.shuffle_tags: false or this false",
         ))
+    return out
+
+
+def concept_settings(cfg: TrainConfig) -> list[Problem]:
+    """data.folders[i].prior_prediction needs role regularization and an adapter (method lora)."""
+    out = []
+    for i, folder in enumerate(cfg.data.folders):
+        if not folder.prior_prediction:
+            continue
+        key = f"data.folders.{i}.prior_prediction"
+        if folder.role != "regularization":
+            out.append((key, "only a folder with role: regularization can train on the prior prediction"))
+        if cfg.method != "lora":
+            out.append((key, "the prior prediction needs an adapter to switch off; use method: lora"))
+    if all(f.role == "regularization" for f in cfg.data.folders):
+        out.append(("data.folders", "every folder has role: regularization; at least one must train (role: train)"))
     return out
 
 
@@ -246,6 +262,7 @@ RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
     text_encoders_exist,
     text_cache_is_static,
     latent_cache_is_static,
+    concept_settings,
     sizes_fit,
     run_length,
     sampling_has_prompts,
