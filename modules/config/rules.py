@@ -127,11 +127,16 @@ def latent_cache_is_static(cfg: TrainConfig) -> list[Problem]:
 
 
 def sizes_fit(cfg: TrainConfig) -> list[Problem]:
-    """data.resolution and data.bucket_step are multiples of 8; bucket_min <= bucket_max."""
+    """data.resolution(s) and data.bucket_step are multiples of 8; bucket_min <= bucket_max."""
     data = cfg.data
     out = []
     if data.resolution % 8:
         out.append(("data.resolution", f"must be a multiple of 8, got {data.resolution}"))
+    odd = [r for r in data.resolutions or () if r % 8]
+    if odd:
+        out.append(("data.resolutions", f"every resolution must be a multiple of 8, got {odd}"))
+    if data.resolutions is not None and len(set(data.resolutions)) != len(data.resolutions):
+        out.append(("data.resolutions", f"lists a resolution twice: {data.resolutions}"))
     if data.bucketing:
         if data.bucket_step % 8:
             out.append(("data.bucket_step", f"must be a multiple of 8, got {data.bucket_step}"))

@@ -216,6 +216,13 @@ class DataConfig(Section):
     resolution: int = Field(
         default=1024, ge=16, le=8192, description="Training side length in pixels (bucket area = resolution^2)."
     )
+    resolutions: list[Annotated[int, Field(ge=16, le=8192)]] | None = Field(
+        default=None, min_length=1,
+        description=(
+            "Train at several resolutions, e.g. [512, 768, 1024]: every image at each one, in that resolution's "
+            "buckets (batches never mix sizes; latents cached per size); null = [resolution]."
+        ),
+    )
     bucketing: bool = Field(
         default=True, description="Aspect-ratio bucketing; off center-crops every image to a square."
     )

@@ -66,6 +66,7 @@ class DataSettings:
 
     folders: tuple[FolderSpec, ...]
     resolution: int = 1024
+    resolutions: tuple[int, ...] = ()  # several training resolutions (every image at each); () = (resolution,)
     bucketing: bool = True
     bucket_step: int = 64
     bucket_min: int = 256
@@ -101,6 +102,7 @@ class DataSettings:
         values = {name: get(name, getattr(defaults, name)) for name in cls.__dataclass_fields__ if name != "folders"}
         values["random_flip"] = 0.5 if flip is True else float(flip or 0.0)
         values["masked_loss"] = MaskSettings.from_config(values["masked_loss"])
+        values["resolutions"] = tuple(int(r) for r in values["resolutions"] or ())
         return cls(folders=folders, **values)
 
 
@@ -176,29 +178,34 @@ class TrainDataset(Dataset):
     ) -> None:
         if not records:
             raise ValueError("a dataset needs at least one image")
-        self.records = list(records)
         self.settings = settings
         self.seed = seed
         self.augment = augment
-        if settings.bucketing:
-            self.buckets = make_buckets(
-                settings.resolution,
-                step=settings.bucket_step,
-                min_side=settings.bucket_min,
-                max_side=settings.bucket_max,
-            )
-        else:
-            self.buckets = [(settings.resolution, settings.resolution)]
-        self.record_buckets = [assign_bucket(*r.size, self.buckets) for r in self.records]
+        self.images = len({r.path for r in records})
+        # Every image at every resolution (data.resolutions), each with that resolution's own buckets: records are
+        # (image, resolution) pairs. Buckets of equal size are shared, so a batch never mixes sizes.
+        self.records: list[ImageRecord] = []
+        self.record_buckets: list[int] = []
+        self.record_resolutions: list[int] = []
+        self.buckets: list[Size] = []
         self.shrunk: list[int] = []  # records whose bucket was shrunk to their size
-        if not settings.upscale:  # a smaller image gets a bucket of its own size instead of being enlarged
-            for i, record in enumerate(self.records):
-                fitted = fit_within(self.buckets[self.record_buckets[i]], record.size)
-                if fitted != self.buckets[self.record_buckets[i]]:
-                    self.shrunk.append(i)
+        placed: set[tuple[int, Size]] = set()
+        for resolution in settings.resolutions or (settings.resolution,):
+            own = self._resolution_buckets(resolution)
+            self.buckets.extend(b for b in own if b not in self.buckets)
+            for number, record in enumerate(records):
+                bucket = own[assign_bucket(*record.size, own)]
+                fitted = bucket if settings.upscale else fit_within(bucket, record.size)
+                if (number, fitted) in placed:  # too small for this resolution too: once at its own size
+                    continue
+                placed.add((number, fitted))
+                if fitted != bucket:  # a smaller image gets a bucket of its own size instead of being enlarged
+                    self.shrunk.append(len(self.records))
                     if fitted not in self.buckets:
                         self.buckets.append(fitted)
-                    self.record_buckets[i] = self.buckets.index(fitted)
+                self.records.append(record)
+                self.record_buckets.append(self.buckets.index(fitted))
+                self.record_resolutions.append(resolution)
         self.item_records = [i for i, r in enumerate(self.records) for _ in range(r.repeats)]
         self.concepts = {c: Concept.of(settings.folders[c] if 0 <= c < len(settings.folders) else None, settings)
                          for c in {r.concept for r in self.records}}  # fmt: skip
@@ -211,6 +218,14 @@ class TrainDataset(Dataset):
         self._text_cache: DiskCache | None = None
         self._text_keys: dict[str, str] = {}
 
+    def _resolution_buckets(self, resolution: int) -> list[Size]:
+        settings = self.settings
+        if not settings.bucketing:
+            return [(resolution, resolution)]
+        return make_buckets(
+            resolution, step=settings.bucket_step, min_side=settings.bucket_min, max_side=settings.bucket_max
+        )
+
     def __len__(self) -> int:
         return len(self.item_records)
 
@@ -220,7 +235,7 @@ class TrainDataset(Dataset):
         for bucket in self.bucket_ids:
             counts[bucket] = counts.get(bucket, 0) + 1
         buckets = ", ".join(f"{self.buckets[b][0]}x{self.buckets[b][1]} ×{n}" for b, n in sorted(counts.items()))
-        line = f"{len(self)} items from {len(self.records)} images in {len(counts)} buckets: {buckets}"
+        line = f"{len(self)} items from {self.images} images in {len(counts)} buckets: {buckets}"
         if len(self.concepts) > 1:
             parts = (f"{self.concepts[c].name} ×{n}" for c, n in self.concept_items().items())
             line += "; concepts: " + ", ".join(parts)
