@@ -13,9 +13,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from modules.data.dataset import collate_batch
 from modules.data.synthetic import write_concept_dataset
 from modules.model.tiny import tiny_pipeline_dir
+from modules.model.tiny_flow import tiny_flow_pipeline_dir
 from modules.trainer import loop
 from modules.trainer.train import build_run
-from tests.builders import concept_data_dirs, tiny_train_config
+from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REG_WEIGHT = 0.5
@@ -31,15 +32,28 @@ def data(tmp_path_factory) -> tuple[Path, Path, Path]:
     return train_dir, val_dir, root / "reg"
 
 
-@pytest.mark.parametrize("kind", ["lora", "loha"])
-def test_prior_prediction_starts_at_zero_and_pulls_back_to_the_base(data, tmp_path_factory, kind):
+def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy with PEFT's own switch turning every adapter off (independent of trainer/concepts.py)."""
+    frozen = copy.deepcopy(module)
+    for layer in frozen.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(False)
+    return frozen
+
+
+# flux: a flow family, with a trained CLIP text encoder whose base output the prior prediction must use too
+@pytest.mark.parametrize(("family", "kind"), [("sd15", "lora"), ("sd15", "loha"), ("flux", "lora")])
+def test_prior_prediction_starts_at_zero_and_pulls_back_to_the_base(data, tmp_path_factory, family, kind):
     train_dir, val_dir, reg_dir = data
-    base = tiny_pipeline_dir("sd15", tmp_path_factory)
+    flow = family == "flux"
+    base = tiny_flow_pipeline_dir("flux-dev", tmp_path_factory) if flow else tiny_pipeline_dir(family, tmp_path_factory)
     folders = [{"path": str(train_dir)},
                {"path": str(reg_dir), "role": "regularization", "prior_prediction": True, "loss_weight": REG_WEIGHT}]
     out = tmp_path_factory.mktemp("out")
-    config = tiny_train_config("sd15", base, (train_dir, val_dir), out, data={"folders": folders},
-                               lora={"type": kind}, optimizer={"type": "adamw", "lr": 1e-2})
+    lora = {"type": kind, "train_text_encoders": {"text_encoder": flow}}
+    config = tiny_train_config(family, base, (train_dir, val_dir), out, defaults=FLOW_RUN if flow else None,
+                               data={"folders": folders, "cache_text_embeddings": not flow}, lora=lora,
+                               optimizer={"type": "adamw", "lr": 1e-2})
     run = build_run(config)
     parts, dataset = run.parts, run.loader.dataset
     reg_items = [dataset[i] for i in range(len(dataset)) if dataset[i]["prior_prediction"]]
@@ -75,13 +89,15 @@ def test_prior_prediction_starts_at_zero_and_pulls_back_to_the_base(data, tmp_pa
     assert loss.item() > 0
     # The target is the base model itself: a copy of the UNet with the adapter switched off independently
     # (PEFT's own switch on a deep copy) predicts the same values from the same inputs.
-    frozen = copy.deepcopy(parts.backbone)
-    for module in frozen.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.enable_adapters(False)
+    frozen = frozen_copy(parts.backbone)
     with torch.no_grad():
         assert torch.equal(predict(frozen, *base_args), target)
         assert not torch.equal(predict(frozen, *args), adapted)
+        if flow:  # the base text too: the trained encoder's base output, not the adapted one
+            components = {**run.components, "text_encoder": frozen_copy(run.components["text_encoder"])}
+            base_text = parts.family.encode_text(components, list(reg_batch["caption"]))
+            assert all(torch.equal(base_args[2][k], v) for k, v in base_text.items())
+            assert not all(torch.equal(args[2][k], v) for k, v in base_text.items())
     expected = REG_WEIGHT * (adapted - target).pow(2).flatten(1).mean(1).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
