@@ -1,6 +1,7 @@
 """Concepts (several data folders in one run, OneTrainer's concept list / kohya's subsets): each folder's images ×
 its repeats per epoch, its own caption settings and loss weight, the old `folders: [{path, repeats}]` configs loading
-unchanged, and a two-concept run stopped at a checkpoint and resumed ending bit-identical to an uninterrupted one."""
+unchanged, and a two-concept run (a prior-prediction regularization concept, two resolutions) stopped at a checkpoint
+and resumed ending bit-identical to an uninterrupted one."""
 from __future__ import annotations
 
 import signal
@@ -154,7 +155,7 @@ def test_prior_prediction_needs_a_regularization_folder_and_an_adapter(folders):
 # ------------------------------------------------------------------------------------------------ resume
 
 
-STEPS = 6
+STEPS = 9  # 10 items at 2 resolutions, batch 3: 7 batches an epoch, so the run crosses into epoch 1
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,7 @@ def two_concept_run(tmp_path_factory, folders):
              "loss_weight": 0.5, "prior_prediction": True},
         ]
         defaults = {
-            "data": {"folders": folders_cfg, "cache_dir": str(cache), "random_flip": 0.5},
+            "data": {"folders": folders_cfg, "cache_dir": str(cache), "random_flip": 0.5, "resolutions": [32, 64]},
             "schedule": {"max_steps": STEPS, "scheduler": "cosine", "warmup_steps": 2},
             "training": {"batch_size": 3, "seed": 3},
             "validation": {"every_n_steps": 3, "folder": str(val), "num_timesteps": 2},
@@ -185,17 +186,20 @@ def two_concept_run(tmp_path_factory, folders):
 def test_two_concepts_stopped_and_resumed_match_an_uninterrupted_run(two_concept_run, tmp_path, monkeypatch):
     config = two_concept_run
     seen: list[tuple[list[str], list[bool]]] = []
+    sizes: set[tuple[int, int]] = set()
     real = loop.compute_loss
 
     def recording(parts, batch):
         seen.append(([Path(p).parent.name for p in batch["path"]], batch["prior_prediction"].tolist()))
+        sizes.update(tuple(s) for s in batch["target_size"].tolist())
         return real(parts, batch)
 
     monkeypatch.setattr(loop, "compute_loss", recording)
     reference = train(config(tmp_path / "reference"), show_progress=False)
-    # 4 images × 2 + 2 × 1 = 10 items, batch 3: 4 batches an epoch; both concepts and the prior rows were trained
+    # (4 images × 2 + 2 × 1) × 2 sizes = 20 items; both concepts and the prior rows were trained
     assert len(seen) == STEPS and {name for names, _ in seen for name in names} == {"a", "b"}
     assert all(prior == [name == "b" for name in names] for names, prior in seen)
+    assert sizes == {(32, 32), (64, 64)}
 
     calls = [0]
 

@@ -138,3 +138,20 @@ def test_example_preset_validates():
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(root / "training_presets" / "examples" / "demo_sdxl_multires.yaml")
     assert cfg.data.resolutions == [32, 64] and cfg.data.resolution == 64
+
+
+def test_the_small_image_warning_names_the_resolutions(tmp_path, caplog):
+    import logging
+
+    from modules.config import TrainConfig
+    from modules.trainer.train import check_images
+
+    write_concept_dataset(tmp_path, count=1, size=24, seed=3)
+    config = TrainConfig.model_validate({
+        "model": {"family": "sd15", "base_model": "x"}, "schedule": {"max_steps": 1},
+        "data": data_config(tmp_path, resolutions=[32, 64], bucketing=False),
+    })
+    dataset = build_dataset(config.data, seed=0)
+    with caplog.at_level(logging.WARNING):
+        check_images(config, [dataset], torch.device("cpu"))
+    assert any("data.resolutions [32, 64]: 1 images are smaller" in r.getMessage() for r in caplog.records)
