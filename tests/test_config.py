@@ -349,7 +349,10 @@ def test_describe_schema_covers_every_field_with_a_description():
     assert fields["optimizer.lora_a_optimizer"]["default"] == "muon"
     assert fields["lora.rank"]["constraints"] == {"ge": 1, "le": 4096}
     assert fields["model.family"]["required"] and fields["model.depth"]["nullable"]
-    assert [i["key"] for i in fields["data.folders"]["item_fields"]] == ["path", "repeats", "default_caption"]
+    assert [i["key"] for i in fields["data.folders"]["item_fields"]][:3] == ["path", "repeats", "default_caption"]
+    concept = {i["key"]: i for i in fields["data.folders"]["item_fields"]}  # a concept's own settings in the GUI
+    assert concept["role"]["choices"] == ["train", "regularization"] and concept["loss_weight"]["default"] == 1.0
+    assert concept["caption_dropout"]["nullable"] and concept["prior_prediction"]["default"] is False
     # Defaults reported for the GUI are what an empty section really validates to.
     for section, entries in sections.items():
         info = TrainConfig.model_fields.get(section)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from modules.config import TrainConfig
 from modules.config.loading import save_config
 from modules.model.tiny import tiny_pipeline_dir
 from modules.optimizer.distributed import exchange_rows, orthogonalization_flops, split_rows, world
@@ -160,3 +161,25 @@ def test_two_processes_train_like_one_with_the_same_global_batch(two_processes, 
         torch.testing.assert_close(double[key], single[key], rtol=0, atol=1e-6, msg=lambda m: f"{key}: {m}")
     for component in ("unet.", "text_encoder."):  # (SDXL reads the penultimate text layer: the last one stays 0)
         assert any(single[k].abs().max() > 0 for k in single if k.startswith(component) and "lora_B" in k), component
+
+
+def test_prior_prediction_under_ddp_matches_one_process(tiny_sdxl, tmp_path):
+    """A regularization concept with the prior prediction (a second, adapter-off forward of the DDP-wrapped UNet and
+    of the trained text encoder) trains on 2 processes × batch 1 as on 1 process × batch 2."""
+    base, data = tiny_sdxl
+    folders = [{"path": str(data[0])},
+               {"path": str(data[0]), "caption_extension": ".class", "default_caption": "a star",
+                "role": "regularization", "prior_prediction": True, "loss_weight": 0.5}]
+
+    def config(out: Path, batch_size: int) -> TrainConfig:  # 3 steps × 2 of 4 + 4 items: at least 2 prior rows
+        cfg = _loop_config(base, data, out, batch_size).model_dump()
+        cfg["data"]["folders"] = folders
+        return TrainConfig.model_validate(cfg)
+
+    save_config(config(tmp_path / "two", 1), tmp_path / "two.yaml")
+    _launch(["scripts/train.py", "--config", str(tmp_path / "two.yaml")], extra_env={"ACCELERATE_USE_CPU": "true"})
+    one = train(config(tmp_path / "one", 2), show_progress=False)
+    single, double = load_file(one.saved[-1]), load_file(tmp_path / "two" / "run.safetensors")
+    assert single.keys() == double.keys()
+    for key in single:
+        torch.testing.assert_close(double[key], single[key], rtol=0, atol=1e-6, msg=lambda m: f"{key}: {m}")

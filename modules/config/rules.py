@@ -95,11 +95,27 @@ def text_cache_is_static(cfg: TrainConfig) -> list[Problem]:
             "data.cache_text_embeddings",
             "cannot cache text embeddings while training a text encoder; set it false",
         ))
-    if cfg.data.shuffle_tags:
+    if cfg.data.shuffle_tags or any(f.shuffle_tags for f in cfg.data.folders):
         out.append((
             "data.cache_text_embeddings",
             "cached embeddings cannot follow shuffled tags; set data.shuffle_tags: false or this false",
         ))
+    return out
+
+
+def concept_settings(cfg: TrainConfig) -> list[Problem]:
+    """data.folders[i].prior_prediction needs role regularization and an adapter (method lora)."""
+    out = []
+    for i, folder in enumerate(cfg.data.folders):
+        if not folder.prior_prediction:
+            continue
+        key = f"data.folders.{i}.prior_prediction"
+        if folder.role != "regularization":
+            out.append((key, "only a folder with role: regularization can train on the prior prediction"))
+        if cfg.method != "lora":
+            out.append((key, "the prior prediction needs an adapter to switch off; use method: lora"))
+    if all(f.role == "regularization" for f in cfg.data.folders):
+        out.append(("data.folders", "every folder has role: regularization; at least one must train (role: train)"))
     return out
 
 
@@ -111,11 +127,16 @@ def latent_cache_is_static(cfg: TrainConfig) -> list[Problem]:
 
 
 def sizes_fit(cfg: TrainConfig) -> list[Problem]:
-    """data.resolution and data.bucket_step are multiples of 8; bucket_min <= bucket_max."""
+    """data.resolution(s) and data.bucket_step are multiples of 8; bucket_min <= bucket_max."""
     data = cfg.data
     out = []
     if data.resolution % 8:
         out.append(("data.resolution", f"must be a multiple of 8, got {data.resolution}"))
+    odd = [r for r in data.resolutions or () if r % 8]
+    if odd:
+        out.append(("data.resolutions", f"every resolution must be a multiple of 8, got {odd}"))
+    if data.resolutions is not None and len(set(data.resolutions)) != len(data.resolutions):
+        out.append(("data.resolutions", f"lists a resolution twice: {data.resolutions}"))
     if data.bucketing:
         if data.bucket_step % 8:
             out.append(("data.bucket_step", f"must be a multiple of 8, got {data.bucket_step}"))
@@ -249,6 +270,7 @@ RULES: tuple[Callable[[TrainConfig], list[Problem]], ...] = (
     text_encoders_exist,
     text_cache_is_static,
     latent_cache_is_static,
+    concept_settings,
     sizes_fit,
     run_length,
     sampling_has_prompts,

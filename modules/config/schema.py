@@ -155,6 +155,31 @@ class DataFolder(Section):
     path: str = Field(min_length=1, description="Folder of images with same-name caption files.")
     repeats: int = Field(default=1, ge=1, description="How many times each image of this folder counts per epoch.")
     default_caption: str = Field(default="", description="Caption of images in this folder without a caption file.")
+    # Concept settings (OneTrainer's concepts, kohya's subsets): null inherits the data section's value.
+    caption_extension: str | None = Field(
+        default=None, pattern=r"^\.[A-Za-z0-9_.-]+$", description="Caption file extension here; null = data's."
+    )
+    caption_prefix: str = Field(
+        default="", description="Fixed text (trigger / class words) put before every caption of this folder."
+    )
+    caption_dropout: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Caption dropout here; null = data's."
+    )
+    shuffle_tags: bool | None = Field(
+        default=None, description="Shuffle tags here (the prefix stays first); null = data's."
+    )
+    keep_tokens: int | None = Field(default=None, ge=0, description="Leading tags kept when shuffling; null = data's.")
+    loss_weight: float = Field(default=1.0, ge=0.0, description="Multiplies the loss of this folder's samples.")
+    role: Literal["train", "regularization"] = Field(
+        default="train", description="regularization: prior preservation images (kohya's reg_data_dir)."
+    )
+    prior_prediction: bool = Field(
+        default=False,
+        description=(
+            "Regularization only (OneTrainer's prior prediction): the target is the base model's own prediction "
+            "with the adapter off, on these images and captions, instead of their noise (LoRA / LyCORIS only)."
+        ),
+    )
 
 
 class MaskedLossConfig(Section):
@@ -180,9 +205,23 @@ class MaskedLossConfig(Section):
 
 
 class DataConfig(Section):
-    folders: list[DataFolder] = Field(min_length=1, description="Image folders to train on, each with its repeats.")
+    folders: list[DataFolder] = Field(
+        min_length=1,
+        description=(
+            "Image folders (concepts) to train on. Each item: path, repeats, default_caption and the concept's own "
+            "caption_extension, caption_prefix, caption_dropout, shuffle_tags, keep_tokens (null = this section's), "
+            "loss_weight, role (train | regularization), prior_prediction."
+        ),
+    )
     resolution: int = Field(
         default=1024, ge=16, le=8192, description="Training side length in pixels (bucket area = resolution^2)."
+    )
+    resolutions: list[Annotated[int, Field(ge=16, le=8192)]] | None = Field(
+        default=None, min_length=1,
+        description=(
+            "Train at several resolutions, e.g. [512, 768, 1024]: every image at each one, in that resolution's "
+            "buckets (batches never mix sizes; latents cached per size); null = [resolution]."
+        ),
     )
     bucketing: bool = Field(
         default=True, description="Aspect-ratio bucketing; off center-crops every image to a square."

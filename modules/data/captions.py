@@ -58,11 +58,18 @@ def process_caption(
     shuffle: bool = False,
     keep_tokens: int = 0,
     separator: str = ",",
+    prefix: str = "",
 ) -> str:
-    """Caption dropout (probability → empty caption), then optional tag shuffling (kohya's order of checks).
+    """Caption dropout (probability → empty caption), then optional tag shuffling (kohya's order of checks);
+    ``prefix`` (a concept's trigger / class words) goes before the shuffled tags and is dropped with them.
 
     Both draws always happen, so the shuffle of an item does not depend on the dropout setting.
     """
     dropped = rng.random() < dropout
     shuffled = shuffle_tags(caption, rng, keep_tokens=keep_tokens, separator=separator) if shuffle else caption
-    return "" if dropped else shuffled
+    return "" if dropped else with_prefix(prefix, shuffled)
+
+
+def with_prefix(prefix: str, caption: str) -> str:
+    """``prefix`` and ``caption`` joined by one space (either may be empty)."""
+    return " ".join(part for part in (prefix.strip(), caption) if part)

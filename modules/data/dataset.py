@@ -24,7 +24,7 @@ Augmentation and caching rules (kohya users' expectations):
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from modules.data.buckets import (
     CropPlan, Size, apply_crop, assign_bucket, fit_within, make_buckets, plan_crop, upscale_factor,
 )  # fmt: skip
 from modules.data.cache import CacheStats, DiskCache, content_hash, dtype_name, settings_key
-from modules.data.captions import Stream, item_rng, process_caption
+from modules.data.captions import Stream, item_rng, process_caption, with_prefix
 from modules.data.folders import FolderSpec, ImageRecord, load_image, scan_folders, split_records, to_tensor
 from modules.data.masks import MaskSettings, check_mask, mask_weights
 from modules.data.sampler import BucketBatchSampler, SampleKey
@@ -66,6 +66,7 @@ class DataSettings:
 
     folders: tuple[FolderSpec, ...]
     resolution: int = 1024
+    resolutions: tuple[int, ...] = ()  # several training resolutions (every image at each); () = (resolution,)
     bucketing: bool = True
     bucket_step: int = 64
     bucket_min: int = 256
@@ -101,6 +102,7 @@ class DataSettings:
         values = {name: get(name, getattr(defaults, name)) for name in cls.__dataclass_fields__ if name != "folders"}
         values["random_flip"] = 0.5 if flip is True else float(flip or 0.0)
         values["masked_loss"] = MaskSettings.from_config(values["masked_loss"])
+        values["resolutions"] = tuple(int(r) for r in values["resolutions"] or ())
         return cls(folders=folders, **values)
 
 
@@ -108,7 +110,54 @@ def _folder_spec(folder: Any) -> FolderSpec:
     if isinstance(folder, (str, Path)):
         return FolderSpec(Path(folder))
     get = folder.get if isinstance(folder, Mapping) else (lambda name, default: getattr(folder, name, default))
-    return FolderSpec(Path(get("path", "")), int(get("repeats", 1)), str(get("default_caption", "") or ""))
+    return FolderSpec(
+        Path(get("path", "")),
+        int(get("repeats", 1)),
+        str(get("default_caption", "") or ""),
+        caption_extension=get("caption_extension", None),
+        caption_prefix=str(get("caption_prefix", "") or ""),
+        caption_dropout=get("caption_dropout", None),
+        shuffle_tags=get("shuffle_tags", None),
+        keep_tokens=get("keep_tokens", None),
+        loss_weight=float(get("loss_weight", 1.0)),
+        role=str(get("role", "train")),
+        prior_prediction=bool(get("prior_prediction", False)),
+    )
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A folder's caption settings resolved against the data section's, its loss weight and target."""
+
+    prefix: str = ""
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    loss_weight: float = 1.0
+    prior_prediction: bool = False
+    name: str = ""
+
+    @classmethod
+    def of(cls, folder: FolderSpec | None, settings: DataSettings) -> Concept:
+        if folder is None:  # a validation folder: the data section's settings, plain loss
+            return cls(
+                caption_dropout=settings.caption_dropout,
+                shuffle_tags=settings.shuffle_tags,
+                keep_tokens=settings.keep_tokens,
+            )
+
+        def pick(own: Any, inherited: Any) -> Any:
+            return inherited if own is None else own
+
+        return cls(
+            prefix=folder.caption_prefix,
+            caption_dropout=float(pick(folder.caption_dropout, settings.caption_dropout)),
+            shuffle_tags=bool(pick(folder.shuffle_tags, settings.shuffle_tags)),
+            keep_tokens=int(pick(folder.keep_tokens, settings.keep_tokens)),
+            loss_weight=folder.loss_weight,
+            prior_prediction=folder.prior_prediction and folder.role == "regularization",
+            name=folder.path.name,
+        )
 
 
 # --------------------------------------------------------------------------- dataset
@@ -129,30 +178,37 @@ class TrainDataset(Dataset):
     ) -> None:
         if not records:
             raise ValueError("a dataset needs at least one image")
-        self.records = list(records)
         self.settings = settings
         self.seed = seed
         self.augment = augment
-        if settings.bucketing:
-            self.buckets = make_buckets(
-                settings.resolution,
-                step=settings.bucket_step,
-                min_side=settings.bucket_min,
-                max_side=settings.bucket_max,
-            )
-        else:
-            self.buckets = [(settings.resolution, settings.resolution)]
-        self.record_buckets = [assign_bucket(*r.size, self.buckets) for r in self.records]
+        self.images = len({r.path for r in records})
+        # Every image at every resolution (data.resolutions), each with that resolution's own buckets: records are
+        # (image, resolution) pairs. Buckets of equal size are shared, so a batch never mixes sizes.
+        self.records: list[ImageRecord] = []
+        self.record_buckets: list[int] = []
+        self.record_resolutions: list[int] = []
+        self.buckets: list[Size] = []
         self.shrunk: list[int] = []  # records whose bucket was shrunk to their size
-        if not settings.upscale:  # a smaller image gets a bucket of its own size instead of being enlarged
-            for i, record in enumerate(self.records):
-                fitted = fit_within(self.buckets[self.record_buckets[i]], record.size)
-                if fitted != self.buckets[self.record_buckets[i]]:
-                    self.shrunk.append(i)
+        placed: set[tuple[int, Size]] = set()
+        for resolution in settings.resolutions or (settings.resolution,):
+            own = self._resolution_buckets(resolution)
+            self.buckets.extend(b for b in own if b not in self.buckets)
+            for number, record in enumerate(records):
+                bucket = own[assign_bucket(*record.size, own)]
+                fitted = bucket if settings.upscale else fit_within(bucket, record.size)
+                if (number, fitted) in placed:  # too small for this resolution too: once at its own size
+                    continue
+                placed.add((number, fitted))
+                if fitted != bucket:  # a smaller image gets a bucket of its own size instead of being enlarged
+                    self.shrunk.append(len(self.records))
                     if fitted not in self.buckets:
                         self.buckets.append(fitted)
-                    self.record_buckets[i] = self.buckets.index(fitted)
+                self.records.append(record)
+                self.record_buckets.append(self.buckets.index(fitted))
+                self.record_resolutions.append(resolution)
         self.item_records = [i for i, r in enumerate(self.records) for _ in range(r.repeats)]
+        self.concepts = {c: Concept.of(settings.folders[c] if 0 <= c < len(settings.folders) else None, settings)
+                         for c in {r.concept for r in self.records}}  # fmt: skip
         self.bucket_ids = [self.record_buckets[i] for i in self.item_records]
         self.flip_probability = settings.random_flip if augment else 0.0
         self.random_crop = settings.random_crop and augment
@@ -161,6 +217,14 @@ class TrainDataset(Dataset):
         self._latent_keys: dict[tuple[int, bool], str] = {}
         self._text_cache: DiskCache | None = None
         self._text_keys: dict[str, str] = {}
+
+    def _resolution_buckets(self, resolution: int) -> list[Size]:
+        settings = self.settings
+        if not settings.bucketing:
+            return [(resolution, resolution)]
+        return make_buckets(
+            resolution, step=settings.bucket_step, min_side=settings.bucket_min, max_side=settings.bucket_max
+        )
 
     def __len__(self) -> int:
         return len(self.item_records)
@@ -171,7 +235,22 @@ class TrainDataset(Dataset):
         for bucket in self.bucket_ids:
             counts[bucket] = counts.get(bucket, 0) + 1
         buckets = ", ".join(f"{self.buckets[b][0]}x{self.buckets[b][1]} ×{n}" for b, n in sorted(counts.items()))
-        return f"{len(self)} items from {len(self.records)} images in {len(counts)} buckets: {buckets}"
+        line = f"{len(self)} items from {self.images} images in {len(counts)} buckets: {buckets}"
+        if len(self.concepts) > 1:
+            parts = (f"{self.concepts[c].name} ×{n}" for c, n in self.concept_items().items())
+            line += "; concepts: " + ", ".join(parts)
+        return line
+
+    def concept_items(self) -> dict[int, int]:
+        """Items per epoch of each concept (folder index): its images × its repeats."""
+        counts: dict[int, int] = {}
+        for record_index in self.item_records:
+            concept = self.records[record_index].concept
+            counts[concept] = counts.get(concept, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def concept_of(self, record: ImageRecord) -> Concept:
+        return self.concepts[record.concept]
 
     def largest_size(self) -> Size:
         """The largest (by area) image size this dataset trains at."""
@@ -203,15 +282,18 @@ class TrainDataset(Dataset):
             self.flip_probability > 0
             and item_rng(self.seed, epoch, index, Stream.FLIP).random() < self.flip_probability
         )
-        caption = record.caption
+        concept = self.concept_of(record)
         if self.augment:
             caption = process_caption(
-                caption,
+                record.caption,
                 item_rng(self.seed, epoch, index, Stream.CAPTION),
-                dropout=self.settings.caption_dropout,
-                shuffle=self.settings.shuffle_tags,
-                keep_tokens=self.settings.keep_tokens,
+                dropout=concept.caption_dropout,
+                shuffle=concept.shuffle_tags,
+                keep_tokens=concept.keep_tokens,
+                prefix=concept.prefix,
             )
+        else:
+            caption = with_prefix(concept.prefix, record.caption)
         item: dict[str, Any] = {
             "caption": caption,
             "original_size": (record.size[1], record.size[0]),
@@ -222,6 +304,9 @@ class TrainDataset(Dataset):
             "index": index,
             "epoch": epoch,
             "position": position,
+            # validation measures the plain loss: no concept weight, no prior target
+            "loss_weight": concept.loss_weight if self.augment else 1.0,
+            "prior_prediction": concept.prior_prediction and self.augment,
         }
         if position >= 0:  # came from the sampler: its state after this batch, for checkpoints
             item["sampler_state"] = {
@@ -334,14 +419,15 @@ class TrainDataset(Dataset):
             raise ValueError(
                 "data.cache_text_embeddings cannot be used while training a text encoder (they would go stale)"
             )
-        if self.augment and self.settings.shuffle_tags:
+        concepts = self.concepts.values()
+        if self.augment and any(c.shuffle_tags for c in concepts):
             raise ValueError(
                 "data.cache_text_embeddings cannot follow data.shuffle_tags "
                 "(each shuffle is a new caption): turn one off"
             )
         cache = DiskCache(cache_dir, "text", in_memory=in_memory)
-        captions = {r.caption for r in self.records}
-        if self.augment and self.settings.caption_dropout > 0:
+        captions = {with_prefix(self.concept_of(r).prefix, r.caption) for r in self.records}
+        if self.augment and any(c.caption_dropout > 0 for c in concepts):
             captions.add("")
         stats = CacheStats()
         missing: list[tuple[str, str]] = []
@@ -427,6 +513,8 @@ def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "path": [item["path"] for item in items],
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
         "flipped": torch.tensor([item["flipped"] for item in items], dtype=torch.bool),
+        "loss_weight": torch.tensor([item.get("loss_weight", 1.0) for item in items], dtype=torch.float32),
+        "prior_prediction": torch.tensor([item.get("prior_prediction", False) for item in items], dtype=torch.bool),
     }
     for name in ("original_size", "crop_top_left", "target_size"):
         batch[name] = torch.tensor([item[name] for item in items], dtype=torch.long)
@@ -469,13 +557,16 @@ def build_datasets(data_cfg: Any, validation_cfg: Any = None, *, seed: int) -> t
     records = scan_folders(settings.folders, settings.caption_extension)
     val_records: list[ImageRecord] | None = None
     if folder is not None:
-        val_records = scan_folders([FolderSpec(Path(folder))], settings.caption_extension)
-    elif fraction is not None:
-        unique = list({r.path: r for r in records}.values())
+        val_records = [  # a concept of its own: the data section's captions, plain loss
+            replace(r, concept=-1) for r in scan_folders([FolderSpec(Path(folder))], settings.caption_extension)
+        ]
+    elif fraction is not None:  # held out from the trained concepts only (never regularization images)
+        trained = {i for i, f in enumerate(settings.folders) if f.role != "regularization"}
+        unique = list({r.path: r for r in records if r.concept in trained}.values())
         _, val_records = split_records(unique, float(fraction), int(_get(validation_cfg, "seed") or 0))
         held = {r.path for r in val_records}
         records = [r for r in records if r.path not in held]
-        val_records = [ImageRecord(r.path, r.size, r.caption, 1) for r in val_records]
+        val_records = [ImageRecord(r.path, r.size, r.caption, 1, r.concept) for r in val_records]
     train = TrainDataset(_masked(records, settings), settings, seed=seed)
     val = TrainDataset(val_records, settings, seed=seed, augment=False) if val_records else None
     return train, val

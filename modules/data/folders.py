@@ -23,9 +23,22 @@ _ROTATED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and he
 
 @dataclass(frozen=True)
 class FolderSpec:
+    """One data folder (a concept): its repeats and its own caption settings, loss weight and role.
+
+    ``None`` caption settings inherit the data section's (resolved in dataset.TrainDataset).
+    """
+
     path: Path
     repeats: int = 1
     default_caption: str = ""  # caption of images without a caption file
+    caption_extension: str | None = None
+    caption_prefix: str = ""  # trigger / class words put before every caption
+    caption_dropout: float | None = None
+    shuffle_tags: bool | None = None
+    keep_tokens: int | None = None
+    loss_weight: float = 1.0
+    role: str = "train"  # or "regularization"
+    prior_prediction: bool = False  # regularization: target = the base model's prediction (adapter off)
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,7 @@ class ImageRecord:
     size: Size  # (width, height) after EXIF rotation
     caption: str
     repeats: int = 1
+    concept: int = -1  # index of its folder in the data section's folders; -1: none (validation folder)
 
 
 def scan_folders(folders: Sequence[FolderSpec], caption_extension: str = ".txt") -> list[ImageRecord]:
@@ -43,11 +57,13 @@ def scan_folders(folders: Sequence[FolderSpec], caption_extension: str = ".txt")
     files and hidden files are skipped silently. A missing folder or no image at all is an error.
     """
     records: list[ImageRecord] = []
-    for folder in folders:
+    for concept, folder in enumerate(folders):
+        extension = folder.caption_extension or caption_extension
+        captions = {extension.lower(), caption_extension.lower()}  # the data section's too: a concept may ignore them
         if not folder.path.is_dir():
             raise FileNotFoundError(f"data folder not found: {folder.path}")
         for path in sorted(folder.path.iterdir()):
-            if path.name.startswith(".") or path.is_dir() or path.suffix.lower() == caption_extension.lower():
+            if path.name.startswith(".") or path.is_dir() or path.suffix.lower() in captions:
                 continue
             if path.stem.endswith("-masklabel"):  # OneTrainer's loss mask of <name>: never an image of its own
                 continue
@@ -59,8 +75,8 @@ def scan_folders(folders: Sequence[FolderSpec], caption_extension: str = ".txt")
             except Exception as err:  # PIL raises many types for broken files
                 logger.warning("skipping unreadable image %s: %s", path, err)
                 continue
-            caption = read_caption(path, caption_extension, folder.default_caption)
-            records.append(ImageRecord(path, size, caption, folder.repeats))
+            caption = read_caption(path, extension, folder.default_caption)
+            records.append(ImageRecord(path, size, caption, folder.repeats, concept))
     if not records:
         names = ", ".join(str(f.path) for f in folders)
         raise ValueError(f"no usable images in data folder(s) {names} (supported: {', '.join(IMAGE_EXTENSIONS)})")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from modules.model.families.base import ModelFamily, TextEmbeddings
+from modules.trainer.concepts import adapters_off, concept_loss, needs_concept_loss
 from modules.trainer.masked_loss import latent_weights
 from modules.trainer.objective import make_noise
 
@@ -114,7 +115,18 @@ def compute_loss(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:
     conditioning = parts.family.conditioning(batch, text, latents.device, parts.dtype)
     prediction = parts.family.predict(parts.backbone, noisy, timesteps, text, conditioning)
     weights = latent_weights(batch.get("mask_weights"), latents)  # data.masked_loss; None without masks
-    return parts.objective.loss(prediction, latents, noise, timesteps, weights)
+    if not needs_concept_loss(batch):
+        return parts.objective.loss(prediction, latents, noise, timesteps, weights)
+
+    def base_prediction() -> torch.Tensor:  # a regularization concept's prior prediction (trainer/concepts.py)
+        with adapters_off(parts.trained_modules):
+            base_text, base_conditioning = text, conditioning
+            if parts.train_text and "text_embeddings" not in batch:  # trained text encoders: their base output too
+                base_text = batch_text(parts, batch)
+                base_conditioning = parts.family.conditioning(batch, base_text, latents.device, parts.dtype)
+            return parts.family.predict(parts.backbone, noisy, timesteps, base_text, base_conditioning)
+
+    return concept_loss(parts.objective, batch, prediction, latents, noise, timesteps, weights, base_prediction)
 
 
 def train_step(parts: StepParts, batch: dict[str, Any]) -> torch.Tensor:

@@ -161,8 +161,10 @@ def check_image_memory(config: Any, largest: tuple[int, int], available: int | N
     need = vae_encode_bytes(width, height, vae_config(config), config.model.vae_dtype, attention_scores=on_cpu)
     if need > available:
         where = "RAM" if on_cpu else "accelerator memory"
+        resolutions = getattr(config.data, "resolutions", None)
+        key, value = ("data.resolutions", resolutions) if resolutions else ("data.resolution", config.data.resolution)
         raise InputError(
-            f"data.resolution: {config.data.resolution} trains images up to {width}x{height}, whose VAE encode needs "
+            f"{key}: {value} trains images up to {width}x{height}, whose VAE encode needs "
             f"about {human(need)} (modules/trainer/preflight.py: vae_encode_bytes), more than the {human(available)} "
-            f"of free {where}; lower data.resolution" + (" or set data.upscale: false" if config.data.upscale else "")
+            f"of free {where}; lower {key}" + (" or set data.upscale: false" if config.data.upscale else "")
         )

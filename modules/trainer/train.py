@@ -194,9 +194,11 @@ def check_images(config: Any, datasets: list[Any], device: torch.device) -> None
         )  # fmt: skip
     smaller = [r for d in datasets for r in d.below_resolution()]
     if smaller:
+        key, value = ("data.resolutions", config.data.resolutions) if config.data.resolutions else (
+            "data.resolution", config.data.resolution)  # fmt: skip
         logger.warning(
-            "warning: data.resolution %d: %d images are smaller and train at their own size (largest %dx%d); "
-            "data.upscale: true would enlarge them", config.data.resolution, len(smaller),
+            "warning: %s %s: %d images are smaller and train at their own size (largest %dx%d); "
+            "data.upscale: true would enlarge them", key, value, len({r.path for r in smaller}),
             *max((r.size for r in smaller), key=lambda s: s[0] * s[1]),
         )  # fmt: skip
     largest = max((d.largest_size() for d in datasets), key=lambda s: s[0] * s[1])
