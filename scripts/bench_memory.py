@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from modules.model.offload import block_names  # noqa: E402
-from modules.trainer.memory_measure import REDUCIBLE, measure_step, reduced_model, step_inputs  # noqa: E402
-from modules.trainer.memory_plan import PlanSettings, plan_memory  # noqa: E402
+from tuneonce.model.offload import block_names  # noqa: E402
+from tuneonce.trainer.memory_measure import REDUCIBLE, measure_step, reduced_model, step_inputs  # noqa: E402
+from tuneonce.trainer.memory_plan import PlanSettings, plan_memory  # noqa: E402
 
 MODES = {"bf16": "bfloat16", "float8": "float8", "int8": "int8", "nf4": "nf4", "nf4+offload": "nf4"}
 
@@ -32,9 +32,9 @@ MODES = {"bf16": "bfloat16", "float8": "float8", "int8": "int8", "nf4": "nf4", "
 def measure_cuda(model, inputs, *, mode: str, rank: int, checkpointing: bool, offload_blocks: int, steps: int) -> dict:
     """One mode on the GPU: peak allocated bytes over `steps` training steps and their median time (not run in the
     CPU-only sessions this was written in: the CUDA path is designed, its figures are not measured yet)."""
-    from modules.model.offload import BlockOffloader, block_names
-    from modules.model.quantize import quantize_linears
-    from modules.trainer.memory_measure import add_default_lora
+    from tuneonce.model.offload import BlockOffloader, block_names
+    from tuneonce.model.quantize import quantize_linears
+    from tuneonce.trainer.memory_measure import add_default_lora
 
     device = torch.device("cuda")
     model.to(torch.bfloat16)

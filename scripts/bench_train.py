@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
-    from modules.config.loading import load_config
-    from modules.trainer.bench import run_benchmark
+    from tuneonce.config.loading import load_config
+    from tuneonce.trainer.bench import run_benchmark
 
     config = load_config(args.config, args.overrides)
     result = run_benchmark(config, steps=args.steps, rounds=args.rounds, warmup=args.warmup)

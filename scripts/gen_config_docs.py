@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from modules.config.docs import render_schema_markdown  # noqa: E402
+from tuneonce.config.docs import render_schema_markdown  # noqa: E402
 
 TARGET = ROOT / "configs" / "SCHEMA.md"
 

@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from modules.model.builtin import builtin_names  # noqa: E402
-from modules.model.inspect import (  # noqa: E402
+from tuneonce.model.builtin import builtin_names  # noqa: E402
+from tuneonce.model.inspect import (  # noqa: E402
     add_lora,
     format_report,
     inspect_components,
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def memory_main(args: argparse.Namespace) -> int:
-    from modules.trainer.memory_plan import PlanSettings, backbone_name, memory_report, settings_from_config
+    from tuneonce.trainer.memory_plan import PlanSettings, backbone_name, memory_report, settings_from_config
 
     try:
         if args.budget_gb is not None and args.budget_gb <= 0:
@@ -97,7 +97,7 @@ def memory_main(args: argparse.Namespace) -> int:
         components = {k: v for k, v in components.items() if k.startswith(("unet", "transformer", "text_encoder"))}
         budget = None
         if args.config:
-            from modules.config.loading import load_config
+            from tuneonce.config.loading import load_config
 
             settings, budget = settings_from_config(load_config(args.config), backbone=backbone_name(components))
         else:  # a default config's run: both caches on, so the VAE and text encoders are parked after caching

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules.demo.prepare import (
+from tuneonce.demo.prepare import (
     ASSET_PATH, UNET_ASSET_PATH, DecoderSettings, DemoSettings, UNetSettings, decoder_hash, demo_paths,
     prepare_demo_base, save_asset, save_unet_asset, settings_hash, unet_hash, write_asset_decoder,
 )  # fmt: skip
@@ -88,7 +88,7 @@ def write_flux_asset(root: Path | None) -> int:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from modules.demo.flux import (
+    from tuneonce.demo.flux import (
         TRANSFORMER_ASSET_PATH, FluxPretrainSettings, flux_transformer_hash, prepare_flux_demo_base,
         save_transformer_asset,
     )  # fmt: skip

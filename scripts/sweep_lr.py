@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
 
-    from modules.sweep.report import write_outputs
-    from modules.sweep.runner import RESULTS_NAME, read_results, run_sweep
-    from modules.sweep.spec import SweepError, load_sweep, restrict
+    from tuneonce.sweep.report import write_outputs
+    from tuneonce.sweep.runner import RESULTS_NAME, read_results, run_sweep
+    from tuneonce.sweep.spec import SweepError, load_sweep, restrict
 
     path = args.config or SWEEPS / ("quick.yaml" if args.quick else "default.yaml")
     try:

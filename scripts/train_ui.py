@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from modules.ui.server import main  # noqa: E402
+from tuneonce.ui.server import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from modules.config.schema import TrainConfig
-from modules.data.synthetic import write_concept_dataset
+from tuneonce.config.schema import TrainConfig
+from tuneonce.data.synthetic import write_concept_dataset
 
 
 def concept_data_dirs(root: Path, *, train_count: int) -> tuple[Path, Path]:

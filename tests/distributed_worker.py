@@ -18,10 +18,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modules.optimizer.groups import build_param_groups  # noqa: E402
-from modules.optimizer.lora_muon import LoRAMuon  # noqa: E402
-from modules.optimizer.muon_adv import AdaMuon_adv, Muon_adv  # noqa: E402
-from modules.optimizer.param_spec import GroupSpec, ParamInfo, Role, infer_spec  # noqa: E402
+from tuneonce.optimizer.groups import build_param_groups  # noqa: E402
+from tuneonce.optimizer.lora_muon import LoRAMuon  # noqa: E402
+from tuneonce.optimizer.muon_adv import AdaMuon_adv, Muon_adv  # noqa: E402
+from tuneonce.optimizer.param_spec import GroupSpec, ParamInfo, Role, infer_spec  # noqa: E402
 
 STEPS = 2
 
@@ -122,7 +122,7 @@ def main() -> None:
     results = step_all()
     torch.save(results, Path(sys.argv[1]) / f"rank{dist.get_rank()}.pt")
     if len(sys.argv) > 2:
-        from modules.trainer.cli import main as train_cli
+        from tuneonce.trainer.cli import main as train_cli
 
         code = train_cli(["--config", sys.argv[2]])
         if code:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from modules.model.families import get_family
+from tuneonce.model.families import get_family
 
 CPU = torch.device("cpu")
 

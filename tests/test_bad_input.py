@@ -23,8 +23,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from modules.model.tiny import tiny_pipeline_dir
-from modules.trainer import preflight
+from tuneonce.model.tiny import tiny_pipeline_dir
+from tuneonce.trainer import preflight
 from tests.builders import concept_data_dirs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,7 +291,7 @@ def test_diverging_run_stops_with_exit_3_and_writes_nothing_non_finite(env, tmp_
 
 def test_free_space_is_checked_against_the_estimate(env, tmp_path, monkeypatch):
     """A full disk cannot be made in a test: the free space the check reads is replaced."""
-    from modules.config.schema import TrainConfig
+    from tuneonce.config.schema import TrainConfig
 
     cfg = TrainConfig.model_validate(dict(env.config, saving={"name": "run", "output_dir": str(tmp_path / "o")}))
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 * 2**20})())
@@ -312,9 +312,9 @@ def test_stop_writes_the_lora_so_far_beside_the_checkpoint(env, tmp_path, monkey
     writes the checkpoint and, with saving.save_on_stop, the LoRA file of the weights so far."""
     import signal
 
-    from modules.config.schema import TrainConfig
-    from modules.trainer import loop
-    from modules.trainer.train import train
+    from tuneonce.config.schema import TrainConfig
+    from tuneonce.trainer import loop
+    from tuneonce.trainer.train import train
 
     calls, real = [0], loop.compute_loss
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modules.config import TrainConfig, load_config
-from modules.trainer import cli
+from tuneonce.config import TrainConfig, load_config
+from tuneonce.trainer import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "training_presets" / "demo_sdxl_lora.yaml"
@@ -18,9 +18,9 @@ DEMO = ROOT / "training_presets" / "demo_sdxl_lora.yaml"
 
 @pytest.fixture
 def fake_training(monkeypatch):
-    """Stands in for modules.trainer.train so the CLI's hand-off can be observed without training."""
+    """Stands in for tuneonce.trainer.train so the CLI's hand-off can be observed without training."""
     calls: list[TrainConfig] = []
-    module = types.ModuleType("modules.trainer.train")
+    module = types.ModuleType("tuneonce.trainer.train")
 
     def run_training(config):
         calls.append(config)
@@ -28,7 +28,7 @@ def fake_training(monkeypatch):
 
     module.run_training = run_training
     module.result = None
-    monkeypatch.setitem(sys.modules, "modules.trainer.train", module)
+    monkeypatch.setitem(sys.modules, "tuneonce.trainer.train", module)
     return module, calls
 
 
@@ -100,7 +100,7 @@ def test_script_fails_fast_without_importing_torch(tmp_path):
 
 def test_console_script_points_at_main():
     scripts = (ROOT / "pyproject.toml").read_text().split("[project.scripts]", 1)[1]
-    assert 'tuneonce-train = "modules.trainer.cli:main"' in scripts.split("[", 1)[0]
+    assert 'tuneonce-train = "tuneonce.trainer.cli:main"' in scripts.split("[", 1)[0]
 
 
 def test_missing_config_argument_is_a_usage_error(capsys):

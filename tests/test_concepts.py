@@ -12,16 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modules.config import TrainConfig, validate_dict
-from modules.data.captions import read_caption
-from modules.data.dataset import DataSettings, build_dataset, collate_batch
-from modules.data.synthetic import write_concept_dataset
-from modules.model.tiny import tiny_pipeline_dir
-from modules.trainer import checkpoint as ckpt
-from modules.trainer import loop
-from modules.trainer.concepts import concept_loss
-from modules.trainer.objective import DiffusionObjective
-from modules.trainer.train import train
+from tuneonce.config import TrainConfig, validate_dict
+from tuneonce.data.captions import read_caption
+from tuneonce.data.dataset import DataSettings, build_dataset, collate_batch
+from tuneonce.data.synthetic import write_concept_dataset
+from tuneonce.model.tiny import tiny_pipeline_dir
+from tuneonce.trainer import checkpoint as ckpt
+from tuneonce.trainer import loop
+from tuneonce.trainer.concepts import concept_loss
+from tuneonce.trainer.objective import DiffusionObjective
+from tuneonce.trainer.train import train
 from tests.builders import concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -228,7 +228,7 @@ def test_two_concepts_stopped_and_resumed_match_an_uninterrupted_run(two_concept
 
 
 def test_example_preset_validates():
-    from modules.config.loading import load_config
+    from tuneonce.config.loading import load_config
 
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(root / "training_presets" / "examples" / "demo_sdxl_concepts.yaml")

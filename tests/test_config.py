@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modules.config import CONFIG_VERSION, ConfigError, TrainConfig, dump_config, load_config, validate_dict
-from modules.config.docs import render_schema_markdown
-from modules.config.introspect import all_field_paths, describe_schema
-from modules.config.loading import deep_merge, resolve_config_dict
-from modules.config.migrations import MigrationError, migrate
-from modules.config.schema import CONSTRUCTOR_KEYS, OptimizerConfig
+from tuneonce.config import CONFIG_VERSION, ConfigError, TrainConfig, dump_config, load_config, validate_dict
+from tuneonce.config.docs import render_schema_markdown
+from tuneonce.config.introspect import all_field_paths, describe_schema
+from tuneonce.config.loading import deep_merge, resolve_config_dict
+from tuneonce.config.migrations import MigrationError, migrate
+from tuneonce.config.schema import CONSTRUCTOR_KEYS, OptimizerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted((ROOT / "training_presets").glob("*.yaml"))
@@ -310,7 +310,7 @@ def _signature_defaults(cls) -> dict:
 
 
 def test_optimizer_section_mirrors_the_constructors():
-    optim = pytest.importorskip("modules.optimizer")
+    optim = pytest.importorskip("tuneonce.optimizer")
     defaults = OptimizerConfig()
     classes = {"muon_adv": "Muon_adv", "adamuon_adv": "AdaMuon_adv", "lora_muon": "LoRAMuon"}
     for kind, cls_name in classes.items():

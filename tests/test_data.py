@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from modules.data import synthetic
-from modules.data.buckets import assign_bucket, make_buckets, plan_crop
-from modules.data.captions import process_caption, shuffle_tags
-from modules.data.dataset import DataSettings, FolderSpec, TrainDataset, build_datasets, scan_folders
-from modules.data.sampler import BucketBatchSampler
+from tuneonce.data import synthetic
+from tuneonce.data.buckets import assign_bucket, make_buckets, plan_crop
+from tuneonce.data.captions import process_caption, shuffle_tags
+from tuneonce.data.dataset import DataSettings, FolderSpec, TrainDataset, build_datasets, scan_folders
+from tuneonce.data.sampler import BucketBatchSampler
 
 
 def _settings(*folders: Path, **overrides) -> DataSettings:
@@ -279,7 +279,7 @@ def test_validation_split_is_deterministic_disjoint_and_unaugmented(images):
 
 
 def test_settings_from_pydantic_config(images):
-    schema = pytest.importorskip("modules.config.schema")
+    schema = pytest.importorskip("tuneonce.config.schema")
     cfg = schema.DataConfig(
         folders=[{"path": str(images), "repeats": 3, "default_caption": "shape"}],
         resolution=32,
@@ -323,7 +323,7 @@ def test_synthetic_datasets_are_deterministic(tmp_path):
 def test_small_images_train_at_their_own_size_unless_upscale(tmp_path):
     """kohya's bucket_no_upscale: an image smaller than its bucket gets a bucket of its own size (same aspect, sides
     on the grid of 8); data.upscale: true enlarges it as before."""
-    from modules.data.buckets import fit_within
+    from tuneonce.data.buckets import fit_within
 
     assert fit_within((1024, 1024), (64, 64)) == (64, 64)
     assert fit_within((1152, 896), (300, 200)) == (256, 200)  # scale min(300/1152, 200/896), floored to 8

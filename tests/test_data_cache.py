@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from modules.data import synthetic
-from modules.data.dataset import DataSettings, FolderSpec, TrainDataset, scan_folders
+from tuneonce.data import synthetic
+from tuneonce.data.dataset import DataSettings, FolderSpec, TrainDataset, scan_folders
 
 
 class CountingImageEncoder:

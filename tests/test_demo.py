@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from modules.data import synthetic
-from modules.demo import prepare as demo
-from modules.model.tiny import build_tiny_sdxl
+from tuneonce.data import synthetic
+from tuneonce.demo import prepare as demo
+from tuneonce.model.tiny import build_tiny_sdxl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -133,9 +133,9 @@ def test_demo_figure_puts_training_images_then_each_sampled_step(tmp_path):
 def test_the_trainer_knows_the_demo_base_names(tmp_path):
     """train.ensure_base_model prepares the demo bases by folder name without importing the demo code for other
     models: its list must name every demo base."""
-    from modules.demo import demo_paths
-    from modules.demo.flux import FLUX_DEMO_BASE
-    from modules.trainer.train import DEMO_BASES
+    from tuneonce.demo import demo_paths
+    from tuneonce.demo.flux import FLUX_DEMO_BASE
+    from tuneonce.trainer.train import DEMO_BASES
 
     demo = demo_paths(tmp_path)
     assert set(DEMO_BASES) == {demo.base.name, demo.base_v1.name, FLUX_DEMO_BASE}

@@ -12,13 +12,13 @@ import torch
 from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
-from modules.data import synthetic
-from modules.demo import flux
-from modules.demo.flux import (
+from tuneonce.data import synthetic
+from tuneonce.demo import flux
+from tuneonce.demo.flux import (
     FLUX_FORMAT_VERSION, TRANSFORMER_ASSET_PATH, FluxPretrainSettings, held_out_validator, prepare_flux_demo_base,
 )  # fmt: skip
-from modules.demo.prepare import MARKER_NAME
-from modules.model.tiny_flow import tiny_flux_transformer
+from tuneonce.demo.prepare import MARKER_NAME
+from tuneonce.model.tiny_flow import tiny_flux_transformer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from modules.model.builtin import BUILTINS, build_from_config, build_meta_components, load_config
-from modules.model.depth import (
+from tuneonce.model.builtin import BUILTINS, build_from_config, build_meta_components, load_config
+from tuneonce.model.depth import (
     DepthGuessWarning,
     component_depth,
     model_depths,

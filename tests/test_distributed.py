@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modules.config import TrainConfig
-from modules.config.loading import save_config
-from modules.model.tiny import tiny_pipeline_dir
-from modules.optimizer.distributed import exchange_rows, orthogonalization_flops, split_rows, world
-from modules.trainer.train import train
+from tuneonce.config import TrainConfig
+from tuneonce.config.loading import save_config
+from tuneonce.model.tiny import tiny_pipeline_dir
+from tuneonce.optimizer.distributed import exchange_rows, orthogonalization_flops, split_rows, world
+from tuneonce.trainer.train import train
 from tests.builders import concept_data_dirs, tiny_train_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modules.model.tiny import tiny_pipeline_dir
-from modules.trainer.ema import EMA
-from modules.trainer.train import train
+from tuneonce.model.tiny import tiny_pipeline_dir
+from tuneonce.trainer.ema import EMA
+from tuneonce.trainer.train import train
 from tests.builders import concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,14 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modules.config.schema import OptimizerConfig
-from modules.model.adapters import LoraSettings, add_lora, check_dora_compatible, lora_target_names
-from modules.model.families import get_family
-from modules.model.tiny import tiny_pipeline_dir
-from modules.optimizer.factory import OptimizerChain, build_optimizer
-from modules.optimizer.groups import peft_param_infos
-from modules.trainer.objective import DiffusionObjective, make_noise
-from modules.trainer.schedule import build_lr_scheduler, schedule_factor
+from tuneonce.config.schema import OptimizerConfig
+from tuneonce.model.adapters import LoraSettings, add_lora, check_dora_compatible, lora_target_names
+from tuneonce.model.families import get_family
+from tuneonce.model.tiny import tiny_pipeline_dir
+from tuneonce.optimizer.factory import OptimizerChain, build_optimizer
+from tuneonce.optimizer.groups import peft_param_infos
+from tuneonce.trainer.objective import DiffusionObjective, make_noise
+from tuneonce.trainer.schedule import build_lr_scheduler, schedule_factor
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from modules.config.rules import SINGLE_FILE_FAMILIES
-from modules.config import ConfigError, load_config
-from modules.model.families import get_family
-from modules.model.saving import SINGLE_FILE_WRITERS, finetune_state_dict, save_finetune_file
-from modules.model.single_file.flux_bfl import bfl_to_diffusers
-from modules.model.tiny import build_tiny_pipeline, tiny_pipeline_dir
-from modules.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
-from modules.trainer.train import train
+from tuneonce.config.rules import SINGLE_FILE_FAMILIES
+from tuneonce.config import ConfigError, load_config
+from tuneonce.model.families import get_family
+from tuneonce.model.saving import SINGLE_FILE_WRITERS, finetune_state_dict, save_finetune_file
+from tuneonce.model.single_file.flux_bfl import bfl_to_diffusers
+from tuneonce.model.tiny import build_tiny_pipeline, tiny_pipeline_dir
+from tuneonce.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
+from tuneonce.trainer.train import train
 from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

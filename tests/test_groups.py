@@ -3,8 +3,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from modules.optimizer.groups import build_param_groups, peft_param_infos
-from modules.optimizer.param_spec import GroupSpec, ParamInfo, Role
+from tuneonce.optimizer.groups import build_param_groups, peft_param_infos
+from tuneonce.optimizer.param_spec import GroupSpec, ParamInfo, Role
 
 
 class Tiny(nn.Module):

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from modules.optimizer.muon_adv import Muon_adv
-from modules.trainer import checkpoint as ckpt
-from modules.trainer.guard import Diverged, NonFiniteGuard
-from modules.trainer.metrics import MetricsLogger, read_metrics
-from modules.util.files import NonFiniteError, atomic_save
+from tuneonce.optimizer.muon_adv import Muon_adv
+from tuneonce.trainer import checkpoint as ckpt
+from tuneonce.trainer.guard import Diverged, NonFiniteGuard
+from tuneonce.trainer.metrics import MetricsLogger, read_metrics
+from tuneonce.util.files import NonFiniteError, atomic_save
 
 OPTIMIZERS = {
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),

@@ -11,9 +11,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
 from torch import nn
 
-from modules.model.lora_files import LoraModuleWeights, collect_lora_weights, to_kohya_bfl_state_dict
-from modules.model.saving import lora_state_dict, save_lora
-from modules.model.tiny_flow import build_tiny_flow_pipeline
+from tuneonce.model.lora_files import LoraModuleWeights, collect_lora_weights, to_kohya_bfl_state_dict
+from tuneonce.model.saving import lora_state_dict, save_lora
+from tuneonce.model.tiny_flow import build_tiny_flow_pipeline
 from tests.builders import flux_transformer_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -150,7 +150,7 @@ def test_bad_input_is_one_clear_line():
 
 def test_base_model_version_per_family():
     """kohya's ss_base_model_version values (sd-scripts: flux1, chroma, sdxl_base_v1-0, sd_v1) and modelspec names."""
-    from modules.model.saving import base_model_version
+    from tuneonce.model.saving import base_model_version
 
     versions = {kind: base_model_version({"transformer": build_tiny_flow_pipeline(kind).transformer})
                 for kind in ("flux-dev", "flux-schnell", "chroma", "sd3")}  # fmt: skip
@@ -175,7 +175,7 @@ def _peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_kohya_bfl_file_loads_back_into_peft(tmp_path):
     """Our own files (every layer, linear1 included, mixed ranks/alphas, T5) read back factor for factor; a fused
     LoRA trained as one (all parts share its down factor) loads too, acting as the file says."""
-    from modules.model.lora_files import load_lora_into_peft
+    from tuneonce.model.lora_files import load_lora_into_peft
 
     every_linear = r"(single_)?transformer_blocks\.\d+\..*|x_embedder|proj_out"
     # proj_mlp with its own rank at the same scale alpha/r (fused parts with different scales come back with the

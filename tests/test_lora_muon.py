@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from modules.optimizer.groups import build_param_groups, peft_param_infos
-from modules.optimizer.lora_muon import LoRAMuon
-from modules.optimizer.param_spec import GroupSpec, ParamInfo, Role
-from modules.optimizer.reference import lora_muon_first_order_change, msign, projector
+from tuneonce.optimizer.groups import build_param_groups, peft_param_infos
+from tuneonce.optimizer.lora_muon import LoRAMuon
+from tuneonce.optimizer.param_spec import GroupSpec, ParamInfo, Role
+from tuneonce.optimizer.reference import lora_muon_first_order_change, msign, projector
 
 DT = torch.float64  # the algebra tests run in float64 so that they compare to ~1e-10
 

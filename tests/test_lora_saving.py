@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modules.model.lora_files import load_lora_into_peft, lora_modules
-from modules.model.saving import save_diffusers_folder, save_lora
-from modules.model.tiny import tiny_pipeline_dir
+from tuneonce.model.lora_files import load_lora_into_peft, lora_modules
+from tuneonce.model.saving import save_diffusers_folder, save_lora
+from tuneonce.model.tiny import tiny_pipeline_dir
 
 PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline}
 # Anything diffusers / PEFT / transformers say when a LoRA file does not load completely.

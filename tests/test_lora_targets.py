@@ -8,13 +8,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from modules.config.schema import LoraConfig as LoraSection
-from modules.model.adapters import add_lora, lora_target_names
-from modules.model.families import FAMILIES, get_family
-from modules.model.saving import save_lora
-from modules.model.tiny import build_tiny_pipeline
-from modules.model.tiny_flow import build_tiny_flow_pipeline
-from modules.trainer.train import lora_settings
+from tuneonce.config.schema import LoraConfig as LoraSection
+from tuneonce.model.adapters import add_lora, lora_target_names
+from tuneonce.model.families import FAMILIES, get_family
+from tuneonce.model.saving import save_lora
+from tuneonce.model.tiny import build_tiny_pipeline
+from tuneonce.model.tiny_flow import build_tiny_flow_pipeline
+from tuneonce.trainer.train import lora_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

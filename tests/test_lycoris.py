@@ -17,17 +17,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from modules.model import lycoris_files
-from modules.model.adapters import LoraSettings, add_lora
-from modules.model.lora_files import canonical_path, kohya_module_name
-from modules.model.lycoris import lycoris_layers
-from modules.model.roles import param_infos
-from modules.model.saving import save_lora
-from modules.model.tiny import tiny_pipeline_dir
-from modules.optimizer.groups import build_param_groups
-from modules.optimizer.muon_adv import Muon_adv
-from modules.optimizer.param_spec import Role
-from modules.trainer.train import train
+from tuneonce.model import lycoris_files
+from tuneonce.model.adapters import LoraSettings, add_lora
+from tuneonce.model.lora_files import canonical_path, kohya_module_name
+from tuneonce.model.lycoris import lycoris_layers
+from tuneonce.model.roles import param_infos
+from tuneonce.model.saving import save_lora
+from tuneonce.model.tiny import tiny_pipeline_dir
+from tuneonce.optimizer.groups import build_param_groups
+from tuneonce.optimizer.muon_adv import Muon_adv
+from tuneonce.optimizer.param_spec import Role
+from tuneonce.trainer.train import train
 from tests.builders import concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -279,7 +279,7 @@ def test_inspect_model_reports_lycoris_roles(capsys):
 def test_example_presets_validate(name):
     from pathlib import Path
 
-    from modules.config.loading import load_config
+    from tuneonce.config.loading import load_config
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "training_presets" / "examples" / name)
     assert cfg.lora.type == name.split("_")[-1].removesuffix(".yaml") and cfg.lora.effective_alpha == cfg.lora.rank
@@ -298,7 +298,7 @@ def test_loha_run_resumes_from_a_checkpoint_bit_identically(sd15_base, data_dirs
     assert checkpoint.is_dir()
     resumed = train(config(resumed_out, resume=str(checkpoint)), show_progress=False)
     assert resumed.steps == reference.steps == 4
-    from modules.trainer.metrics import read_metrics
+    from tuneonce.trainer.metrics import read_metrics
 
     trained_steps = [r["step"] for r in read_metrics(resumed_out / "logs" / "metrics.jsonl") if "loss" in r]
     assert trained_steps == [3, 4]  # it went on from the checkpoint, it did not start over

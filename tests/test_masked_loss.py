@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from modules.data.dataset import DataSettings, FolderSpec, build_dataset
-from modules.model.tiny import tiny_pipeline_dir
-from modules.trainer.flow_objective import FlowMatchObjective
-from modules.trainer.masked_loss import latent_weights
-from modules.trainer.objective import DiffusionObjective
-from modules.trainer.train import train
+from tuneonce.data.dataset import DataSettings, FolderSpec, build_dataset
+from tuneonce.model.tiny import tiny_pipeline_dir
+from tuneonce.trainer.flow_objective import FlowMatchObjective
+from tuneonce.trainer.masked_loss import latent_weights
+from tuneonce.trainer.objective import DiffusionObjective
+from tuneonce.trainer.train import train
 from tests.builders import concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -150,7 +150,7 @@ def test_train_with_masks(masked_run, tmp_path):
 def test_example_preset_validates():
     from pathlib import Path
 
-    from modules.config.loading import load_config
+    from tuneonce.config.loading import load_config
 
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(root / "training_presets" / "examples" / "demo_sdxl_masked_loss.yaml")

@@ -7,13 +7,13 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from modules.config.loading import dump_config
-from modules.model.families import get_family
-from modules.model.quantize import QuantLinear
-from modules.model.tiny_flow import tiny_flow_pipeline_dir
-from modules.trainer import cli, parking
-from modules.trainer.memory_plan import GIB, HEADROOM, PlanSettings, plan_memory, settings_from_config
-from modules.trainer.train import train
+from tuneonce.config.loading import dump_config
+from tuneonce.model.families import get_family
+from tuneonce.model.quantize import QuantLinear
+from tuneonce.model.tiny_flow import tiny_flow_pipeline_dir
+from tuneonce.trainer import cli, parking
+from tuneonce.trainer.memory_plan import GIB, HEADROOM, PlanSettings, plan_memory, settings_from_config
+from tuneonce.trainer.train import train
 from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,7 +58,7 @@ def test_run_parks_encoders_after_caching_and_borrows_them_for_samples(monkeypat
         module.to(device)
 
     monkeypatch.setattr(parking, "move", spy_move)
-    import modules.trainer.sampling as sampling
+    import tuneonce.trainer.sampling as sampling
 
     real_sample = sampling.sample_images
     monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: events.append(("sample",)) or real_sample(*a, **k))

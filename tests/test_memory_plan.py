@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from modules.model.activations import SavedActivations
-from modules.model.builtin import build_meta_components
-from modules.trainer.memory_measure import measure_step, reduced_model, step_inputs
-from modules.trainer.memory_plan import GIB, PlanSettings, pick_settings, plan_memory
+from tuneonce.model.activations import SavedActivations
+from tuneonce.model.builtin import build_meta_components
+from tuneonce.trainer.memory_measure import measure_step, reduced_model, step_inputs
+from tuneonce.trainer.memory_plan import GIB, PlanSettings, pick_settings, plan_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))

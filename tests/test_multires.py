@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.config import validate_dict
-from modules.data.dataset import build_dataset
-from modules.data.synthetic import write_concept_dataset
-from modules.model.tiny import tiny_pipeline_dir
-from modules.trainer import loop
-from modules.trainer.train import train
+from tuneonce.config import validate_dict
+from tuneonce.data.dataset import build_dataset
+from tuneonce.data.synthetic import write_concept_dataset
+from tuneonce.model.tiny import tiny_pipeline_dir
+from tuneonce.trainer import loop
+from tuneonce.trainer.train import train
 from tests.builders import concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -133,7 +133,7 @@ def test_a_run_trains_at_both_resolutions(tmp_path_factory):
 
 
 def test_example_preset_validates():
-    from modules.config.loading import load_config
+    from tuneonce.config.loading import load_config
 
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(root / "training_presets" / "examples" / "demo_sdxl_multires.yaml")
@@ -143,8 +143,8 @@ def test_example_preset_validates():
 def test_the_small_image_warning_names_the_resolutions(tmp_path, caplog):
     import logging
 
-    from modules.config import TrainConfig
-    from modules.trainer.train import check_images
+    from tuneonce.config import TrainConfig
+    from tuneonce.trainer.train import check_images
 
     write_concept_dataset(tmp_path, count=1, size=24, seed=3)
     config = TrainConfig.model_validate({

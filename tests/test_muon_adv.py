@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from modules.optimizer import AdaMuon_adv, Muon_adv, reference
+from tuneonce.optimizer import AdaMuon_adv, Muon_adv, reference
 
 OPTIMIZERS = [Muon_adv, AdaMuon_adv]
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from modules.config.loading import load_config
-from modules.model.families import get_family
-from modules.model.families.flow import pack_latents, unpack_latents
-from modules.model.families.qwenimage import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
-from modules.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
-from modules.trainer.train import train
+from tuneonce.config.loading import load_config
+from tuneonce.model.families import get_family
+from tuneonce.model.families.flow import pack_latents, unpack_latents
+from tuneonce.model.families.qwenimage import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
+from tuneonce.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
+from tuneonce.trainer.train import train
 from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
 from tests.lora_checks import assert_adapters_trained, check_lora_file_reproduces
 
@@ -59,7 +59,7 @@ def test_training_shift_is_the_samplers(pipes, family_name, latent_hw):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-    from modules.trainer.flow_objective import shift_sigmas
+    from tuneonce.trainer.flow_objective import shift_sigmas
 
     pipe, family = pipes[family_name], get_family(family_name)
     objective = family.build_objective(pipe.components)
@@ -148,7 +148,7 @@ def test_sampling_writes_an_image_through_the_pipeline(pipes, tmp_path, family_n
 
     from PIL import Image
 
-    from modules.trainer.sampling import sample_images
+    from tuneonce.trainer.sampling import sample_images
 
     prompt = SimpleNamespace(prompt=PROMPTS[0], negative_prompt=negative, seed=3, cfg=cfg, steps=2, width=64, height=64)
     (path,) = sample_images(get_family(family_name), pipes[family_name].components, [prompt], samples_dir=tmp_path, step=1)

@@ -10,10 +10,10 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from modules.model.offload import BlockOffloader, block_names
-from modules.model.tiny_flow import tiny_flow_pipeline_dir
-from modules.trainer.memory_measure import add_default_lora, reduced_model, step_inputs
-from modules.trainer.train import train
+from tuneonce.model.offload import BlockOffloader, block_names
+from tuneonce.model.tiny_flow import tiny_flow_pipeline_dir
+from tuneonce.trainer.memory_measure import add_default_lora, reduced_model, step_inputs
+from tuneonce.trainer.train import train
 from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,7 +72,7 @@ def test_unknown_block_and_too_many_blocks_are_named():
     model = reduced_model("flux-dev", blocks=1, heads=1)
     with pytest.raises(ValueError, match="memory.offload_blocks: nope is not a residual block"):
         BlockOffloader(model, ["nope"], compute="cpu")
-    from modules.model.offload import offload_backbone
+    from tuneonce.model.offload import offload_backbone
 
     with pytest.raises(ValueError, match="memory.offload_blocks: 9 is more than the 2 residual blocks"):
         offload_backbone(model, ("transformer_blocks.", "single_transformer_blocks."), 9, compute="cpu")

@@ -5,16 +5,16 @@ import inspect
 
 import pytest
 
-from modules.config.schema import ADAMUON_KEYS, LORA_MUON_KEYS, MUON_KEYS, OptimizerConfig
-from modules.optimizer import muon_adv
-from modules.optimizer.lora_muon import LoRAMuon
-from modules.optimizer.muon_adv import AdaMuon_adv, Muon_adv
+from tuneonce.config.schema import ADAMUON_KEYS, LORA_MUON_KEYS, MUON_KEYS, OptimizerConfig
+from tuneonce.optimizer import muon_adv
+from tuneonce.optimizer.lora_muon import LoRAMuon
+from tuneonce.optimizer.muon_adv import AdaMuon_adv, Muon_adv
 
 
 def _signature_defaults(cls) -> dict:
     out = {}
     for klass in reversed(cls.__mro__):  # AdaMuon_adv adds beta2/eps to Muon_adv's keywords
-        if "__init__" in vars(klass) and klass.__module__.startswith("modules."):
+        if "__init__" in vars(klass) and klass.__module__.startswith("tuneonce."):
             for name, p in inspect.signature(klass.__init__).parameters.items():
                 if p.default is not inspect.Parameter.empty:
                     out[name] = p.default

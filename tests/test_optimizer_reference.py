@@ -23,10 +23,10 @@ import pytest
 import torch
 from torch import nn
 
-from modules.config.schema import ADAMUON_KEYS, LORA_MUON_KEYS, OptimizerConfig
-from modules.optimizer import reference
-from modules.optimizer.lora_muon import LoRAMuon
-from modules.optimizer.muon_adv import AdaMuon_adv, Muon_adv
+from tuneonce.config.schema import ADAMUON_KEYS, LORA_MUON_KEYS, OptimizerConfig
+from tuneonce.optimizer import reference
+from tuneonce.optimizer.lora_muon import LoRAMuon
+from tuneonce.optimizer.muon_adv import AdaMuon_adv, Muon_adv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from modules.optimizer.orthogonalize import (
+from tuneonce.optimizer.orthogonalize import (
     choose_route,
     normalization_safety,
     orthogonalize,

@@ -10,12 +10,12 @@ import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from modules.data.dataset import collate_batch
-from modules.data.synthetic import write_concept_dataset
-from modules.model.tiny import tiny_pipeline_dir
-from modules.model.tiny_flow import tiny_flow_pipeline_dir
-from modules.trainer import loop
-from modules.trainer.train import build_run
+from tuneonce.data.dataset import collate_batch
+from tuneonce.data.synthetic import write_concept_dataset
+from tuneonce.model.tiny import tiny_pipeline_dir
+from tuneonce.model.tiny_flow import tiny_flow_pipeline_dir
+from tuneonce.trainer import loop
+from tuneonce.trainer.train import build_run
 from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -119,7 +119,7 @@ def test_prior_prediction_starts_at_zero_and_pulls_back_to_the_base(data, tmp_pa
 
 
 def test_example_preset_validates():
-    from modules.config.loading import load_config
+    from tuneonce.config.loading import load_config
 
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(root / "training_presets" / "examples" / "demo_sdxl_prior_preservation.yaml")

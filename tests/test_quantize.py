@@ -11,13 +11,13 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
-from modules.model.adapters import LoraSettings, add_lora
-from modules.model.families import get_family
-from modules.model.quantize import NF4_LEVELS, QuantLinear, quantize_linears, quantize_weight, weight_bytes_by_dtype
-from modules.model.roles import param_infos
-from modules.model.tiny_flow import tiny_flow_pipeline_dir
-from modules.optimizer.groups import build_param_groups
-from modules.trainer.train import train
+from tuneonce.model.adapters import LoraSettings, add_lora
+from tuneonce.model.families import get_family
+from tuneonce.model.quantize import NF4_LEVELS, QuantLinear, quantize_linears, quantize_weight, weight_bytes_by_dtype
+from tuneonce.model.roles import param_infos
+from tuneonce.model.tiny_flow import tiny_flow_pipeline_dir
+from tuneonce.optimizer.groups import build_param_groups
+from tuneonce.trainer.train import train
 from tests.builders import FLOW_RUN, concept_data_dirs, flux_transformer_inputs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

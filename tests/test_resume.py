@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modules.config.schema import TrainConfig
-from modules.model.tiny import tiny_pipeline_dir
-from modules.trainer import checkpoint as ckpt
-from modules.trainer import loop
-from modules.trainer.metrics import read_metrics
-from modules.trainer.train import train
+from tuneonce.config.schema import TrainConfig
+from tuneonce.model.tiny import tiny_pipeline_dir
+from tuneonce.trainer import checkpoint as ckpt
+from tuneonce.trainer import loop
+from tuneonce.trainer.metrics import read_metrics
+from tuneonce.trainer.train import train
 from tests.builders import concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -266,7 +266,7 @@ def test_nested_state_round_trips_through_json_and_safetensors(tmp_path):
 
 
 def test_cli_resume_flag_sets_the_config_field(capsys):
-    from modules.trainer import cli
+    from tuneonce.trainer import cli
 
     demo = ROOT / "training_presets" / "demo_sdxl_lora.yaml"
     assert cli.main(["--config", str(demo), "--resume", "latest", "--dry-run"]) == 0

@@ -13,12 +13,12 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from modules.model.builtin import build_from_config, default_lora_targets, load_config
-from modules.model.depth import component_depth, model_depths
-from modules.model.inspect import load_components
-from modules.model.roles import param_infos
-from modules.optimizer.groups import build_param_groups
-from modules.optimizer.param_spec import Role
+from tuneonce.model.builtin import build_from_config, default_lora_targets, load_config
+from tuneonce.model.depth import component_depth, model_depths
+from tuneonce.model.inspect import load_components
+from tuneonce.model.roles import param_infos
+from tuneonce.optimizer.groups import build_param_groups
+from tuneonce.optimizer.param_spec import Role
 
 RANK, ALPHA = 4, 8
 TINY_UNET = dict(

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from modules.optimizer import scaling
+from tuneonce.optimizer import scaling
 
 
 def test_closed_forms():

@@ -14,13 +14,13 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from modules.model.families import get_family
-from modules.model.single_file import detect_family, save_bfl_transformer
-from modules.model.single_file.flux_bfl import COMFY_PREFIX, bfl_to_diffusers, diffusers_to_bfl
-from modules.model.single_file.ldm import save_ldm_checkpoint
-from modules.model.single_file.sd3_mmdit import diffusers_to_mmdit
-from modules.model.tiny import build_tiny_pipeline, tiny_pipeline_dir
-from modules.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
+from tuneonce.model.families import get_family
+from tuneonce.model.single_file import detect_family, save_bfl_transformer
+from tuneonce.model.single_file.flux_bfl import COMFY_PREFIX, bfl_to_diffusers, diffusers_to_bfl
+from tuneonce.model.single_file.ldm import save_ldm_checkpoint
+from tuneonce.model.single_file.sd3_mmdit import diffusers_to_mmdit
+from tuneonce.model.tiny import build_tiny_pipeline, tiny_pipeline_dir
+from tuneonce.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
 from tests.builders import flux_transformer_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -13,11 +13,11 @@ import torch
 import yaml
 from diffusers import FluxPipeline
 
-from modules.demo.flux import held_out_validator, prepare_flux_demo_base, pretrain_flux_transformer
-from modules.demo.prepare import DemoSettings
-from modules.sweep import models
-from modules.sweep.runner import RESULTS_NAME, read_results, run_sweep
-from modules.sweep.spec import ModelSpec, SweepError, load_sweep
+from tuneonce.demo.flux import held_out_validator, prepare_flux_demo_base, pretrain_flux_transformer
+from tuneonce.demo.prepare import DemoSettings
+from tuneonce.sweep import models
+from tuneonce.sweep.runner import RESULTS_NAME, read_results, run_sweep
+from tuneonce.sweep.spec import ModelSpec, SweepError, load_sweep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,7 +28,7 @@ SMALL = DemoSettings(pretrain_images=32, batch_size=8)  # a few images and a sma
 @pytest.fixture(scope="module")
 def sdxl_base(tmp_path_factory) -> Path:
     """A tiny SDXL folder standing in for the demo base (its VAE and CLIP are what the Flux demo base copies)."""
-    from modules.model.tiny import build_tiny_sdxl
+    from tuneonce.model.tiny import build_tiny_sdxl
 
     folder = tmp_path_factory.mktemp("sdxl") / "base"
     build_tiny_sdxl(0).save_pretrained(folder, safe_serialization=True)
@@ -119,7 +119,7 @@ def test_demo_flux_source_builds_caches_and_trains_in_the_sweep(tmp_path: Path, 
 
 
 def _digest_before_pretrain_lr(spec: ModelSpec) -> str:
-    """The cache key as modules.sweep.models computed it before ModelSpec had pretrain_lr (same payload, same hash)."""
+    """The cache key as tuneonce.sweep.models computed it before ModelSpec had pretrain_lr (same payload, same hash)."""
     payload = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "pretrain_lr")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from modules.data import synthetic
-from modules.demo import prepare as demo
-from modules.model.tiny import build_tiny_sd15, build_tiny_sdxl, tiny_pipeline_dir
+from tuneonce.data import synthetic
+from tuneonce.demo import prepare as demo
+from tuneonce.model.tiny import build_tiny_sd15, build_tiny_sdxl, tiny_pipeline_dir
 
 PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline}
 BUILDERS = {"sdxl": build_tiny_sdxl, "sd15": build_tiny_sd15}

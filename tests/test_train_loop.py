@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from modules.model.families import get_family
-from modules.model.tiny import tiny_pipeline_dir
-from modules.trainer.metrics import read_metrics
-from modules.trainer.train import train
+from tuneonce.model.families import get_family
+from tuneonce.model.tiny import tiny_pipeline_dir
+from tuneonce.trainer.metrics import read_metrics
+from tuneonce.trainer.train import train
 from tests.builders import concept_data_dirs, tiny_train_config
 
 
@@ -143,7 +143,7 @@ def test_sdxl_finetune_saves_a_diffusers_folder(tmp_path_factory, data_dirs):
 
 def test_bench_train_smoke(tmp_path_factory, data_dirs):
     """The benchmark's code path on the tiny SDXL (two timed steps; no timing asserted)."""
-    from modules.trainer.bench import run_benchmark
+    from tuneonce.trainer.bench import run_benchmark
 
     base = tiny_pipeline_dir("sdxl", tmp_path_factory)
     cfg = make_config("sdxl", base, data_dirs, tmp_path_factory.mktemp("bench"), validation={"every_n_steps": 0})

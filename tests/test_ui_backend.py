@@ -14,12 +14,12 @@ import pytest
 import yaml
 from pydantic import Field
 
-from modules.config.loading import load_config, validate_dict
-from modules.config.schema import OptimizerConfig, TrainConfig
-from modules.ui import schema as ui_schema
-from modules.ui.backend import Backend, UserError, run_paths
-from modules.ui.runs import REPO_ROOT, RunManager, RunWatch
-from modules.ui.server import UiServer, bind_warning
+from tuneonce.config.loading import load_config, validate_dict
+from tuneonce.config.schema import OptimizerConfig, TrainConfig
+from tuneonce.ui import schema as ui_schema
+from tuneonce.ui.backend import Backend, UserError, run_paths
+from tuneonce.ui.runs import REPO_ROOT, RunManager, RunWatch
+from tuneonce.ui.server import UiServer, bind_warning
 
 DEMO = "demo_sdxl_lora.yaml"
 
@@ -138,7 +138,7 @@ def test_save_refuses_bad_paths_and_invalid_configs(demo, tmp_path):
 
 
 def test_run_paths_match_the_trainer():
-    train = pytest.importorskip("modules.trainer.train")
+    train = pytest.importorskip("tuneonce.trainer.train")
     for log_dir in (None, "elsewhere/logs"):
         raw = load_config(REPO_ROOT / "training_presets" / DEMO, [f"logging.log_dir={log_dir or ''}"])
         paths = train.RunPaths.from_config(raw)
@@ -240,8 +240,8 @@ def test_http_guards_and_host_warning(tmp_path):
 def test_memory_panel_shows_the_planners_prediction_and_budget_pick(backend, demo):
     """The published SDXL architecture (no local folder) at 1024 px: the rows are the planner's own numbers, the
     encoders leave the total when cached (and count only while caching / sampling), a budget shows its pick."""
-    from modules.model.builtin import build_meta_components
-    from modules.trainer.memory_plan import plan_memory, settings_from_config
+    from tuneonce.model.builtin import build_meta_components
+    from tuneonce.trainer.memory_plan import plan_memory, settings_from_config
 
     config = ui_schema.set_path(demo["config"], "model.base_model", "no/such/folder")
     config = ui_schema.set_path(config, "data.resolution", 1024)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modules.config.loading import load_config
-from modules.ui.backend import Backend
-from modules.ui.runs import REPO_ROOT, RunManager
-from modules.ui.server import UiServer
+from tuneonce.config.loading import load_config
+from tuneonce.ui.backend import Backend
+from tuneonce.ui.runs import REPO_ROOT, RunManager
+from tuneonce.ui.server import UiServer
 
 CHROMIUM = os.environ.get("TUNEONCE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -54,8 +54,8 @@ STAND_IN_TRAINER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from PIL import Image
-    from modules.config.loading import load_config
-    from modules.trainer.metrics import MetricsLogger
+    from tuneonce.config.loading import load_config
+    from tuneonce.trainer.metrics import MetricsLogger
     cfg = load_config(sys.argv[sys.argv.index("--config") + 1])
     out = Path(cfg.saving.output_dir)
     log = MetricsLogger(cfg.logging.log_dir or out / "logs", tensorboard=False)
@@ -327,8 +327,8 @@ def test_depth_panel_follows_the_model_and_the_switches(page):
 
 def test_real_training_run_from_the_page(page, tmp_path, tmp_path_factory):
     """The demo preset through the real CLI (`train.py --config`) on a tiny SDXL folder, for three steps."""
-    tiny = pytest.importorskip("modules.model.tiny")
-    synthetic = pytest.importorskip("modules.data.synthetic")
+    tiny = pytest.importorskip("tuneonce.model.tiny")
+    synthetic = pytest.importorskip("tuneonce.data.synthetic")
     base = tiny.tiny_pipeline_dir("sdxl", tmp_path_factory)  # shared with other tests of the session
     synthetic.write_concept_dataset(tmp_path / "data", count=4)
     open_preset(page, "demo_sdxl_lora.yaml")

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modules.config.loading import load_config
-from modules.ui import schema as ui_schema
-from modules.ui.backend import Backend
-from modules.ui.runs import REPO_ROOT, RunManager, RunWatch
-from modules.ui.server import UiServer
+from tuneonce.config.loading import load_config
+from tuneonce.ui import schema as ui_schema
+from tuneonce.ui.backend import Backend
+from tuneonce.ui.runs import REPO_ROOT, RunManager, RunWatch
+from tuneonce.ui.server import UiServer
 
 DEMO = "demo_sdxl_lora.yaml"
 EVIL_ORIGIN = "http://evil.example"

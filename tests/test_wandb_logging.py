@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from modules.model.tiny import tiny_pipeline_dir
-from modules.trainer.train import train
-from modules.trainer.wandb_log import WandbSink
+from tuneonce.model.tiny import tiny_pipeline_dir
+from tuneonce.trainer.train import train
+from tuneonce.trainer.wandb_log import WandbSink
 from tests.builders import concept_data_dirs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -100,7 +100,7 @@ def test_missing_package_is_one_line_naming_the_field(monkeypatch, tmp_path):
 
 
 def test_example_preset_validates():
-    from modules.config.loading import load_config
+    from tuneonce.config.loading import load_config
 
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(root / "training_presets" / "examples" / "demo_sdxl_wandb.yaml")

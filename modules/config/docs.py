@@ -5,10 +5,10 @@ from typing import Any
 
 import yaml
 
-from modules.config.introspect import describe_schema, section_descriptions
-from modules.config.migrations import MIGRATIONS
-from modules.config.rules import RULES
-from modules.config.schema import CONFIG_VERSION
+from tuneonce.config.introspect import describe_schema, section_descriptions
+from tuneonce.config.migrations import MIGRATIONS
+from tuneonce.config.rules import RULES
+from tuneonce.config.schema import CONFIG_VERSION
 
 HEADER = f"""# Training config reference
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from modules.config.schema import TrainConfig
+from tuneonce.config.schema import TrainConfig
 
 CONSTRAINTS = ("ge", "gt", "le", "lt", "min_length", "max_length", "pattern")
 

@@ -18,9 +18,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from modules.config.introspect import all_field_paths, resolve_loc
-from modules.config.migrations import MigrationError, migrate
-from modules.config.schema import CONFIG_VERSION, RuleViolation, TrainConfig
+from tuneonce.config.introspect import all_field_paths, resolve_loc
+from tuneonce.config.migrations import MigrationError, migrate
+from tuneonce.config.schema import CONFIG_VERSION, RuleViolation, TrainConfig
 
 OVERRIDE_SOURCE = "--set"
 

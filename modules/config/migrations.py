@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-from modules.config.schema import CONFIG_VERSION
+from tuneonce.config.schema import CONFIG_VERSION
 
 
 class MigrationError(ValueError):

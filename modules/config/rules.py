@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from modules.config.schema import TrainConfig
+    from tuneonce.config.schema import TrainConfig
 
 Problem = tuple[str, str]
 MUON_FAMILY = ("muon_adv", "adamuon_adv", "lora_muon")
@@ -26,7 +26,7 @@ FAMILY_TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
     "qwenimage": (),
 }
 FLOW_FAMILIES = ("flux", "chroma", "sd3", "zimage", "qwenimage")
-# Families whose full finetune saves as one original-layout file (modules.model.saving.SINGLE_FILE_WRITERS).
+# Families whose full finetune saves as one original-layout file (tuneonce.model.saving.SINGLE_FILE_WRITERS).
 SINGLE_FILE_FAMILIES = ("flux", "chroma", "sd3", "sdxl", "sd15")
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Re-exported: the rules live in their own module; TrainConfig runs them after field validation.
-from modules.config.rules import FAMILY_TEXT_ENCODERS, MUON_FAMILY, check_rules, config_warnings  # noqa: F401
+from tuneonce.config.rules import FAMILY_TEXT_ENCODERS, MUON_FAMILY, check_rules, config_warnings  # noqa: F401
 
 CONFIG_VERSION = 2  # bump together with a step in migrations.py
 

@@ -1,9 +1,9 @@
 """Training data: image folders with captions, aspect buckets, seeded augmentation, caches, batching."""
 
-from modules.data.buckets import assign_bucket, make_buckets, plan_crop
-from modules.data.cache import CacheStats, DiskCache, content_hash
-from modules.data.captions import process_caption, shuffle_tags
-from modules.data.dataset import (
+from tuneonce.data.buckets import assign_bucket, make_buckets, plan_crop
+from tuneonce.data.cache import CacheStats, DiskCache, content_hash
+from tuneonce.data.captions import process_caption, shuffle_tags
+from tuneonce.data.dataset import (
     DataSettings,
     FolderSpec,
     ImageRecord,
@@ -14,7 +14,7 @@ from modules.data.dataset import (
     scan_folders,
     split_records,
 )
-from modules.data.sampler import BucketBatchSampler, SampleKey
+from tuneonce.data.sampler import BucketBatchSampler, SampleKey
 
 __all__ = [
     "BucketBatchSampler",

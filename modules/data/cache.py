@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from modules.util.files import atomic_save
+from tuneonce.util.files import atomic_save
 
 CACHE_FORMAT_VERSION = 1  # bump when the way images are resized/cropped/encoded changes
 _content_hashes: dict[tuple[str, int, int], str] = {}

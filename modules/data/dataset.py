@@ -32,14 +32,14 @@ import torch
 from PIL import ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from modules.data.buckets import (
+from tuneonce.data.buckets import (
     CropPlan, Size, apply_crop, assign_bucket, fit_within, make_buckets, plan_crop, upscale_factor,
 )  # fmt: skip
-from modules.data.cache import CacheStats, DiskCache, content_hash, dtype_name, settings_key
-from modules.data.captions import Stream, item_rng, process_caption, with_prefix
-from modules.data.folders import FolderSpec, ImageRecord, load_image, scan_folders, split_records, to_tensor
-from modules.data.masks import MaskSettings, check_mask, mask_weights
-from modules.data.sampler import BucketBatchSampler, SampleKey
+from tuneonce.data.cache import CacheStats, DiskCache, content_hash, dtype_name, settings_key
+from tuneonce.data.captions import Stream, item_rng, process_caption, with_prefix
+from tuneonce.data.folders import FolderSpec, ImageRecord, load_image, scan_folders, split_records, to_tensor
+from tuneonce.data.masks import MaskSettings, check_mask, mask_weights
+from tuneonce.data.sampler import BucketBatchSampler, SampleKey
 
 __all__ = [
     "DataSettings",

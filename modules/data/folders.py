@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from modules.data.buckets import Size
-from modules.data.captions import Stream, item_rng, read_caption
+from tuneonce.data.buckets import Size
+from tuneonce.data.captions import Stream, item_rng, read_caption
 
 logger = logging.getLogger("tuneonce.data")
 

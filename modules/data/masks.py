@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from modules.data.buckets import CropPlan, apply_crop
+from tuneonce.data.buckets import CropPlan, apply_crop
 
 logger = logging.getLogger("tuneonce.data")
 

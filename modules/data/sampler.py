@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from torch.utils.data import Sampler
 
-from modules.data.captions import Stream, item_rng
+from tuneonce.data.captions import Stream, item_rng
 
 
 class SampleKey(NamedTuple):

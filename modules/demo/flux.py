@@ -30,12 +30,12 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from modules.data import synthetic
-from modules.demo.prepare import (
+from tuneonce.data import synthetic
+from tuneonce.demo.prepare import (
     MARKER_NAME, DecoderSettings, DemoSettings, UNetSettings, decoder_hash, demo_paths, load_module_asset,
     prepare_demo_base, save_module_asset, train_steps,
 )  # fmt: skip
-from modules.model.tiny_flow import DYNAMIC_SHIFT, _t5, build_tiny_t5_tokenizer, tiny_flux_transformer
+from tuneonce.model.tiny_flow import DYNAMIC_SHIFT, _t5, build_tiny_t5_tokenizer, tiny_flux_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ HELD_OUT_SEED_OFFSET = 500  # held-out draws of the domain (its pretraining set:
 
 
 def _family_parts(pipe: FluxPipeline, timestep_sampling: str = "uniform"):
-    from modules.model.families import get_family
+    from tuneonce.model.families import get_family
 
     family = get_family("flux")
     components = dict(pipe.components)
@@ -197,7 +197,7 @@ def domain_latents(pipe: FluxPipeline, count: int, size: int, seed: int,
     images of `concept` (default: the SDXL demo base v1's pretraining domain) drawn with `seed`."""
     import tempfile
 
-    from modules.demo.prepare import _image_tensor
+    from tuneonce.demo.prepare import _image_tensor
 
     family, _, _ = _family_parts(pipe)
     with tempfile.TemporaryDirectory() as scratch:
@@ -225,7 +225,7 @@ def held_out_validator(pipe: FluxPipeline, settings: DemoSettings = DemoSettings
     """The training loop's Validator on `count` held-out images of the pretraining domain `concept` (drawn with
     `settings.seed + HELD_OUT_SEED_OFFSET`): `.loss(pipe.transformer)` is the flow-matching loss at fixed timesteps
     with fixed noise, so two states of the transformer compare exactly."""
-    from modules.trainer.validation import Validator
+    from tuneonce.trainer.validation import Validator
 
     family, components, objective = _family_parts(pipe)
     latents, captions = domain_latents(pipe, count, settings.image_size, settings.seed + HELD_OUT_SEED_OFFSET,
@@ -245,7 +245,7 @@ def pretrain_flux_transformer(pipe: FluxPipeline, settings: DemoSettings = DemoS
     schedule, batch `settings.batch_size`, caption dropout `settings.caption_dropout` (the empty caption, as the data
     pipeline drops captions) for classifier-free guidance, gradient clipping at 1. Deterministic given
     `settings.seed`. Returns the training loss of every step."""
-    from modules.trainer.objective import make_noise
+    from tuneonce.trainer.objective import make_noise
 
     if steps < 1 or not lr > 0:
         raise ValueError(f"pretrain_flux_transformer: steps must be >= 1 and lr > 0, got steps={steps}, lr={lr}")

@@ -46,8 +46,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from modules.data import synthetic
-from modules.model.tiny import build_tiny_sdxl
+from tuneonce.data import synthetic
+from tuneonce.model.tiny import build_tiny_sdxl
 
 logger = logging.getLogger(__name__)
 

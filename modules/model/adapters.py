@@ -85,7 +85,7 @@ def add_lora(module: nn.Module, settings: LoraSettings, *, component: str, adapt
     # Exact names as a regex: PEFT full-matches a string target, so the filter cannot catch extra layers.
     pattern = "|".join(re.escape(n) for n in names)
     if settings.kind != "lora":
-        from modules.model import lycoris
+        from tuneonce.model import lycoris
 
         config = lycoris.peft_config(
             settings.kind, rank=settings.rank, alpha=settings.alpha, target_modules=f"^(?:{pattern})$",

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modules.model.architectures import architecture_for
+from tuneonce.model.architectures import architecture_for
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -21,8 +21,8 @@ from typing import Literal
 
 from torch import nn
 
-from modules.model.architectures import Architecture, architecture_for
-from modules.model.architectures.pipelines import BACKBONE_COMPONENTS, TEXT_READOUT, layers_used
+from tuneonce.model.architectures import Architecture, architecture_for
+from tuneonce.model.architectures.pipelines import BACKBONE_COMPONENTS, TEXT_READOUT, layers_used
 
 # names a diffusers pipeline gives its trainable components (a mapping may name one that is not loaded)
 COMPONENT_PREFIXES = ("unet", "transformer", "text_encoder", "prior", "decoder")

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modules.model.architectures import architecture_for
-from modules.model.builtin import BUILTINS, build_from_config, build_meta_components, builtin_names, default_lora_targets
-from modules.model.depth import DepthOverride, DepthSource, backbone_components, model_depths
-from modules.model.roles import param_infos
-from modules.optimizer import scaling
-from modules.optimizer.param_spec import ParamInfo, Role
+from tuneonce.model.architectures import architecture_for
+from tuneonce.model.builtin import BUILTINS, build_from_config, build_meta_components, builtin_names, default_lora_targets
+from tuneonce.model.depth import DepthOverride, DepthSource, backbone_components, model_depths
+from tuneonce.model.roles import param_infos
+from tuneonce.optimizer import scaling
+from tuneonce.optimizer.param_spec import ParamInfo, Role
 
 # pipeline components that can be trained (VAE, schedulers, tokenizers, safety checkers are skipped)
 TRAINABLE_PREFIXES = ("unet", "transformer", "text_encoder", "prior", "decoder")
@@ -116,7 +116,7 @@ def add_lora(components: Mapping[str, nn.Module], rank: int, *, alpha: float | N
     for name in names:
         module = components[name]
         if kind != "lora":  # LyCORIS through PEFT, initialised as tuneonce trains it
-            from modules.model import lycoris
+            from tuneonce.model import lycoris
 
             config = lycoris.peft_config(kind, rank=rank, alpha=alpha if alpha is not None else rank,
                                          target_modules=default_lora_targets(module))

@@ -230,7 +230,7 @@ def to_kohya_bfl_state_dict(weights: list[LoraModuleWeights], transformer: nn.Mo
 
     A LoRA on a module with no BFL counterpart is an error naming it (the file would silently lose it otherwise).
     """
-    from modules.model.single_file.flux_bfl import flux_modules, swap_halves
+    from tuneonce.model.single_file.flux_bfl import flux_modules, swap_halves
 
     backbone = {w.path: w for w in weights if w.component in UNET_COMPONENTS}
     rows = _module_out_features(transformer)
@@ -304,7 +304,7 @@ def kohya_bfl_to_module_keys(tensors: dict[str, torch.Tensor], components: Mappi
                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """A kohya BFL Flux/Chroma LoRA in per-module kohya keys of ``components`` (the inverse of
     ``to_kohya_bfl_state_dict``); text encoder keys pass through, T5's ``lora_te3_`` renamed to its component."""
-    from modules.model.single_file.flux_bfl import flux_modules, swap_halves
+    from tuneonce.model.single_file.flux_bfl import flux_modules, swap_halves
 
     transformer = components["transformer"]
     ranks = {path: int(layer.r[adapter_name]) for path, layer in lora_modules(transformer, adapter_name).items()}

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from modules.optimizer.param_spec import GroupSpec, Role
+from tuneonce.optimizer.param_spec import GroupSpec, Role
 
 LYCORIS_TYPES = ("loha", "lokr")
 LOHA_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from modules.model.lora_files import canonical_path, is_sdxl_like, kohya_module_name
-from modules.model.lycoris import LOHA_NAMES, LOKR_NAMES, lycoris_kind, lycoris_layers
+from tuneonce.model.lora_files import canonical_path, is_sdxl_like, kohya_module_name
+from tuneonce.model.lycoris import LOHA_NAMES, LOKR_NAMES, lycoris_kind, lycoris_layers
 
 KOHYA_LYCORIS_MODULE = "lycoris.kohya"  # ss_network_module of LyCORIS networks trained with sd-scripts
 

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from modules.model.depth import ComponentDepth, DepthOverride, DepthSource, model_depths
-from modules.optimizer.param_spec import GroupSpec, ParamInfo, Role
+from tuneonce.model.depth import ComponentDepth, DepthOverride, DepthSource, model_depths
+from tuneonce.optimizer.param_spec import GroupSpec, ParamInfo, Role
 
 _PEFT_FACTORS = {"lora_A": Role.LORA_A, "lora_B": Role.LORA_B}
 _KOHYA_FACTORS = {"lora_down": Role.LORA_A, "lora_up": Role.LORA_B}
@@ -164,7 +164,7 @@ class _Builder:
 
     def _peft_lycoris(self, parts: list[str], adapter: str, name: str, param: torch.Tensor) -> bool:
         """PEFT LoHa / LoKr: <layer>.hada_w1_a.<adapter> is an entry of a ParameterDict on the LyCORIS layer."""
-        from modules.model.lycoris import LOHA_NAMES, LOKR_NAMES, factor_spec
+        from tuneonce.model.lycoris import LOHA_NAMES, LOKR_NAMES, factor_spec
 
         layer_path, stem = ".".join(parts[:-1]), parts[-1]
         layer = self.modules.get(layer_path)

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from modules.model import lycoris_files
-from modules.model.lora_files import (
+from tuneonce.model import lycoris_files
+from tuneonce.model.lora_files import (
     LORA_ADAPTER_METADATA_KEY,
     LoraModuleWeights,
     backbone_class,
@@ -35,7 +35,7 @@ from modules.model.lora_files import (
     to_kohya_state_dict,
     unwrapped_backbone,
 )
-from modules.util.files import atomic_save, check_finite
+from tuneonce.util.files import atomic_save, check_finite
 
 LoraLayout = Literal["kohya", "diffusers"]
 LORA_LAYOUTS: tuple[str, ...] = ("kohya", "diffusers")
@@ -352,19 +352,19 @@ def save_diffusers_folder(pipeline, folder: str | Path, *, dtype: str | torch.dt
 
 # ---- full finetunes as one file in the original layout (saving.finetune_format: single_file) ----------------------
 def _bfl_state(components: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    from modules.model.single_file.flux_bfl import diffusers_to_bfl
+    from tuneonce.model.single_file.flux_bfl import diffusers_to_bfl
 
     return diffusers_to_bfl(unwrapped_backbone(components).state_dict())
 
 
 def _mmdit_state(components: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    from modules.model.single_file.sd3_mmdit import diffusers_to_mmdit
+    from tuneonce.model.single_file.sd3_mmdit import diffusers_to_mmdit
 
     return diffusers_to_mmdit(unwrapped_backbone(components).state_dict())
 
 
 def _ldm_state(components: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    from modules.model.single_file.ldm import ldm_checkpoint
+    from tuneonce.model.single_file.ldm import ldm_checkpoint
 
     if base_model_version(components)[0] == "sd_v2":  # the writer knows CLIP-L, not SD2's OpenCLIP-H layout
         raise ValueError("saving.finetune_format: single_file has no writer for SD2 (OpenCLIP-H); use diffusers")
@@ -384,7 +384,7 @@ BFL = SingleFileWriter("bfl", "https://github.com/black-forest-labs/flux", _bfl_
 STABILITY = "https://github.com/Stability-AI/generative-models"  # modelspec.implementation of Stability's layouts
 MMDIT = SingleFileWriter("mmdit", STABILITY, _mmdit_state)  # transformer only
 LDM = SingleFileWriter("ldm", STABILITY, _ldm_state)  # UNet + VAE + CLIP
-# Must name the same families as modules.config.rules.SINGLE_FILE_FAMILIES (tested).
+# Must name the same families as tuneonce.config.rules.SINGLE_FILE_FAMILIES (tested).
 SINGLE_FILE_WRITERS: dict[str, SingleFileWriter] = {"flux": BFL, "chroma": BFL, "sd3": MMDIT, "sdxl": LDM, "sd15": LDM}
 
 

@@ -24,7 +24,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
-from modules.model.tiny import TOKENIZER_WORDS, _text_config, build_tiny_tokenizer
+from tuneonce.model.tiny import TOKENIZER_WORDS, _text_config, build_tiny_tokenizer
 
 FLOW_KINDS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "sd3", "zimage", "qwen-image")  # last two: tiny_qwen.py
 T5_MAX_LENGTH = 32  # tiny T5 context (the real ones use 256 / 512)
@@ -124,7 +124,7 @@ def _build_sd3() -> StableDiffusion3Pipeline:
 
 def build_tiny_flow_pipeline(kind: str, seed: int = 0):
     """A tiny pipeline of `kind` (FLOW_KINDS) with weights determined by `seed`."""
-    from modules.model.tiny_qwen import QWEN_BUILDERS  # imported here: it builds on this module's VAE
+    from tuneonce.model.tiny_qwen import QWEN_BUILDERS  # imported here: it builds on this module's VAE
 
     builders = {"flux-dev": lambda: _build_flux(True), "flux-schnell": lambda: _build_flux(False),
                 "chroma": _build_chroma, "sd3": _build_sd3, **QWEN_BUILDERS}  # fmt: skip

@@ -24,8 +24,8 @@ from diffusers import (
 )
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
-from modules.model.tiny import TOKENIZER_WORDS, _bpe, _bytes_to_unicode
-from modules.model.tiny_flow import FLUX_VAE_FACTORS, _vae
+from tuneonce.model.tiny import TOKENIZER_WORDS, _bpe, _bytes_to_unicode
+from tuneonce.model.tiny_flow import FLUX_VAE_FACTORS, _vae
 
 QWEN_TOKENIZER_MAX_LENGTH = 96  # tiny context: Qwen-Image's 34-token system prefix + up to 62 prompt tokens
 QWEN_HIDDEN = 32

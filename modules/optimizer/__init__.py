@@ -1,10 +1,10 @@
 """Muon-family optimizers that know each model's residual depth and each matrix's width."""
-from modules.optimizer.aux_adam import adamw_step, signsgd_step
-from modules.optimizer.groups import build_param_groups, peft_param_infos
-from modules.optimizer.lora_muon import LoRAMuon
-from modules.optimizer.muon_adv import AdaMuon_adv, Muon_adv
-from modules.optimizer.orthogonalize import orthogonalize, singular_value_map
-from modules.optimizer.param_spec import GroupSpec, ParamInfo, Role, infer_spec
+from tuneonce.optimizer.aux_adam import adamw_step, signsgd_step
+from tuneonce.optimizer.groups import build_param_groups, peft_param_infos
+from tuneonce.optimizer.lora_muon import LoRAMuon
+from tuneonce.optimizer.muon_adv import AdaMuon_adv, Muon_adv
+from tuneonce.optimizer.orthogonalize import orthogonalize, singular_value_map
+from tuneonce.optimizer.param_spec import GroupSpec, ParamInfo, Role, infer_spec
 
 __all__ = [
     "AdaMuon_adv",

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from modules.optimizer.groups import build_param_groups
-from modules.optimizer.param_spec import ParamInfo
+from tuneonce.optimizer.groups import build_param_groups
+from tuneonce.optimizer.param_spec import ParamInfo
 
 # The slice of the backbone that --full benchmarks (a whole SDXL UNet does not fit a small machine in fp32).
 FULL_SLICES: dict[str, tuple[str, ...]] = {
@@ -52,13 +52,13 @@ class Workload:
 def build_workload(model: str, *, rank: int | None, full: bool = False, device: str = "cpu",
                    slices: tuple[str, ...] | None = None, seed: int = 0) -> Workload:  # fmt: skip
     """Meta backbone → ParamInfos (real depth, roles, fans) → real tensors of the same shapes on `device`."""
-    from modules.model.architectures.pipelines import BACKBONE_COMPONENTS
-    from modules.model.builtin import build_from_config, get_builtin, load_config
-    from modules.model.inspect import add_lora
-    from modules.model.roles import param_infos
+    from tuneonce.model.architectures.pipelines import BACKBONE_COMPONENTS
+    from tuneonce.model.builtin import build_from_config, get_builtin, load_config
+    from tuneonce.model.inspect import add_lora
+    from tuneonce.model.roles import param_infos
 
     if model.startswith("tiny-"):  # toy-width real classes (modules/model/tiny.py): smoke tests
-        from modules.model.tiny import TINY_KINDS, build_tiny_pipeline
+        from tuneonce.model.tiny import TINY_KINDS, build_tiny_pipeline
 
         kind = model.removeprefix("tiny-")
         if kind not in TINY_KINDS:
@@ -102,13 +102,13 @@ def build_workload(model: str, *, rank: int | None, full: bool = False, device: 
 
 def _optimizers(work: Workload, *, lr: float = 1e-3, weight_decay: float = 0.1) -> dict[str, Callable[[], torch.optim.Optimizer]]:
     """Name → constructor, in table order. Ours get the real param groups; the peers plain parameters."""
-    from modules.optimizer import AdaMuon_adv, LoRAMuon, Muon_adv
+    from tuneonce.optimizer import AdaMuon_adv, LoRAMuon, Muon_adv
 
     def groups() -> list[dict]:
         return build_param_groups(work.infos, lr=lr, weight_decay=weight_decay)
 
     def torch_muon() -> torch.optim.Optimizer:
-        from modules.optimizer.factory import OptimizerChain
+        from tuneonce.optimizer.factory import OptimizerChain
 
         flat = [p for p in work.params if p.ndim == 2]
         rest = [p for p in work.params if p.ndim != 2]
@@ -141,8 +141,8 @@ def _optimizers(work: Workload, *, lr: float = 1e-3, weight_decay: float = 0.1) 
 
 def orthogonalized_count(opt: torch.optim.Optimizer) -> int:
     """How many tensors this optimizer (after one step) sends through an orthogonalization, from its own routing."""
-    from modules.optimizer import LoRAMuon, Muon_adv
-    from modules.optimizer.factory import OptimizerChain
+    from tuneonce.optimizer import LoRAMuon, Muon_adv
+    from tuneonce.optimizer.factory import OptimizerChain
 
     if isinstance(opt, OptimizerChain):
         return sum(orthogonalized_count(part) for part in opt.optimizers.values())

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from modules.optimizer.groups import build_param_groups
-from modules.optimizer.param_spec import ParamInfo, Role
+from tuneonce.optimizer.groups import build_param_groups
+from tuneonce.optimizer.param_spec import ParamInfo, Role
 
 _TORCH_MUON_ROLES = (Role.MATRIX, Role.LORA_A, Role.LORA_B)
 
@@ -84,8 +84,8 @@ def build_optimizer(cfg: Any, infos: list[ParamInfo]) -> torch.optim.Optimizer:
     kind = cfg.type
     overrides = lr_overrides_from_config(cfg)
     if kind in ("muon_adv", "adamuon_adv", "lora_muon"):
-        from modules.optimizer.lora_muon import LoRAMuon
-        from modules.optimizer.muon_adv import AdaMuon_adv, Muon_adv
+        from tuneonce.optimizer.lora_muon import LoRAMuon
+        from tuneonce.optimizer.muon_adv import AdaMuon_adv, Muon_adv
 
         cls = {"muon_adv": Muon_adv, "adamuon_adv": AdaMuon_adv, "lora_muon": LoRAMuon}[kind]
         groups = build_param_groups(infos, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_overrides=overrides)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from modules.optimizer.param_spec import GroupSpec, ParamInfo, Role, infer_spec
+from tuneonce.optimizer.param_spec import GroupSpec, ParamInfo, Role, infer_spec
 
 
 def build_param_groups(

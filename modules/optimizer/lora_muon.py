@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from modules.optimizer import distributed, scaling
-from modules.optimizer.aux_adam import adamw_step
-from modules.optimizer.param_spec import Role, infer_spec
+from tuneonce.optimizer import distributed, scaling
+from tuneonce.optimizer.aux_adam import adamw_step
+from tuneonce.optimizer.param_spec import Role, infer_spec
 
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from modules.optimizer import aux_adam, distributed, scaling
-from modules.optimizer.orthogonalize import METHODS, ROUTES, choose_route, gram_factor, orthogonalize, small_gram
-from modules.optimizer.param_spec import Role, infer_spec
+from tuneonce.optimizer import aux_adam, distributed, scaling
+from tuneonce.optimizer.orthogonalize import METHODS, ROUTES, choose_route, gram_factor, orthogonalize, small_gram
+from tuneonce.optimizer.param_spec import Role, infer_spec
 
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _LORA_A_OPTIMIZERS = ("muon", "adam", "signsgd")

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from modules.optimizer.orthogonalize import normalization_safety, singular_value_map
-from modules.optimizer.param_spec import Role, infer_spec
+from tuneonce.optimizer.orthogonalize import normalization_safety, singular_value_map
+from tuneonce.optimizer.param_spec import Role, infer_spec
 
 # Singular values at or below this fraction of the largest count as zero in the exact polar factor
 # (the engine's cut, orthogonalize._EXACT_RANK_TOL).

@@ -1,13 +1,13 @@
 """Base models and data of a sweep, built once and cached under the sweep's output folder.
 
-- `demo`: the embedded demo's base v1 (modules.demo: tiny SDXL pretrained on generated shapes; see sweep_demo_base).
-- `tiny_sdxl`: modules.model.tiny's SDXL pipeline with its UNet rebuilt at `width_multiplier` x the channels and/or
+- `demo`: the embedded demo's base v1 (tuneonce.demo: tiny SDXL pretrained on generated shapes; see sweep_demo_base).
+- `tiny_sdxl`: tuneonce.model.tiny's SDXL pipeline with its UNet rebuilt at `width_multiplier` x the channels and/or
   `depth_multiplier` x the resnets and transformer blocks per stage; with `pretrain_steps` > 0 it is pretrained by
-  the demo's own recipe (modules.demo.prepare.pretrain, that many UNet steps), else it keeps its deterministic init.
-- `tiny_flow`: a modules.model.tiny_flow pipeline (e.g. flux-schnell) at its deterministic init.
-- `demo_flux`: the Flux demo's architecture built from the `demo` base (modules.demo.flux.prepare_flux_demo_base: its
+  the demo's own recipe (tuneonce.demo.prepare.pretrain, that many UNet steps), else it keeps its deterministic init.
+- `tiny_flow`: a tuneonce.model.tiny_flow pipeline (e.g. flux-schnell) at its deterministic init.
+- `demo_flux`: the Flux demo's architecture built from the `demo` base (tuneonce.demo.flux.prepare_flux_demo_base: its
   VAE and CLIP, a tiny T5 and Flux transformer), the transformer pretrained on the demo's pretraining domain by
-  modules.demo.flux.pretrain_flux_transformer (`pretrain_steps`, `pretrain_lr`).
+  tuneonce.demo.flux.pretrain_flux_transformer (`pretrain_steps`, `pretrain_lr`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from modules.sweep.spec import ModelSpec
+from tuneonce.sweep.spec import ModelSpec
 
 MARKER = "tuneonce_sweep_model.json"
 
@@ -59,7 +59,7 @@ def build_tiny_sdxl_variant(spec: ModelSpec):
     """The tiny SDXL pipeline with its UNet rebuilt at the spec's width and depth (deterministic from spec.seed)."""
     from diffusers import UNet2DConditionModel
 
-    from modules.model.tiny import build_tiny_sdxl
+    from tuneonce.model.tiny import build_tiny_sdxl
 
     pipe = build_tiny_sdxl(spec.seed)
     if spec.width_multiplier != 1 or spec.depth_multiplier != 1:
@@ -73,7 +73,7 @@ def build_tiny_sdxl_variant(spec: ModelSpec):
 def sweep_demo_base() -> Path:
     """The demo base the sweep's `demo` source stands for: base v1 (workspace/demo/tiny_sdxl_base_v1), the one
     docs/lr_transfer.md measured; the demo itself moved on to v2 (a UNet pretrained longer, with stars)."""
-    from modules.demo import prepare_demo_base
+    from tuneonce.demo import prepare_demo_base
 
     return prepare_demo_base(unet=None)
 
@@ -86,13 +86,13 @@ def build_demo_flux(spec: ModelSpec, sdxl_base: Path, workdir: Path):
     returns (pipeline, how its weights were made, held-out flow losses of the transformer before and after)."""
     from diffusers import FluxPipeline
 
-    from modules.demo.flux import (
+    from tuneonce.demo.flux import (
         FLUX_PRETRAIN_LR,
         held_out_validator,
         prepare_flux_demo_base,
         pretrain_flux_transformer,
     )
-    from modules.demo.prepare import DemoSettings
+    from tuneonce.demo.prepare import DemoSettings
 
     shutil.rmtree(workdir, ignore_errors=True)
     base = prepare_flux_demo_base(workdir, sdxl_base=sdxl_base, pretrain=None)  # at init: pretrained below
@@ -125,7 +125,7 @@ def prepare_model(spec: ModelSpec, cache_dir: Path) -> Path:
         pass
     measured = {}
     if spec.source == "tiny_flow":
-        from modules.model.tiny_flow import build_tiny_flow_pipeline
+        from tuneonce.model.tiny_flow import build_tiny_flow_pipeline
 
         pipe = build_tiny_flow_pipeline(spec.kind, spec.seed)
         how = "deterministic init"
@@ -135,7 +135,7 @@ def prepare_model(spec: ModelSpec, cache_dir: Path) -> Path:
         pipe = build_tiny_sdxl_variant(spec)
         how = "deterministic init"
         if spec.pretrain_steps:
-            from modules.demo.prepare import DemoSettings, pretrain
+            from tuneonce.demo.prepare import DemoSettings, pretrain
 
             pretrain(pipe, dataclasses.replace(DemoSettings(seed=spec.seed), unet_steps=spec.pretrain_steps))
             how = f"demo recipe, {spec.pretrain_steps} UNet steps"
@@ -150,8 +150,8 @@ def prepare_model(spec: ModelSpec, cache_dir: Path) -> Path:
 
 
 def prepare_data(root: Path, train_images: int, val_images: int) -> tuple[Path, Path]:
-    """The demo's new concept (same generator and seeds as modules.demo) and its held-out validation images."""
-    from modules.data import synthetic
+    """The demo's new concept (same generator and seeds as tuneonce.demo) and its held-out validation images."""
+    from tuneonce.data import synthetic
 
     train_dir, val_dir = root / f"concept_{train_images}", root / f"concept_val_{val_images}"
     for folder, count, seed in ((train_dir, train_images, 1), (val_dir, val_images, 1001)):

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modules.sweep.models import prepare_data, prepare_model
-from modules.sweep.spec import RunPlan, SweepSpec, override_strings
+from tuneonce.sweep.models import prepare_data, prepare_model
+from tuneonce.sweep.spec import RunPlan, SweepSpec, override_strings
 
 RESULTS_NAME = "results.jsonl"
 
@@ -31,7 +31,7 @@ def read_results(path: Path) -> list[dict]:
 
 def run_config(spec: SweepSpec, plan: RunPlan, base_model: Path, data: tuple[Path, Path], run_dir: Path) -> Any:
     """The validated TrainConfig of one run: base preset, sweep overrides, optimizer variant, then the run's own."""
-    from modules.config import load_config
+    from tuneonce.config import load_config
 
     model = spec.models[plan.model]
     own = {
@@ -50,7 +50,7 @@ def _finite(x: float) -> float | None:
 
 def run_one(spec: SweepSpec, plan: RunPlan, base_model: Path, data: tuple[Path, Path], out_dir: Path) -> dict:
     """Train one run and return its record (final validation loss and curve; None where not finite)."""
-    from modules.trainer.train import train
+    from tuneonce.trainer.train import train
 
     run_dir = out_dir / "runs" / plan.folder_name
     config = run_config(spec, plan, base_model, data, run_dir)

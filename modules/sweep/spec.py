@@ -26,13 +26,13 @@ class SweepError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A base model variant. `demo`: the embedded demo's pretrained tiny SDXL base (modules.demo); `tiny_sdxl`: the
+    """A base model variant. `demo`: the embedded demo's pretrained tiny SDXL base (tuneonce.demo); `tiny_sdxl`: the
     tiny SDXL pipeline with its UNet widened (`width_multiplier`) and/or deepened (`depth_multiplier`), optionally
     pretrained with the demo's recipe for `pretrain_steps` UNet steps (0 = its deterministic init); `tiny_flow`: a
-    tiny flow-matching DiT pipeline of modules.model.tiny_flow (`kind`, deterministic init); `demo_flux`: the Flux
-    demo's architecture (modules.demo.flux: the sweep's SDXL demo base's VAE and CLIP, a tiny T5 and Flux transformer)
+    tiny flow-matching DiT pipeline of tuneonce.model.tiny_flow (`kind`, deterministic init); `demo_flux`: the Flux
+    demo's architecture (tuneonce.demo.flux: the sweep's SDXL demo base's VAE and CLIP, a tiny T5 and Flux transformer)
     with its transformer pretrained on the demo's pretraining domain for `pretrain_steps` flow-matching steps at
-    AdamW peak LR `pretrain_lr` (0 = modules.demo.flux.FLUX_PRETRAIN_LR)."""
+    AdamW peak LR `pretrain_lr` (0 = tuneonce.demo.flux.FLUX_PRETRAIN_LR)."""
 
     name: str
     family: str
@@ -42,7 +42,7 @@ class ModelSpec:
     pretrain_steps: int = 0
     kind: str = ""
     seed: int = 0
-    pretrain_lr: float = 0.0  # added later: modules.sweep.models leaves it out of the cache key at its default
+    pretrain_lr: float = 0.0  # added later: tuneonce.sweep.models leaves it out of the cache key at its default
 
 
 @dataclass(frozen=True)
@@ -245,5 +245,5 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
 
 def override_strings(overrides: dict[str, Any]) -> list[str]:
-    """Dotted-key overrides as `--set`-style strings (values as JSON, which is YAML) for modules.config."""
+    """Dotted-key overrides as `--set`-style strings (values as JSON, which is YAML) for tuneonce.config."""
     return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from modules.trainer.loop import LoopHooks, TrainState, endless, run_loop
-from modules.trainer.metrics import MetricsLogger
-from modules.trainer.train import DTYPES, build_run, param_infos_for
+from tuneonce.trainer.loop import LoopHooks, TrainState, endless, run_loop
+from tuneonce.trainer.metrics import MetricsLogger
+from tuneonce.trainer.train import DTYPES, build_run, param_infos_for
 
 
 def _reference_setup(run) -> tuple[Any, Any, list[dict[str, torch.Tensor]], Any]:
@@ -28,7 +28,7 @@ def _reference_setup(run) -> tuple[Any, Any, list[dict[str, torch.Tensor]], Any]
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
-    from modules.optimizer.factory import build_optimizer
+    from tuneonce.optimizer.factory import build_optimizer
 
     config, family = run.config, run.family
     components = family.load(

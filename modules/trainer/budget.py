@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from modules.trainer.memory_plan import GIB, HEADROOM, fits, pick_settings, settings_from_config
-from modules.trainer.preflight import InputError
+from tuneonce.trainer.memory_plan import GIB, HEADROOM, fits, pick_settings, settings_from_config
+from tuneonce.trainer.preflight import InputError
 
 
 def apply_budget(config: Any, family: Any, components: dict[str, Any]) -> tuple[Any, str]:

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from modules.trainer.loop import StopTraining, TrainState
-from modules.util.files import NonFiniteError, check_finite
+from tuneonce.trainer.loop import StopTraining, TrainState
+from tuneonce.util.files import NonFiniteError, check_finite
 
 logger = logging.getLogger("tuneonce.checkpoint")
 

@@ -17,8 +17,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from modules.config.loading import ConfigError, dump_config, load_config
-from modules.config.schema import TrainConfig, config_warnings
+from tuneonce.config.loading import ConfigError, dump_config, load_config
+from tuneonce.config.schema import TrainConfig, config_warnings
 
 EXIT_CONFIG_ERROR = 2  # bad input, wherever it is found
 EXIT_INTERRUPTED = 130
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for warning in config_warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
-    from modules.trainer.preflight import InputError, check_outputs  # torch-free
+    from tuneonce.trainer.preflight import InputError, check_outputs  # torch-free
 
     try:
         check_outputs(cfg)  # before any model loads (a dry run validates them too)
@@ -91,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary(cfg), flush=True)
 
     # Imported here so that config errors never pay for torch/diffusers imports.
-    from modules.trainer.checkpoint import CheckpointError
-    from modules.trainer.train import run_training
+    from tuneonce.trainer.checkpoint import CheckpointError
+    from tuneonce.trainer.train import run_training
 
     try:
         result = run_training(cfg)

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from modules.model.families.base import ModelFamily, TextEmbeddings
-from modules.trainer.concepts import adapters_off, concept_loss, needs_concept_loss
-from modules.trainer.masked_loss import latent_weights
-from modules.trainer.objective import make_noise
+from tuneonce.model.families.base import ModelFamily, TextEmbeddings
+from tuneonce.trainer.concepts import adapters_off, concept_loss, needs_concept_loss
+from tuneonce.trainer.masked_loss import latent_weights
+from tuneonce.trainer.objective import make_noise
 
 
 @dataclass

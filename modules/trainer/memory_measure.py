@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from modules.model.activations import SavedActivations
-from modules.model.builtin import BUILTINS, build_from_config, load_config
-from modules.model.quantize import quantize_linears, weight_bytes_by_dtype
+from tuneonce.model.activations import SavedActivations
+from tuneonce.model.builtin import BUILTINS, build_from_config, load_config
+from tuneonce.model.quantize import quantize_linears, weight_bytes_by_dtype
 
 REDUCIBLE = ("flux-dev", "qwen-image", "sdxl")
 
@@ -70,7 +70,7 @@ def step_inputs(model: nn.Module, resolution: int, batch: int, text_tokens: int,
 def add_default_lora(model: nn.Module, rank: int) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    from modules.model.builtin import default_lora_targets
+    from tuneonce.model.builtin import default_lora_targets
 
     model.requires_grad_(False)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=default_lora_targets(model)), model)
@@ -100,7 +100,7 @@ class StepMeasure:
 
 
 def _block_names(model: nn.Module) -> list[str]:
-    from modules.model.offload import block_names
+    from tuneonce.model.offload import block_names
 
     if type(model).__name__ == "UNet2DConditionModel":
         return [n for n, m in model.named_modules() if type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock")]
@@ -133,7 +133,7 @@ def measure_step(model: nn.Module, inputs: dict, *, mode: str = "none", rank: in
         model.enable_gradient_checkpointing()
     offloader = None
     if offload_blocks:
-        from modules.model.offload import BlockOffloader, block_names
+        from tuneonce.model.offload import BlockOffloader, block_names
 
         order = block_names(model)
         offloader = BlockOffloader(model, order[:offload_blocks], storage="cpu", compute="cpu", order=order)

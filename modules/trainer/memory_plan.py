@@ -125,7 +125,7 @@ def backbone_name(components: Mapping[str, nn.Module]) -> str:
 
 def lora_target_layers(module: nn.Module) -> list[nn.Linear]:
     """The layers the architecture's default LoRA targets hit (those of modules/model/builtin.py)."""
-    from modules.model.builtin import default_lora_targets
+    from tuneonce.model.builtin import default_lora_targets
 
     suffixes = default_lora_targets(module)
     return [sub for name, sub in module.named_modules()
@@ -134,7 +134,7 @@ def lora_target_layers(module: nn.Module) -> list[nn.Linear]:
 
 def _module_weight_bytes(module: nn.Module, mode: str, dtype_bytes: int) -> dict[str, float]:
     """Storage bytes of a (meta or real) module whose Linear weights are kept in `mode`."""
-    from modules.model.quantize import QuantLinear
+    from tuneonce.model.quantize import QuantLinear
 
     out: dict[str, float] = {}
     linear_weights = set()
@@ -246,7 +246,7 @@ def offload_saving(backbone: nn.Module, settings: PlanSettings) -> float:
     """Bytes the offloaded blocks (the first `offload_blocks` of modules/model/offload.py's order: a DiT's blocks, a
     UNet's down/mid/up blocks) free on the accelerator: their stored weights, less the two largest of them (at most
     two are on the device at once: the one computing and the one arriving)."""
-    from modules.model.offload import block_names
+    from tuneonce.model.offload import block_names
 
     names = block_names(backbone)[: settings.offload_blocks]
     if not names:
@@ -267,7 +267,7 @@ def pick_settings(
     blocks. Nothing is made larger than `base` has it: a component's mode changes only to a smaller one, offloading
     only grows, checkpointing is never turned off. Returns the plan and what was changed (empty: it fits as given;
     when nothing fits, the last entry says so: see `fits`)."""
-    from modules.model.offload import block_names
+    from tuneonce.model.offload import block_names
 
     budget = budget_gb * GIB * (1 - HEADROOM)
     backbone = backbone_name(components)
@@ -361,7 +361,7 @@ def settings_from_config(config, *, backbone: str) -> tuple[PlanSettings, float 
 
 def parked_by_config(config, text_encoders: tuple[str, ...]) -> list[str]:
     """Components that leave the accelerator once the caches are filled (the rule of modules/trainer/parking.py)."""
-    from modules.trainer.parking import parked_names
+    from tuneonce.trainer.parking import parked_names
 
     trains_text = config.method == "lora" and bool(config.lora.train_text_encoders.enabled())
     return parked_names(config, text_encoders, trains_text)

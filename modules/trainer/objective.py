@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from modules.trainer.masked_loss import weighted_squared_error
+from tuneonce.trainer.masked_loss import weighted_squared_error
 
 PredictionType = Literal["epsilon", "v_prediction"]
 TimestepSampling = Literal["uniform", "logit_normal"]

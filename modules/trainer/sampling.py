@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from modules.model.families.base import ModelFamily
+from tuneonce.model.families.base import ModelFamily
 
 SAMPLERS = {
     "ddim": "DDIMScheduler",

@@ -25,19 +25,19 @@ from typing import Any
 
 import torch
 
-from modules.model.adapters import LoraSettings, add_lora, check_dora_compatible, enable_gradient_checkpointing
-from modules.model.families import ModelFamily, get_family
-from modules.model.quantize import quantize_components
-from modules.optimizer.factory import build_optimizer
-from modules.trainer.checkpoint import (
+from tuneonce.model.adapters import LoraSettings, add_lora, check_dora_compatible, enable_gradient_checkpointing
+from tuneonce.model.families import ModelFamily, get_family
+from tuneonce.model.quantize import quantize_components
+from tuneonce.optimizer.factory import build_optimizer
+from tuneonce.trainer.checkpoint import (
     Checkpointer, DataPosition, StopSignal, drop_metrics_after, find_checkpoint, list_checkpoints, restore_run,
     trained_parameters,
 )  # fmt: skip
-from modules.trainer.ema import EMA
-from modules.trainer.guard import Diverged, NonFiniteGuard
-from modules.trainer.loop import LoopHooks, StepParts, StopTraining, TrainState, endless, run_loop
-from modules.trainer.metrics import METRICS_FILE, MetricsLogger, progress_bar
-from modules.trainer.schedule import build_lr_scheduler
+from tuneonce.trainer.ema import EMA
+from tuneonce.trainer.guard import Diverged, NonFiniteGuard
+from tuneonce.trainer.loop import LoopHooks, StepParts, StopTraining, TrainState, endless, run_loop
+from tuneonce.trainer.metrics import METRICS_FILE, MetricsLogger, progress_bar
+from tuneonce.trainer.schedule import build_lr_scheduler
 
 logger = logging.getLogger("tuneonce.train")
 
@@ -81,18 +81,18 @@ class RunResult:
 
 
 # ---- model ----------------------------------------------------------------------------------------------------------
-DEMO_BASES = ("tiny_sdxl_base", "tiny_sdxl_base_v1", "tiny_flux_base")  # modules.demo's folders (test_demo checks)
+DEMO_BASES = ("tiny_sdxl_base", "tiny_sdxl_base_v1", "tiny_flux_base")  # tuneonce.demo's folders (test_demo checks)
 
 
 def ensure_base_model(config: Any) -> None:
-    """The embedded demo's base (a folder named like modules.demo's: workspace/demo/tiny_sdxl_base, or base v1's
+    """The embedded demo's base (a folder named like tuneonce.demo's: workspace/demo/tiny_sdxl_base, or base v1's
     tiny_sdxl_base_v1) and its concept datasets are prepared beside it on first use (cached: later calls return at
     once). A folder of that name without the demo's marker file is someone's own model and left alone. Other names
     never import the demo code (diffusers): a wrong path is reported at once."""
     base = Path(config.model.base_model)
     if base.name in DEMO_BASES:
-        from modules.demo import demo_paths, prepare_demo_base
-        from modules.demo.prepare import MARKER_NAME
+        from tuneonce.demo import demo_paths, prepare_demo_base
+        from tuneonce.demo.prepare import MARKER_NAME
 
         demo = demo_paths(base.parent)
         if base.name in (demo.base.name, demo.base_v1.name) and (not base.exists() or (base / MARKER_NAME).is_file()):
@@ -102,7 +102,7 @@ def ensure_base_model(config: Any) -> None:
                 prepare_demo_base(base.parent)
             return
         if base.name == "tiny_flux_base" and (not base.exists() or (base / MARKER_NAME).is_file()):
-            from modules.demo.flux import prepare_flux_demo_base  # the Flux demo's base, beside the SDXL demo's
+            from tuneonce.demo.flux import prepare_flux_demo_base  # the Flux demo's base, beside the SDXL demo's
 
             prepare_flux_demo_base(base.parent)
             return
@@ -153,7 +153,7 @@ def setup_trainable(config: Any, family: ModelFamily, components: dict[str, Any]
             add_lora(components[name], lora_settings(family, lora, text_encoder=True), component=name)
             trained[name] = components[name]
         if lora.init_lora:
-            from modules.model.lora_files import load_lora_into_peft
+            from tuneonce.model.lora_files import load_lora_into_peft
 
             load_lora_into_peft(lora.init_lora, trained)
     if config.training.gradient_checkpointing:
@@ -164,7 +164,7 @@ def setup_trainable(config: Any, family: ModelFamily, components: dict[str, Any]
 
 def param_infos_for(config: Any, trained: dict[str, torch.nn.Module], pipeline: str | None = None):
     """ParamInfos (role, fans, depth, LoRA pairs) of every trainable parameter, from the depth/roles code."""
-    from modules.model.roles import param_infos
+    from tuneonce.model.roles import param_infos
 
     return param_infos(trained, depth_source=config.model.depth_source, depth_override=config.model.depth, pipeline=pipeline)
 
@@ -183,7 +183,7 @@ IN_MEMORY_CACHE_ITEMS = 4096  # keep cached latents in RAM up to this many image
 def check_images(config: Any, datasets: list[Any], device: torch.device) -> None:
     """One warning line when images are enlarged (data.upscale: true) or train below data.resolution (false); an
     InputError when the largest training image would not fit in memory to encode (preflight.check_image_memory)."""
-    from modules.trainer.preflight import available_memory_bytes, check_image_memory
+    from tuneonce.trainer.preflight import available_memory_bytes, check_image_memory
 
     upscaled = [item for d in datasets for item in d.upscaled()]
     if upscaled:
@@ -211,7 +211,7 @@ def check_images(config: Any, datasets: list[Any], device: torch.device) -> None
 
 def build_data(config: Any, family: ModelFamily, components: dict[str, Any], paths: RunPaths, accelerator: Any,
                trains_text: bool, datasets: tuple[Any, Any] | None = None):
-    from modules.data.dataset import build_datasets
+    from tuneonce.data.dataset import build_datasets
 
     train_set, val_set = datasets or build_datasets(config.data, config.validation, seed=config.training.seed)
     vae, device = components["vae"], accelerator.device
@@ -251,7 +251,7 @@ def save_outputs(config: Any, family: ModelFamily, components: dict[str, Any], t
                  paths: RunPaths, suffix: str, depth: dict[str, int], step: int | None = None) -> Path:
     """The LoRA file (saving.format layout) or, for a finetune, a diffusers folder or one original-layout file
     (saving.finetune_format); `suffix` marks intermediates, `step` the optimizer steps trained (metadata)."""
-    from modules.model import saving
+    from tuneonce.model import saving
 
     name = f"{config.saving.name}{suffix}"
     tcfg = config.training
@@ -303,7 +303,7 @@ def optimizer_to_step(accelerator: Any, prepared: Any) -> torch.optim.Optimizer:
 
 def check_room_for(config: Any, paths: RunPaths, trained: dict[str, torch.nn.Module]) -> None:
     """Free space in saving.output_dir for the final file and one checkpoint of the trained parameters."""
-    from modules.trainer.preflight import check_free_space, trained_output_bytes
+    from tuneonce.trainer.preflight import check_free_space, trained_output_bytes
 
     n = sum(p.numel() for module in trained.values() for p in module.parameters() if p.requires_grad)
     need, how = trained_output_bytes(config, n)
@@ -314,8 +314,8 @@ def build_run(config: Any) -> Run:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    from modules.data.dataset import build_datasets
-    from modules.trainer.preflight import check_outputs
+    from tuneonce.data.dataset import build_datasets
+    from tuneonce.trainer.preflight import check_outputs
 
     check_outputs(config)  # the CLI checked too; the GUI and the API start here
     paths = RunPaths.from_config(config)
@@ -343,7 +343,7 @@ def build_run(config: Any) -> Run:
     if components["vae"].dtype != DTYPES[config.model.vae_dtype]:
         components["vae"].to(dtype=DTYPES[config.model.vae_dtype])
     if config.memory.budget_gb is not None:  # the planner picks quantization, checkpointing, offloading to fit
-        from modules.trainer.budget import apply_budget
+        from tuneonce.trainer.budget import apply_budget
 
         config, line = apply_budget(config, family, components)
         if accelerator.is_main_process:
@@ -353,13 +353,13 @@ def build_run(config: Any) -> Run:
     check_room_for(config, paths, trained)
     offloader = None
     if config.memory.offload_blocks:  # the first N blocks stay in CPU memory and stream in (modules/model/offload.py)
-        from modules.model.offload import offload_backbone
+        from tuneonce.model.offload import offload_backbone
 
         offloader = offload_backbone(components[family.backbone], family.backbone_blocks, config.memory.offload_blocks,
                                      compute=device)  # fmt: skip
     trains_text = len(trained) > 1
     # The encoders and VAE go first, to fill the caches; the parked ones leave before the denoiser arrives.
-    from modules.trainer.parking import Parking, parked_names
+    from tuneonce.trainer.parking import Parking, parked_names
 
     parking = Parking(components, parked_names(config, family.text_encoders, trains_text), compute=device)
     for name, module in components.items():
@@ -419,7 +419,7 @@ class RunEvents:
         self.depth = {info.component: info.spec.depth for info in run.infos}  # depth used, saved as metadata
         self.validator = None
         if run.val_set is not None and self.config.validation.every_n_steps:
-            from modules.trainer.validation import Validator
+            from tuneonce.trainer.validation import Validator
 
             self.validator = Validator(
                 run.family, run.components, run.parts.objective,
@@ -457,7 +457,7 @@ class RunEvents:
         self.bar.write(f"step {state.step}: validation loss {value:.5f}")
 
     def sample(self, state: TrainState) -> None:
-        from modules.trainer.sampling import sample_images
+        from tuneonce.trainer.sampling import sample_images
 
         if self.main and self.config.sampling.prompts:
             parking = self.run.parking.borrowed() if self.run.parking is not None else nullcontext()
@@ -522,7 +522,7 @@ def wandb_sink(config: Any, log_dir: Path) -> Any:
     settings = config.logging.wandb
     if not settings.enabled:
         return None
-    from modules.trainer.wandb_log import WandbSink
+    from tuneonce.trainer.wandb_log import WandbSink
 
     return WandbSink(project=settings.project, mode=settings.mode, log_dir=log_dir, name=config.saving.name,
                      config=config.model_dump(mode="json"))  # fmt: skip

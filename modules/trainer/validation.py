@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from modules.model.families.base import ModelFamily, TextEmbeddings
-from modules.trainer.loop import cached_text_to
+from tuneonce.model.families.base import ModelFamily, TextEmbeddings
+from tuneonce.trainer.loop import cached_text_to
 
 
 @dataclass

@@ -16,11 +16,11 @@ from typing import Any
 
 import yaml
 
-from modules.config import schema as config_schema
-from modules.config.loading import dump_config
-from modules.trainer.metrics import METRICS_FILE
-from modules.ui import schema as ui_schema
-from modules.ui.runs import REPO_ROOT, RunManager, RunWatch
+from tuneonce.config import schema as config_schema
+from tuneonce.config.loading import dump_config
+from tuneonce.trainer.metrics import METRICS_FILE
+from tuneonce.ui import schema as ui_schema
+from tuneonce.ui.runs import REPO_ROOT, RunManager, RunWatch
 
 PRESET_SUFFIXES = (".yaml", ".yml")
 USER_PREFIX = "user/"  # how the preset list names the files of the user presets folder
@@ -179,21 +179,21 @@ class Backend:
     # -- depth ------------------------------------------------------------------------------
     def warm_up_in_background(self) -> threading.Thread:
         """Import the depth code (diffusers, transformers: seconds) while the user looks at the page."""
-        from modules.ui.depth_info import warm_up
+        from tuneonce.ui.depth_info import warm_up
 
         thread = threading.Thread(target=warm_up, name="tuneonce-ui-warm-up", daemon=True)
         thread.start()
         return thread
 
     def depth(self, config: dict, texts: dict | None = None) -> dict:
-        from modules.ui.depth_info import depth_report
+        from tuneonce.ui.depth_info import depth_report
 
         config, _errors = self.merge_texts(config, texts or {})
         return depth_report(config, self.workdir)
 
     def memory(self, config: dict, texts: dict | None = None) -> dict:
         """The planner's predicted peak of this config and, with memory.budget_gb, what a run would pick."""
-        from modules.ui.memory_info import memory_report
+        from tuneonce.ui.memory_info import memory_report
 
         config, errors = self.merge_texts(config, texts or {})
         return {"error": "the memory plan needs a valid config"} if errors else memory_report(config, self.workdir)
@@ -227,13 +227,13 @@ def _preset_files(folder: Path) -> list[Path]:
 
 def validate_dict(config: dict) -> list[tuple[str, str]]:
     """The config package's own validation (what the CLI runs), as (dotted key, message) pairs."""
-    from modules.config.loading import validate_dict as validate
+    from tuneonce.config.loading import validate_dict as validate
 
     return [(str(k), str(m)) for k, m in validate(copy.deepcopy(config))]
 
 
 def run_paths(config: config_schema.TrainConfig) -> tuple[Path, Path, Path]:
-    """(output_dir, log_dir, samples_dir) of a run, by the rule of modules.trainer.train.RunPaths.
+    """(output_dir, log_dir, samples_dir) of a run, by the rule of tuneonce.trainer.train.RunPaths.
 
     Restated here because importing the trainer loads torch, which would make the first Start
     take seconds; tests/test_ui_backend.py checks that both agree.
@@ -269,7 +269,7 @@ def _load(path: Path, schema: dict) -> dict:
     Not validated here: a preset that is incomplete on its own (e.g. one meant as a base) still
     opens, and its problems show next to the fields.
     """
-    from modules.config.loading import ConfigError, deep_merge, resolve_config_dict
+    from tuneonce.config.loading import ConfigError, deep_merge, resolve_config_dict
 
     try:
         merged, _origin = resolve_config_dict(path)

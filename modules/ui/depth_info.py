@@ -45,8 +45,8 @@ def _depth_report(config: dict, workdir: Path) -> dict:
     except Exception as exc:  # a broken model folder must not break the form
         return {"error": f"cannot read the model: {exc}"}
     try:
-        from modules.model.depth import model_depths
-        from modules.optimizer import scaling
+        from tuneonce.model.depth import model_depths
+        from tuneonce.optimizer import scaling
     except ImportError as exc:
         return {"error": f"depth counter not available ({exc.name or exc}); the rest of the page works"}
     try:
@@ -142,7 +142,7 @@ def warm_up(family: str = "sdxl") -> None:
 
 @lru_cache(maxsize=8)
 def _builtin_components(name: str) -> tuple[str, dict]:
-    from modules.model.builtin import build_meta_components, get_builtin
+    from tuneonce.model.builtin import build_meta_components, get_builtin
 
     return get_builtin(name).pipeline, build_meta_components(name)
 

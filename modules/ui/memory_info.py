@@ -11,11 +11,11 @@ COMPONENTS = ("unet", "transformer", "text_encoder")  # what the planner counts 
 
 def memory_report(config: dict, workdir: Path) -> dict:
     """{"rows": [[label, GiB text]], "peak", "budget"?, "notes"} or {"error": why}."""
-    from modules.ui.depth_info import _build_lock, _components
+    from tuneonce.ui.depth_info import _build_lock, _components
 
     try:
-        from modules.config.schema import TrainConfig
-        from modules.trainer import memory_plan as mp
+        from tuneonce.config.schema import TrainConfig
+        from tuneonce.trainer import memory_plan as mp
     except ImportError as exc:
         return {"error": f"memory planner not available ({exc.name or exc})"}
     try:

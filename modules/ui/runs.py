@@ -28,7 +28,7 @@ def train_command(config_path: Path) -> list[str]:
     """The command a user would type (`python scripts/train.py --config X.yaml`), with this interpreter."""
     if TRAIN_SCRIPT.is_file():
         return [sys.executable, str(TRAIN_SCRIPT), "--config", str(config_path)]
-    return [sys.executable, "-m", "modules.trainer.cli", "--config", str(config_path)]
+    return [sys.executable, "-m", "tuneonce.trainer.cli", "--config", str(config_path)]
 
 
 @dataclass

@@ -24,8 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from modules.ui.backend import Backend, FileExists, Forbidden, UserError
-from modules.ui.security import (TOKEN_QUERY, WILDCARD_ADDRESSES, AccessPolicy, Refusal, check_request,
+from tuneonce.ui.backend import Backend, FileExists, Forbidden, UserError
+from tuneonce.ui.security import (TOKEN_QUERY, WILDCARD_ADDRESSES, AccessPolicy, Refusal, check_request,
                                  is_local_address)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modules.model.architectures import dit, text_encoders, unet
+from tuneonce.model.architectures import dit, text_encoders, unet
 
 
 @dataclass(frozen=True)

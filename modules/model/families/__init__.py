@@ -1,14 +1,14 @@
 """Model families keyed by the config's `model.family` name; the generic loop only talks to these objects."""
 from __future__ import annotations
 
-from modules.model.families.base import ModelFamily
-from modules.model.families.chroma import ChromaFamily
-from modules.model.families.flux import FluxFamily
-from modules.model.families.qwenimage import QwenImageFamily
-from modules.model.families.sd15 import SD2Family, SD15Family
-from modules.model.families.sd3 import SD3Family
-from modules.model.families.sdxl import SDXLFamily
-from modules.model.families.zimage import ZImageFamily
+from tuneonce.model.families.base import ModelFamily
+from tuneonce.model.families.chroma import ChromaFamily
+from tuneonce.model.families.flux import FluxFamily
+from tuneonce.model.families.qwenimage import QwenImageFamily
+from tuneonce.model.families.sd15 import SD2Family, SD15Family
+from tuneonce.model.families.sd3 import SD3Family
+from tuneonce.model.families.sdxl import SDXLFamily
+from tuneonce.model.families.zimage import ZImageFamily
 
 FAMILIES: dict[str, type[ModelFamily]] = {
     cls.name: cls for cls in (SD15Family, SD2Family, SDXLFamily, FluxFamily, ChromaFamily, SD3Family, ZImageFamily, QwenImageFamily)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from modules.trainer.objective import DiffusionObjective
+from tuneonce.trainer.objective import DiffusionObjective
 
 TextEmbeddings = dict[str, torch.Tensor]
 
@@ -75,9 +75,9 @@ class ModelFamily(ABC):
         self, path: str | Path, *, dtype: torch.dtype = torch.float32, components_from: str | Path | None = None
     ) -> dict[str, Any]:
         """Components (unet, vae, text encoders, tokenizers, scheduler) from a local folder, or from a single
-        `.safetensors` checkpoint plus the diffusers folder `components_from` (modules.model.single_file); never
+        `.safetensors` checkpoint plus the diffusers folder `components_from` (tuneonce.model.single_file); never
         downloads."""
-        from modules.model.single_file import is_single_file, load_single_file
+        from tuneonce.model.single_file import is_single_file, load_single_file
 
         if is_single_file(path):
             return load_single_file(self, path, dtype=dtype, components_from=components_from)

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from modules.model.families.base import TextEmbeddings
-from modules.model.families.flux import FluxFamily
+from tuneonce.model.families.base import TextEmbeddings
+from tuneonce.model.families.flux import FluxFamily
 
 
 class ChromaFamily(FluxFamily):

@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from modules.model.families.base import ModelFamily
-from modules.trainer.flow_objective import FlowMatchObjective
+from tuneonce.model.families.base import ModelFamily
+from tuneonce.trainer.flow_objective import FlowMatchObjective
 
 T5_ATTENTION = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o")
 T5_FEED_FORWARD = ("DenseReluDense.wi_0", "DenseReluDense.wi_1", "DenseReluDense.wo")

@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from modules.model.families.base import TextEmbeddings
-from modules.model.families.flow import FlowMatchingFamily, latent_image_ids, pack_latents, unpack_latents, unwrap
+from tuneonce.model.families.base import TextEmbeddings
+from tuneonce.model.families.flow import FlowMatchingFamily, latent_image_ids, pack_latents, unpack_latents, unwrap
 
 
 class FluxFamily(FlowMatchingFamily):

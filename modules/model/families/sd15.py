@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modules.model.families.base import ModelFamily, TextEmbeddings
+from tuneonce.model.families.base import ModelFamily, TextEmbeddings
 
 
 class SD15Family(ModelFamily):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.model.families.base import TextEmbeddings
-from modules.model.families.flow import FlowMatchingFamily, unwrap
+from tuneonce.model.families.base import TextEmbeddings
+from tuneonce.model.families.flow import FlowMatchingFamily, unwrap
 
 
 class SD3Family(FlowMatchingFamily):

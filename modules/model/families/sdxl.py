@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from modules.model.families.base import ModelFamily, TextEmbeddings
+from tuneonce.model.families.base import ModelFamily, TextEmbeddings
 
 
 def _pairs(values: Any, batch_size: int, device: torch.device) -> torch.Tensor:

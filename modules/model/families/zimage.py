@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from modules.model.families.base import TextEmbeddings
-from modules.model.families.flow import FlowMatchingFamily
+from tuneonce.model.families.base import TextEmbeddings
+from tuneonce.model.families.flow import FlowMatchingFamily
 
 LLM_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 LLM_FEED_FORWARD = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

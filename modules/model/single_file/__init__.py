@@ -25,10 +25,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from modules.model.single_file.flux_bfl import COMFY_PREFIX, bfl_to_diffusers, diffusers_to_bfl
+from tuneonce.model.single_file.flux_bfl import COMFY_PREFIX, bfl_to_diffusers, diffusers_to_bfl
 
 if TYPE_CHECKING:
-    from modules.model.families.base import ModelFamily
+    from tuneonce.model.families.base import ModelFamily
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FLUX_LIKE = ("flux", "chroma")

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from modules.model.single_file.flux_bfl import BflModule, swap_halves
+from tuneonce.model.single_file.flux_bfl import BflModule, swap_halves
 
 MMDIT_PREFIX = "model.diffusion_model."
 
