@@ -39,7 +39,8 @@ def rules(names: list[str]) -> list[tuple[re.Pattern, str]]:
     inner = "|".join(map(re.escape, names))
     return [
         # `from modules import x`, `import modules`, `import modules as m` (not `import modules.x`: next rule)
-        (re.compile(rf"\b(from|import)([ \t]+){OLD}(?=[ \t]+import\b|[ \t]+as\b|[ \t]*$|[ \t]*,)", re.M), rf"\1\2{NEW}"),
+        (re.compile(rf"\b(from|import)([ \t]+){OLD}(?=[ \t]+import\b|[ \t]+as\b|[ \t]*$|[ \t]*,)", re.M),
+         rf"\1\2{NEW}"),
         # dotted package paths: `modules.trainer.cli`; not `nn.modules.conv`, `sys.modules`, `self.modules.x`
         (re.compile(rf"(?<![\w.]){OLD}\.(?=(?:{inner})\b)"), f"{NEW}."),
         # strings that start with the package's prefix: "modules." / 'modules.'
@@ -73,7 +74,7 @@ def rewrite_pyproject(text: str, root: Path) -> str:
     # already mapped (maybe with more entries, e.g. data packages mapped elsewhere): add new subpackages to the list
     listed = re.compile(r"(\npackages = \[\n)((?:[ \t]*\"[^\"\n]+\",\n)*)(\])")
     match = listed.search(text)
-    if not match or f'"{NEW}" = "{OLD}"' not in text:
+    if not match or not re.search(rf'^\s*(?:package-dir = \{{)?"?{NEW}"? = "{OLD}"', text, re.M):
         return text
     keep = re.findall(r'"([^"]+)"', match.group(2))
     body = packages_toml(root, keep).split("packages = [\n", 1)[1].rsplit("]", 1)[0]

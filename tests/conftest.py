@@ -1,6 +1,21 @@
 """Shared test fixtures."""
+from pathlib import Path
+
 import pytest
 import torch
+
+import tuneonce
+
+CHECKOUT_PACKAGE = Path(__file__).resolve().parents[1] / "modules"
+
+
+def pytest_configure(config):
+    """The package is `tuneonce`, mapped onto modules/ by the install (no sys.path entry makes it importable): a venv
+    installed from another checkout would test that checkout's code, in-process and in every subprocess alike."""
+    found = Path(tuneonce.__file__).resolve().parent
+    if found != CHECKOUT_PACKAGE:
+        pytest.exit(f"tuneonce imports from {found}, not from this checkout's {CHECKOUT_PACKAGE}: run "
+                    "pip install -c requirements/lock.txt -e . in this venv", returncode=2)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The embedded demo's base model and data: a tiny SDXL "pretrained" on generated shapes, plus a new concept.
 
-``prepare_demo_base()`` writes, under ``workspace/demo/`` (relative to the repository root by default):
+``prepare_demo_base()`` writes, under ``workspace/demo/`` (by default the repository's in a checkout, else
+``$TUNEONCE_HOME/demo``, default ``~/.cache/tuneonce/demo``; tuneonce.paths):
 
 - ``tiny_sdxl_base/``: base v2, the demo's: a diffusers folder (``StableDiffusionXLPipeline.from_pretrained`` loads
   it) whose VAE reconstructs the generated images and whose UNet denoises the pretraining domain (plain circles,
@@ -46,13 +47,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tuneonce import paths
 from tuneonce.data import synthetic
 from tuneonce.model.tiny import build_tiny_sdxl
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DEMO_ROOT = REPO_ROOT / "workspace" / "demo"
+DEFAULT_DEMO_ROOT = paths.home() / "demo"  # workspace/demo in a checkout, else $TUNEONCE_HOME or the cache folder
 ASSET_PATH = Path(__file__).resolve().parent / "assets" / "tiny_sdxl_base.safetensors"  # base v1, every component
 UNET_ASSET_PATH = ASSET_PATH.with_name("tiny_sdxl_unet_v2.safetensors")  # base v2's UNet (the rest is v1's)
 MARKER_NAME = "tuneonce_demo.json"

@@ -1,4 +1,5 @@
-"""``tuneonce-train`` / ``python scripts/train.py``: load and validate a config, then train.
+"""``tuneonce-train`` / ``python -m tuneonce.train`` / ``python scripts/train.py``: load and validate a config,
+then train.
 
 Config errors print one line and exit with code 2 before anything heavy (torch, diffusers) is
 imported; ``--debug`` shows the traceback instead.
@@ -16,9 +17,11 @@ import argparse
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from tuneonce.config.loading import ConfigError, dump_config, load_config
 from tuneonce.config.schema import TrainConfig, config_warnings
+from tuneonce.paths import presets_dir, resolve_config_path
 
 EXIT_CONFIG_ERROR = 2  # bad input, wherever it is found
 EXIT_INTERRUPTED = 130
@@ -30,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tuneonce-train",
         description="Train a LoRA or finetune a diffusion model from a YAML config (see configs/SCHEMA.md).",
     )
-    parser.add_argument("--config", required=True, metavar="FILE", help="YAML config or preset (training_presets/).")
+    parser.add_argument("--config", required=True, metavar="FILE",
+                        help="YAML config file, or the name of a shipped preset (e.g. demo_sdxl_lora)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -69,11 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         overrides = args.overrides + ([f"resume={args.resume}"] if args.resume else [])
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(resolve_config_path(args.config), overrides)
     except ConfigError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"config error: {e}", file=sys.stderr)
+        named = not Path(args.config).suffix and not resolve_config_path(args.config).exists()
+        hint = f", nor a preset name ({presets_dir()})" if named else ""
+        print(f"config error: {e}{hint}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
     for warning in config_warnings(cfg):

@@ -20,7 +20,8 @@ from tuneonce.config import schema as config_schema
 from tuneonce.config.loading import dump_config
 from tuneonce.trainer.metrics import METRICS_FILE
 from tuneonce.ui import schema as ui_schema
-from tuneonce.ui.runs import REPO_ROOT, RunManager, RunWatch
+from tuneonce import paths
+from tuneonce.ui.runs import RunManager, RunWatch
 
 PRESET_SUFFIXES = (".yaml", ".yml")
 USER_PREFIX = "user/"  # how the preset list names the files of the user presets folder
@@ -43,9 +44,10 @@ class Backend:
                  runs: RunManager | None = None, user_presets_dir: Path | None = None,
                  output_root: Path | None = None) -> None:
         self.workdir = (workdir or Path.cwd()).resolve()  # config paths resolve against it, as in the CLI
-        self.presets_dir = (presets_dir or REPO_ROOT / "training_presets").resolve()
+        self.presets_dir = (presets_dir or paths.presets_dir()).resolve()
         # Save writes only here: never into the shipped presets (an update would overwrite, or be blocked by, them)
-        self.user_presets_dir = (user_presets_dir or self.presets_dir / "user").resolve()
+        default_user = self.presets_dir / "user" if presets_dir else paths.user_presets_dir()  # never site-packages
+        self.user_presets_dir = (user_presets_dir or default_user).resolve()
         if self.user_presets_dir == self.presets_dir or self.user_presets_dir in self.presets_dir.parents:
             raise ValueError(f"the user presets folder {self.user_presets_dir} must not hold the shipped presets "
                              f"folder {self.presets_dir}: give it its own folder")

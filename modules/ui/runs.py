@@ -17,18 +17,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.py"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout's root when running from one (tests use it)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 LOG_TAIL_CHARS = 6000
 STOP_GRACE_S = 5.0
 
 
 def train_command(config_path: Path) -> list[str]:
-    """The command a user would type (`python scripts/train.py --config X.yaml`), with this interpreter."""
-    if TRAIN_SCRIPT.is_file():
-        return [sys.executable, str(TRAIN_SCRIPT), "--config", str(config_path)]
-    return [sys.executable, "-m", "tuneonce.trainer.cli", "--config", str(config_path)]
+    """The command a user would type (`tuneonce-train --config X.yaml`), with this interpreter and its installed
+    package: no path of the checkout is assumed, so an installed wheel runs the same way."""
+    return [sys.executable, "-m", "tuneonce.train", "--config", str(config_path)]
 
 
 @dataclass
@@ -78,7 +76,6 @@ class RunManager:
             command = self._command_for(config_path)
             log_file = open(log_path, "w", encoding="utf-8")
             env = dict(os.environ, PYTHONUNBUFFERED="1")
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
             process = subprocess.Popen(
                 command,
                 cwd=str(self._cwd),

@@ -255,9 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "every request)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
     parser.add_argument("--presets", type=Path, default=None,
-                        help="shipped preset folder, opened read-only (default: training_presets/)")
+                        help="shipped preset folder, opened read-only (default: the package's training_presets/)")
     parser.add_argument("--user-presets", type=Path, default=None,
-                        help="the only folder Save writes to, listed as user/... (default: <presets>/user/)")
+                        help="the only folder Save writes to, listed as user/... (default: training_presets/user/ in a "
+                             "checkout, $TUNEONCE_HOME/presets when installed; <presets>/user/ with --presets)")
     parser.add_argument("--output-root", type=Path, default=None,
                         help="runs started from the page write (output_dir, log_dir, cache_dir) only below this "
                              "folder (default: the working folder)")

@@ -1,0 +1,63 @@
+"""LR sweep: short LoRA finetunes over a factor-2 LR grid per optimizer x rank x model (see sweeps/*.yaml).
+
+``tuneonce-sweep`` or ``python scripts/sweep_lr.py``:
+
+    tuneonce-sweep --config sweeps/default.yaml --out runs/sweep_default
+    tuneonce-sweep --quick --out /tmp/sweep_quick      # sweeps/quick.yaml, the toy end-to-end check
+    tuneonce-sweep --config sweeps/default.yaml --out runs/sweep_default --report-only
+
+Writes <out>/results.jsonl (one line per run; rerunning skips runs already there), <out>/table.md and
+<out>/lr_<axis>.png. Needs matplotlib for the plots (pip install -e ".[sweep]"; --no-plot skips them).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tuneonce import paths
+
+SWEEPS = paths.shipped_root() / "sweeps"  # the checkout's sweeps/, or the wheel's copy
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tuneonce-sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="sweep file (default: sweeps/default.yaml, or quick.yaml with --quick)")
+    parser.add_argument("--quick", action="store_true", help="run sweeps/quick.yaml (toy size, for tests)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (results.jsonl, table.md, PNGs)")
+    parser.add_argument("--limit", type=int, help="run at most this many of the remaining runs, then report")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (default 1: tiny models run fastest single-threaded on a shared CPU)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds of the sweep")
+    parser.add_argument("--optimizers", nargs="+", help="run only these optimizer variants")
+    parser.add_argument("--axes", nargs="+", help="run only these axes")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite table and plots from results.jsonl")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    args = parser.parse_args(argv)
+
+    from tuneonce.sweep.report import write_outputs
+    from tuneonce.sweep.runner import RESULTS_NAME, read_results, run_sweep
+    from tuneonce.sweep.spec import SweepError, load_sweep, restrict
+
+    path = args.config or SWEEPS / ("quick.yaml" if args.quick else "default.yaml")
+    try:
+        full = load_sweep(path)
+        spec = restrict(full, seeds=args.seeds, optimizers=args.optimizers, axes=args.axes)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.report_only:
+        records = read_results(args.out / RESULTS_NAME)
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        records = run_sweep(spec, args.out, limit=args.limit)
+    for written in write_outputs(full, records, args.out, plots=not args.no_plot):
+        print(f"wrote {written}")
+    print((args.out / "table.md").read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
