@@ -42,8 +42,9 @@ def test_wheel_holds_tuneonce_and_the_presets_only(wheel):
     for init in (ROOT / "modules").rglob("__init__.py"):
         assert "tuneonce/" + init.relative_to(ROOT / "modules").as_posix() in names
     assert "tuneonce/train.py" in names  # python -m tuneonce.train
+    # folders without __init__.py: only package-data patterns bring them
     for path in [p for folder in ("demo/assets", "model/configs", "ui/static")
-                 for p in (ROOT / "modules" / folder).iterdir()]:  # folders without __init__.py: only package-data patterns bring them
+                 for p in (ROOT / "modules" / folder).iterdir()]:
         assert "tuneonce/" + path.relative_to(ROOT / "modules").as_posix() in names
     shipped = [p for folder in ("training_presets", "configs/examples", "configs/fragments", "sweeps")
                for p in (ROOT / folder).rglob("*.yaml") if "user" not in p.relative_to(ROOT).parts]
