@@ -1,5 +1,5 @@
-"""scripts/inspect_model.py: built-in names and local diffusers folders, the --json shape of issue 4, and
-the numbers it prints recomputed here from the formulas of REFERENCE §3."""
+"""scripts/inspect_model.py: built-in names and local diffusers folders, the --json shape, and
+the numbers it prints recomputed here from the formulas of docs/optimizer_math.md §3."""
 from __future__ import annotations
 
 import json
@@ -37,9 +37,9 @@ def test_builtin_sdxl_lora_json_shape_and_numbers(capsys):
     assert unet["class"] == "UNet2DConditionModel"
     resnets = 2 * 3 + 2 + 3 * 3  # SDXL: 2 per down stage, 2 in the mid block, 3 per up stage
     assert (unet["depth"], unet["trained_depth"]) == (87, 87 - resnets)  # LoRA sits in transformer blocks only
-    assert unet["roles"] == {"lora_a": 722, "lora_b": 722}  # REFERENCE §8: 722 adapted modules
+    assert unet["roles"] == {"lora_a": 722, "lora_b": 722}  # docs/optimizer_math.md §10: 722 adapted modules
     assert unet["params"] == sum(g["count"] * g["fan_in"] * g["fan_out"] for g in unet["groups"])
-    assert unet["params"] * 16 / 4 == pytest.approx(42.6e6, rel=2e-3)  # REFERENCE §8 at rank 16
+    assert unet["params"] * 16 / 4 == pytest.approx(42.6e6, rel=2e-3)  # docs/optimizer_math.md §10 at rank 16
     for g in unet["groups"]:
         assert g["ns_eps"] == pytest.approx(math.sqrt(g["fan_in"] / g["fan_out"]) / 87)
         assert g["adam_eps"] == pytest.approx(1 / (87 * math.sqrt(g["fan_in"] * g["fan_out"])))

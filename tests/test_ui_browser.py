@@ -297,7 +297,7 @@ def test_stop_ends_a_running_run(stand_in_page, tmp_path):
 
 def test_depth_panel_follows_the_model_and_the_switches(page):
     open_preset(page, "demo_sdxl_lora.yaml")
-    # no local folder: the published SDXL architecture, whose UNet has 87 residual blocks (REFERENCE §6)
+    # no local folder: the published SDXL architecture, whose UNet has 87 residual blocks (docs/optimizer_math.md §8)
     field(page, "model.base_model").fill("no/such/folder")
     unet = page.locator('#depth-body tr[data-component="unet"] td')
     sync_api.expect(page.locator("#depth-body")).to_contain_text("published sdxl architecture")

@@ -1,4 +1,4 @@
-"""Residual depth L of each model component (issue 4, REFERENCE §3 and §6).
+"""Residual depth L of each model component (docs/optimizer_math.md §3.1 and §8).
 
 Depth = the number of residual blocks a token passes through from input to output: every block on the
 main path once (a joint two-stream block once), plus the longest chain of pre-stack refiners; UNet skip

@@ -128,7 +128,7 @@ def add_lora(components: Mapping[str, nn.Module], rank: int, *, alpha: float | N
 
 
 def _group_numbers(info: ParamInfo, *, weight_decay: float, adam_eps: float, adam_weight_decay: float) -> dict:
-    """eps, weight decay and update norm one group gets (modules/optimizer/scaling.py, REFERENCE §3)."""
+    """eps, weight decay and update norm one group gets (modules/optimizer/scaling.py, docs/optimizer_math.md §3)."""
     spec = info.spec
     if spec.role in MUON_ROLES:
         decay_fan_in = spec.base_fan_in if spec.role.is_lora_factor else spec.fan_in
@@ -153,7 +153,7 @@ def inspect_components(
     depth_source: DepthSource = "model",
     depth_override: DepthOverride = None,
 ) -> dict:
-    """The report of scripts/inspect_model.py --json, in issue 4's shape.
+    """The report of scripts/inspect_model.py --json, in the shape tests/test_inspect_model.py checks.
 
     Muon-path groups (matrix, conv, LoRA factors) get ns_eps = √(fan_in/fan_out)/L, adam_eps =
     1/(L·√(fan_in·fan_out)) and weight_decay = wd/fan_in (the per-step fraction at the peak lr; for LoRA

@@ -1,6 +1,6 @@
 """LoRA tensors in and out of PEFT models: the kohya/ComfyUI and diffusers/PEFT key layouts.
 
-Layouts (REFERENCE §7):
+Layouts (docs/optimizer_math.md §9):
 - kohya / ComfyUI: ``lora_unet_<module path with _>.lora_down.weight`` (PEFT lora_A), ``.lora_up.weight``
   (PEFT lora_B), ``.alpha`` (scalar; the network applies ``alpha / rank``), ``.dora_scale`` (DoRA magnitude).
   Text encoders: ``lora_te1_`` / ``lora_te2_`` for SDXL's two encoders, ``lora_te_`` for SD1.5's one.

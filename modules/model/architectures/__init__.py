@@ -4,7 +4,7 @@ An entry is keyed by the diffusers/transformers class name. Block patterns are d
 ``nn.ModuleList``s whose items are residual blocks; ``*`` stands for one path component (usually an
 index), so ``down_blocks.*.resnets`` names every down block's resnet list.
 
-Depth rule (issue 4): every block on the main path counts once (a joint two-stream block once); lists
+Depth rule (docs/optimizer_math.md §8): every block on the main path counts once (a joint two-stream block once); lists
 that each refine one stream before the main stack (``refiners``) add the length of the longest one.
 """
 from __future__ import annotations
