@@ -1,6 +1,7 @@
 """Builders shared by the tests that train tiny pipelines end to end through `train()`."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +67,19 @@ def flux_transformer_inputs(config: Any, seed: int = 0) -> dict[str, Any]:
     if getattr(config, "guidance_embeds", False):
         kwargs["guidance"] = torch.tensor([3.5])
     return kwargs
+
+
+def signal_in_step(monkeypatch: Any, step: int, sig: int = signal.SIGINT) -> None:
+    """Make the loop's `step`-th loss computation raise `sig` (Ctrl-C / SIGTERM mid-step) once; the monkeypatch
+    undoes it at the end of the test (or earlier with monkeypatch.undo())."""
+    from tuneonce.trainer import loop
+
+    calls, real = [0], loop.compute_loss
+
+    def signalled(parts, batch):
+        calls[0] += 1
+        if calls[0] == step:
+            signal.raise_signal(sig)
+        return real(parts, batch)
+
+    monkeypatch.setattr(loop, "compute_loss", signalled)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from tuneonce.model.tiny import tiny_pipeline_dir
 from tuneonce.trainer import preflight
-from tests.builders import concept_data_dirs
+from tests.builders import concept_data_dirs, signal_in_step
 
 ROOT = Path(__file__).resolve().parent.parent
 PREVIOUS = b"a LoRA file from an earlier run"  # what an earlier run left; no case may change it
@@ -313,18 +313,9 @@ def test_stop_writes_the_lora_so_far_beside_the_checkpoint(env, tmp_path, monkey
     import signal
 
     from tuneonce.config.schema import TrainConfig
-    from tuneonce.trainer import loop
     from tuneonce.trainer.train import train
 
-    calls, real = [0], loop.compute_loss
-
-    def terminated_in_step_2(parts, batch):
-        calls[0] += 1
-        if calls[0] == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return real(parts, batch)
-
-    monkeypatch.setattr(loop, "compute_loss", terminated_in_step_2)
+    signal_in_step(monkeypatch, 2, signal.SIGTERM)
     out = tmp_path / "out"
     saving = {"name": "run", "output_dir": str(out), "save_on_stop": save_on_stop}
     cfg = TrainConfig.model_validate(dict(env.config, schedule={"max_steps": 3}, saving=saving))

@@ -22,7 +22,7 @@ from tuneonce.trainer import loop
 from tuneonce.trainer.concepts import concept_loss
 from tuneonce.trainer.objective import DiffusionObjective
 from tuneonce.trainer.train import train
-from tests.builders import concept_data_dirs, tiny_train_config
+from tests.builders import concept_data_dirs, signal_in_step, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -201,15 +201,8 @@ def test_two_concepts_stopped_and_resumed_match_an_uninterrupted_run(two_concept
     assert all(prior == [name == "b" for name in names] for names, prior in seen)
     assert sizes == {(32, 32), (64, 64)}
 
-    calls = [0]
-
-    def stopped_in_step_3(parts, batch):  # mid-epoch, one step after the step-2 checkpoint
-        calls[0] += 1
-        if calls[0] == 3:
-            signal.raise_signal(signal.SIGINT)
-        return real(parts, batch)
-
-    monkeypatch.setattr(loop, "compute_loss", stopped_in_step_3)
+    monkeypatch.setattr(loop, "compute_loss", real)
+    signal_in_step(monkeypatch, 3, signal.SIGINT)  # mid-epoch, one step after the step-2 checkpoint
     out = tmp_path / "run"
     stopped = train(config(out), show_progress=False)
     monkeypatch.setattr(loop, "compute_loss", real)

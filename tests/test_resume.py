@@ -24,7 +24,7 @@ from tuneonce.trainer import checkpoint as ckpt
 from tuneonce.trainer import loop
 from tuneonce.trainer.metrics import read_metrics
 from tuneonce.trainer.train import train
-from tests.builders import concept_data_dirs, tiny_train_config
+from tests.builders import concept_data_dirs, signal_in_step, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,15 +125,8 @@ def test_run_killed_with_sigkill_resumes_bit_identical(setup, reference, tmp_pat
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(setup, reference, tmp_path, monkeypatch):
     _, config = setup
     out = tmp_path / "run"
-    calls, real = [0], loop.compute_loss
-
-    def interrupted_in_step_3(parts, batch):
-        calls[0] += 1
-        if calls[0] == 3:
-            signal.raise_signal(signal.SIGINT)
-        return real(parts, batch)
-
-    monkeypatch.setattr(loop, "compute_loss", interrupted_in_step_3)
+    real = loop.compute_loss
+    signal_in_step(monkeypatch, 3, signal.SIGINT)
     handler = signal.getsignal(signal.SIGINT)
     workers = {"data": {"num_workers": 1}}  # the worker prefetches past the step: the position is the batch's own
     stopped = train(config(out, **workers), show_progress=False)
