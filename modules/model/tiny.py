@@ -133,6 +133,22 @@ def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
     )
 
 
+# Flux/SD3-style VAE latent statistics, published: (scaling_factor, shift_factor). Here (not in tiny_flow) so that
+# tiny_flow and tiny_qwen both build on it without importing each other.
+FLUX_VAE_FACTORS = (0.3611, 0.1159)
+SD3_VAE_FACTORS = (1.5305, 0.0609)
+
+
+def flow_vae(factors: tuple[float, float]) -> AutoencoderKL:
+    # Flux/SD3's VAE: 16 latent channels, no quant convs; three stages (64 px -> 16x16 latents).
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
+        scaling_factor=factors[0], shift_factor=factors[1], use_quant_conv=False, use_post_quant_conv=False,
+        force_upcast=False,
+    )  # fmt: skip
+
+
 def _scheduler() -> EulerDiscreteScheduler:
     # The noise schedule of SD1.5 / SDXL checkpoints.
     return EulerDiscreteScheduler(
