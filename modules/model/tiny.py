@@ -23,6 +23,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from tuneonce.util.files import staged_folder
+
 TinyKind = Literal["sdxl", "sd15"]
 TINY_KINDS: tuple[str, ...] = ("sdxl", "sd15")
 
@@ -268,7 +270,6 @@ def tiny_pipeline_dir(kind: str, where, seed: int = 0) -> Path:
     base = Path(where.getbasetemp()) if hasattr(where, "getbasetemp") else Path(where)
     folder = base / f"tiny_{kind}_seed{seed}"
     if not (folder / "model_index.json").is_file():
-        staging = base / f".tiny_{kind}_seed{seed}.partial"
-        save_tiny_pipeline(kind, staging, seed)
-        staging.replace(folder)  # the folder appears complete or not at all
+        with staged_folder(folder) as staging:  # the folder appears complete or not at all
+            save_tiny_pipeline(kind, staging, seed)
     return folder

@@ -28,6 +28,7 @@ from tuneonce.model.tiny import (
     FLUX_VAE_FACTORS, SD3_VAE_FACTORS, TOKENIZER_WORDS, _text_config, build_tiny_tokenizer, flow_vae as _vae,
 )
 from tuneonce.model.tiny_qwen import QWEN_BUILDERS
+from tuneonce.util.files import staged_folder
 
 FLOW_KINDS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "sd3", "zimage", "qwen-image")  # last two: tiny_qwen.py
 T5_MAX_LENGTH = 32  # tiny T5 context (the real ones use 256 / 512)
@@ -132,7 +133,6 @@ def tiny_flow_pipeline_dir(kind: str, where, seed: int = 0) -> Path:
     base = Path(where.getbasetemp()) if hasattr(where, "getbasetemp") else Path(where)
     folder = base / f"tiny_{kind}_seed{seed}"
     if not (folder / "model_index.json").is_file():
-        staging = base / f".tiny_{kind}_seed{seed}.partial"
-        build_tiny_flow_pipeline(kind, seed).save_pretrained(staging, safe_serialization=True)
-        staging.replace(folder)  # the folder appears complete or not at all
+        with staged_folder(folder) as staging:  # the folder appears complete or not at all
+            build_tiny_flow_pipeline(kind, seed).save_pretrained(staging, safe_serialization=True)
     return folder
