@@ -1,6 +1,6 @@
 """Check that tuneonce's imports run one way (issue #15).
 
-Walks modules/**/*.py with the stdlib ``ast`` module and collects every ``tuneonce.*`` import, at module level and
+Walks modules/**/*.py and lab/**/*.py with the stdlib ``ast`` module and collects every ``tuneonce.*`` import, at module level and
 inside functions alike (a function-level import is still a dependency; hiding it there only delays the cycle).
 Imports under ``if TYPE_CHECKING:`` do not count: they never run.
 Reports two things:
@@ -8,7 +8,8 @@ Reports two things:
 * cycles between files (strongly connected components of the file graph with more than one file);
 * cycles between folders (tuneonce.model <-> tuneonce.trainer, say);
 * upward imports between folders: a file on a lower floor importing a higher one. The floors, bottom to top:
-  util, paths, config, optimizer < model, data < trainer < ui, demo, sweep (lab code on top).
+  util, paths, config, optimizer < model, data < trainer < ui, demo, sweep < lab (the repository's lab/ folder,
+  which is not in the wheel: nothing in tuneonce may import it).
 
 A folder may import its own floor's other folders only where listed in SAME_FLOOR_OK (model may use data's helpers,
 not the reverse), so two folders on one floor cannot import each other.
@@ -25,12 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "modules"
 PACKAGE = "tuneonce"
+LAB = ROOT / "lab"  # the lab package (not in the wheel): on top of everything, imported by nothing in tuneonce
 
 FLOORS = {
     "util": 0, "paths": 0, "config": 0, "optimizer": 0,
     "model": 1, "data": 1,
     "trainer": 2,
     "ui": 3, "demo": 3, "sweep": 3, "train": 3, "__init__": 3,
+    "lab": 4,
 }
 # same-floor imports allowed, one direction only: (importer folder, imported folder)
 SAME_FLOOR_OK = {("config", "util"), ("config", "paths"), ("optimizer", "util"), ("optimizer", "config"),
@@ -43,14 +46,18 @@ ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:
-    rel = path.relative_to(SRC).with_suffix("")
-    parts = [PACKAGE, *rel.parts]
+    if path.is_relative_to(LAB):
+        parts = ["lab", *path.relative_to(LAB).with_suffix("").parts]
+    else:
+        parts = [PACKAGE, *path.relative_to(SRC).with_suffix("").parts]
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
 def folder_of(module: str) -> str:
+    if module.split(".")[0] == "lab":
+        return "lab"
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "__init__"
 
@@ -97,7 +104,7 @@ def imports_of(path: Path, modname: str, known: set[str]) -> set[str]:
                 found.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in known else target)
     out = set()
     for name in found:
-        if not name.startswith(PACKAGE + ".") and name != PACKAGE:
+        if name.split(".")[0] not in (PACKAGE, "lab"):
             continue
         while name and name not in known:  # `import tuneonce.a.b.attr` → the nearest module
             name = name.rpartition(".")[0]
@@ -107,7 +114,7 @@ def imports_of(path: Path, modname: str, known: set[str]) -> set[str]:
 
 
 def graph() -> dict[str, set[str]]:
-    files = sorted(SRC.rglob("*.py"))
+    files = sorted(SRC.rglob("*.py")) + sorted(LAB.rglob("*.py"))
     known = {module_name(p) for p in files}
     return {module_name(p): imports_of(p, module_name(p), known) for p in files}
 

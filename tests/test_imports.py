@@ -33,6 +33,7 @@ def test_checker_sees_function_level_cycles_and_upward_imports(tmp_path, monkeyp
     (src / "config" / "a.py").write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from tuneonce.trainer.obj import X\n")
     monkeypatch.setattr(checker, "SRC", src)
+    monkeypatch.setattr(checker, "LAB", tmp_path / "lab")
     edges = checker.graph()
     assert edges["tuneonce.model.fam"] == {"tuneonce.trainer.obj"}
     assert edges["tuneonce.config.a"] == set()  # type-checking imports never run
