@@ -13,7 +13,7 @@
   matches (``flux_transformer_hash``); ``python scripts/prepare_demo.py --flux`` reproduces it. The folder's marker
   holds the hashes, so a second call returns at once and a folder made with another recipe is rebuilt.
 The concept datasets are the SDXL demo's (``workspace/demo/concept``, ``concept_val``).
-The LR sweep's pretrained tiny DiT (modules/sweep/models.py, source ``demo_flux``) starts from the transformer's init
+The LR sweep's pretrained tiny DiT (lab/sweep/models.py, source ``demo_flux``) starts from the transformer's init
 (``pretrain=None``) and pretrains it with ``pretrain_flux_transformer`` on base v1's domain (its defaults).
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tuneonce.sweep.spec import ModelSpec
+from lab.sweep.spec import ModelSpec
 from tuneonce.util.files import staged_folder
 
 MARKER = "tuneonce_sweep_model.json"
