@@ -27,7 +27,7 @@ def _worker(rank: int, world_size: int, args: argparse.Namespace, port: int, res
     import torch
     import torch.distributed as dist
 
-    from tuneonce.optimizer.benchmark import _optimizers, build_workload
+    from lab.optimizer_bench import _optimizers, build_workload
 
     torch.set_num_threads(max(1, args.threads // world_size))
     device = f"cuda:{rank}" if args.device == "cuda" else "cpu"

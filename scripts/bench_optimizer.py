@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from tuneonce.optimizer.benchmark import format_table, run_benchmark  # noqa: E402
+from lab.optimizer_bench import format_table, run_benchmark  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

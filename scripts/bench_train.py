@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from tuneonce.config.loading import load_config
-    from tuneonce.trainer.bench import run_benchmark
+    from lab.train_bench import run_benchmark
 
     config = load_config(args.config, args.overrides)
     result = run_benchmark(config, steps=args.steps, rounds=args.rounds, warmup=args.warmup)

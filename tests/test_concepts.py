@@ -20,7 +20,7 @@ from tuneonce.model.tiny import tiny_pipeline_dir
 from tuneonce.trainer import checkpoint as ckpt
 from tuneonce.trainer import loop
 from tuneonce.trainer.concepts import concept_loss
-from tuneonce.trainer.objective import DiffusionObjective
+from tuneonce.model.objective import DiffusionObjective
 from tuneonce.trainer.train import train
 from tests.builders import concept_data_dirs, signal_in_step, tiny_train_config
 

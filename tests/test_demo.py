@@ -130,12 +130,19 @@ def test_demo_figure_puts_training_images_then_each_sampled_step(tmp_path):
         compose(tmp_path / "run", tmp_path / "empty")
 
 
-def test_the_trainer_knows_the_demo_base_names(tmp_path):
-    """train.ensure_base_model prepares the demo bases by folder name without importing the demo code for other
-    models: its list must name every demo base."""
+def test_the_trainer_finds_every_demo_base_preparer(tmp_path):
+    """train.ensure_base_model finds the demo's preparers through the tuneonce.base_preparers entry points, by folder
+    name, without importing the demo for other models: one must be registered for every demo base, and a folder of
+    that name without the demo's marker (someone's own model) is left alone."""
     from tuneonce.demo import demo_paths
     from tuneonce.demo.flux import FLUX_DEMO_BASE
-    from tuneonce.trainer.train import DEMO_BASES
+    from tuneonce.trainer.train import base_preparer
 
     demo = demo_paths(tmp_path)
-    assert set(DEMO_BASES) == {demo.base.name, demo.base_v1.name, FLUX_DEMO_BASE}
+    for name in (demo.base.name, demo.base_v1.name, FLUX_DEMO_BASE):
+        prepare = base_preparer(name)
+        assert callable(prepare), name
+        own = tmp_path / "own" / name
+        own.mkdir(parents=True)
+        assert prepare(own) is False and list(own.iterdir()) == []
+    assert base_preparer("my_model") is None

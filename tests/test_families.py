@@ -13,7 +13,7 @@ from tuneonce.model.families import get_family
 from tuneonce.model.tiny import tiny_pipeline_dir
 from tuneonce.optimizer.factory import OptimizerChain, build_optimizer
 from tuneonce.optimizer.groups import peft_param_infos
-from tuneonce.trainer.objective import DiffusionObjective, make_noise
+from tuneonce.model.objective import DiffusionObjective, make_noise
 from tuneonce.trainer.schedule import build_lr_scheduler, schedule_factor
 
 

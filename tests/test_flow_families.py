@@ -13,7 +13,7 @@ from tuneonce.config.schema import TrainConfig
 from tuneonce.model.families import get_family
 from tuneonce.model.families.flow import latent_image_ids, pack_latents, unpack_latents
 from tuneonce.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
-from tuneonce.trainer.flow_objective import FlowMatchObjective, dynamic_shift_mu, shift_sigmas
+from tuneonce.model.flow_objective import FlowMatchObjective, dynamic_shift_mu, shift_sigmas
 from tuneonce.trainer.train import train
 from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
 from tests.lora_checks import assert_adapters_trained, check_lora_file_reproduces

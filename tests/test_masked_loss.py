@@ -13,9 +13,9 @@ from PIL import Image
 
 from tuneonce.data.dataset import DataSettings, FolderSpec, build_dataset
 from tuneonce.model.tiny import tiny_pipeline_dir
-from tuneonce.trainer.flow_objective import FlowMatchObjective
-from tuneonce.trainer.masked_loss import latent_weights
-from tuneonce.trainer.objective import DiffusionObjective
+from tuneonce.model.flow_objective import FlowMatchObjective
+from tuneonce.model.masked_loss import latent_weights
+from tuneonce.model.objective import DiffusionObjective
 from tuneonce.trainer.train import train
 from tests.builders import concept_data_dirs, tiny_train_config
 

@@ -59,7 +59,7 @@ def test_training_shift_is_the_samplers(pipes, family_name, latent_hw):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-    from tuneonce.trainer.flow_objective import shift_sigmas
+    from tuneonce.model.flow_objective import shift_sigmas
 
     pipe, family = pipes[family_name], get_family(family_name)
     objective = family.build_objective(pipe.components)

@@ -37,7 +37,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_tuneonce_and_the_presets_only(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/", 1)[0] for name in names}
-    assert tops == {"tuneonce", wheel.name.split("-py")[0] + ".dist-info"}, tops  # no top-level modules/
+    assert tops == {"tuneonce", wheel.name.split("-py")[0] + ".dist-info"}, tops  # no top-level modules/ nor lab/
     # every subpackage of the folder modules/ is in the wheel under its new name
     for init in (ROOT / "modules").rglob("__init__.py"):
         assert "tuneonce/" + init.relative_to(ROOT / "modules").as_posix() in names
@@ -46,16 +46,21 @@ def test_wheel_holds_tuneonce_and_the_presets_only(wheel):
     for path in [p for folder in ("demo/assets", "model/configs", "ui/static")
                  for p in (ROOT / "modules" / folder).iterdir()]:
         assert "tuneonce/" + path.relative_to(ROOT / "modules").as_posix() in names
-    shipped = [p for folder in ("training_presets", "configs/examples", "configs/fragments", "sweeps")
+    for lab_file in ("tuneonce/sweep/__init__.py", "tuneonce/presets/sweeps/quick.yaml",
+                     "tuneonce/optimizer/benchmark.py", "tuneonce/trainer/bench.py"):
+        assert lab_file not in names  # the lab (lab/, sweeps/) stays out of the wheel
+    shipped = [p for folder in ("training_presets", "configs/examples", "configs/fragments")
                for p in (ROOT / folder).rglob("*.yaml") if "user" not in p.relative_to(ROOT).parts]
     assert len(shipped) > 20
     for preset in shipped:
         assert "tuneonce/presets/" + preset.relative_to(ROOT).as_posix() in names
     entry_points = zipfile.ZipFile(wheel).read(wheel.name.split("-py")[0] + ".dist-info/entry_points.txt").decode()
     for script, target in (("tuneonce-train", "tuneonce.trainer.cli:main"), ("tuneonce-ui", "tuneonce.ui.server:main"),
-                           ("tuneonce-inspect", "tuneonce.model.inspect_cli:main"),
-                           ("tuneonce-sweep", "tuneonce.sweep.cli:main")):
+                           ("tuneonce-inspect", "tuneonce.trainer.inspect_cli:main")):
         assert f"{script} = {target}" in entry_points
+    # the trainer finds the demo's base preparers through these (it never imports the demo)
+    for base in ("tiny_sdxl_base", "tiny_sdxl_base_v1", "tiny_flux_base"):
+        assert f"{base} = tuneonce.demo.bases:" in entry_points
 
 
 PROBE = """

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneonce.sweep.report import cells, kept_lr, markdown_report, one_lr_cost, plotted_curve, transfer_verdict
-from tuneonce.sweep.runner import RESULTS_NAME, read_results, run_sweep
-from tuneonce.sweep.spec import SweepError, load_sweep, restrict
+from lab.sweep.report import cells, kept_lr, markdown_report, one_lr_cost, plotted_curve, transfer_verdict
+from lab.sweep.runner import RESULTS_NAME, read_results, run_sweep
+from lab.sweep.spec import SweepError, load_sweep, restrict
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "sweeps" / "quick.yaml"
@@ -170,8 +170,8 @@ def test_default_sweep_grid_and_restriction() -> None:
 
 
 def test_width_and_depth_variants_are_real_scaled_unets() -> None:
-    from tuneonce.sweep.models import build_tiny_sdxl_variant
-    from tuneonce.sweep.spec import ModelSpec
+    from lab.sweep.models import build_tiny_sdxl_variant
+    from lab.sweep.spec import ModelSpec
 
     base = build_tiny_sdxl_variant(ModelSpec("b", "sdxl", "tiny_sdxl")).unet
     wide = build_tiny_sdxl_variant(ModelSpec("w", "sdxl", "tiny_sdxl", width_multiplier=2)).unet

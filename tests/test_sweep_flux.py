@@ -15,9 +15,9 @@ from diffusers import FluxPipeline
 
 from tuneonce.demo.flux import held_out_validator, prepare_flux_demo_base, pretrain_flux_transformer
 from tuneonce.demo.prepare import DemoSettings
-from tuneonce.sweep import models
-from tuneonce.sweep.runner import RESULTS_NAME, read_results, run_sweep
-from tuneonce.sweep.spec import ModelSpec, SweepError, load_sweep
+from lab.sweep import models
+from lab.sweep.runner import RESULTS_NAME, read_results, run_sweep
+from lab.sweep.spec import ModelSpec, SweepError, load_sweep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -119,7 +119,7 @@ def test_demo_flux_source_builds_caches_and_trains_in_the_sweep(tmp_path: Path, 
 
 
 def _digest_before_pretrain_lr(spec: ModelSpec) -> str:
-    """The cache key as tuneonce.sweep.models computed it before ModelSpec had pretrain_lr (same payload, same hash)."""
+    """The cache key as lab.sweep.models computed it before ModelSpec had pretrain_lr (same payload, same hash)."""
     payload = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "pretrain_lr")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

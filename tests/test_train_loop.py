@@ -143,7 +143,7 @@ def test_sdxl_finetune_saves_a_diffusers_folder(tmp_path_factory, data_dirs):
 
 def test_bench_train_smoke(tmp_path_factory, data_dirs):
     """The benchmark's code path on the tiny SDXL (two timed steps; no timing asserted)."""
-    from tuneonce.trainer.bench import run_benchmark
+    from lab.train_bench import run_benchmark
 
     base = tiny_pipeline_dir("sdxl", tmp_path_factory)
     cfg = make_config("sdxl", base, data_dirs, tmp_path_factory.mktemp("bench"), validation={"every_n_steps": 0})

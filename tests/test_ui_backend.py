@@ -137,12 +137,17 @@ def test_save_refuses_bad_paths_and_invalid_configs(demo, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_run_paths_match_the_trainer():
-    train = pytest.importorskip("tuneonce.trainer.train")
+def test_run_paths_follow_the_config_and_the_ui_loads_no_torch(tmp_path):
     for log_dir in (None, "elsewhere/logs"):
         raw = load_config(REPO_ROOT / "training_presets" / DEMO, [f"logging.log_dir={log_dir or ''}"])
-        paths = train.RunPaths.from_config(raw)
-        assert run_paths(raw) == (paths.output_dir, paths.log_dir, paths.samples_dir)
+        out = Path(raw.saving.output_dir)
+        assert run_paths(raw) == (out, Path(log_dir) if log_dir else out / "logs", out / "samples")
+    # the backend and the run layout it uses are torch-free (the first Start would take seconds otherwise)
+    code = ("import sys; import tuneonce.ui.backend, tuneonce.trainer.layout; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 # ---------------------------------------------------------------- runs

@@ -8,7 +8,7 @@ Sources (``data.masked_loss.source``):
 White (255) trains fully, black with ``unmasked_weight``, grey linearly between: w = u + (1 - u)·m, m in [0, 1].
 The mask gets the image's EXIF rotation, is resized to the image when its size differs, then takes exactly the
 image's crop and flip (the same CropPlan), so cached latents (center crop, both flip states) and their masks agree.
-The loop averages w over each latent pixel's area (modules/trainer/masked_loss.py).
+The loop averages w over each latent pixel's area (modules/model/masked_loss.py).
 
 A training image without a mask is skipped with a warning naming it (training it unmasked would teach what the mask
 leaves out); a mask that exists but cannot be read is an error naming the file, found when the dataset is built.

@@ -13,7 +13,7 @@
   matches (``flux_transformer_hash``); ``python scripts/prepare_demo.py --flux`` reproduces it. The folder's marker
   holds the hashes, so a second call returns at once and a folder made with another recipe is rebuilt.
 The concept datasets are the SDXL demo's (``workspace/demo/concept``, ``concept_val``).
-The LR sweep's pretrained tiny DiT (modules/sweep/models.py, source ``demo_flux``) starts from the transformer's init
+The LR sweep's pretrained tiny DiT (lab/sweep/models.py, source ``demo_flux``) starts from the transformer's init
 (``pretrain=None``) and pretrains it with ``pretrain_flux_transformer`` on base v1's domain (its defaults).
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,7 +34,9 @@ from tuneonce.demo.prepare import (
     MARKER_NAME, DecoderSettings, DemoSettings, UNetSettings, decoder_hash, demo_paths, load_module_asset,
     prepare_demo_base, save_module_asset, train_steps,
 )  # fmt: skip
+from tuneonce.model.objective import make_noise
 from tuneonce.model.tiny_flow import DYNAMIC_SHIFT, _t5, build_tiny_t5_tokenizer, tiny_flux_transformer
+from tuneonce.util.files import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +146,9 @@ def prepare_flux_demo_base(
             marker["transformer"] = f"shipped {asset_path.name}"
         else:
             marker.update(_pretrain_here(pipe, settings, pretrain))
-    staging = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(staging, safe_serialization=True)
-    (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.replace(folder)
+    with staged_folder(folder) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2))
     return folder
 
 
@@ -245,8 +243,6 @@ def pretrain_flux_transformer(pipe: FluxPipeline, settings: DemoSettings = DemoS
     schedule, batch `settings.batch_size`, caption dropout `settings.caption_dropout` (the empty caption, as the data
     pipeline drops captions) for classifier-free guidance, gradient clipping at 1. Deterministic given
     `settings.seed`. Returns the training loss of every step."""
-    from tuneonce.trainer.objective import make_noise
-
     if steps < 1 or not lr > 0:
         raise ValueError(f"pretrain_flux_transformer: steps must be >= 1 and lr > 0, got steps={steps}, lr={lr}")
     family, components, objective = _family_parts(pipe, timestep_sampling)

@@ -50,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from tuneonce import paths
 from tuneonce.data import synthetic
 from tuneonce.model.tiny import build_tiny_sdxl
+from tuneonce.util.files import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -250,12 +251,9 @@ def _refresh_decoder(base: Path, marker: dict, asset_path: Path, decoder_digest:
 
 
 def _save_pipeline(pipe: StableDiffusionXLPipeline, folder: Path, marker: dict) -> None:
-    staging = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(staging, safe_serialization=True)
-    (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.replace(folder)
+    with staged_folder(folder) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2))
 
 
 # --------------------------------------------------------------------------------------------- shipped weights

@@ -23,6 +23,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from tuneonce.util.files import staged_folder
+
 TinyKind = Literal["sdxl", "sd15"]
 TINY_KINDS: tuple[str, ...] = ("sdxl", "sd15")
 
@@ -131,6 +133,22 @@ def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
         scaling_factor=scaling_factor,
         force_upcast=False,
     )
+
+
+# Flux/SD3-style VAE latent statistics, published: (scaling_factor, shift_factor). Here (not in tiny_flow) so that
+# tiny_flow and tiny_qwen both build on it without importing each other.
+FLUX_VAE_FACTORS = (0.3611, 0.1159)
+SD3_VAE_FACTORS = (1.5305, 0.0609)
+
+
+def flow_vae(factors: tuple[float, float]) -> AutoencoderKL:
+    # Flux/SD3's VAE: 16 latent channels, no quant convs; three stages (64 px -> 16x16 latents).
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
+        scaling_factor=factors[0], shift_factor=factors[1], use_quant_conv=False, use_post_quant_conv=False,
+        force_upcast=False,
+    )  # fmt: skip
 
 
 def _scheduler() -> EulerDiscreteScheduler:
@@ -252,7 +270,6 @@ def tiny_pipeline_dir(kind: str, where, seed: int = 0) -> Path:
     base = Path(where.getbasetemp()) if hasattr(where, "getbasetemp") else Path(where)
     folder = base / f"tiny_{kind}_seed{seed}"
     if not (folder / "model_index.json").is_file():
-        staging = base / f".tiny_{kind}_seed{seed}.partial"
-        save_tiny_pipeline(kind, staging, seed)
-        staging.replace(folder)  # the folder appears complete or not at all
+        with staged_folder(folder) as staging:  # the folder appears complete or not at all
+            save_tiny_pipeline(kind, staging, seed)
     return folder

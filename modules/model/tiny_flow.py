@@ -24,15 +24,15 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
-from tuneonce.model.tiny import TOKENIZER_WORDS, _text_config, build_tiny_tokenizer
+from tuneonce.model.tiny import (
+    FLUX_VAE_FACTORS, SD3_VAE_FACTORS, TOKENIZER_WORDS, _text_config, build_tiny_tokenizer, flow_vae as _vae,
+)
+from tuneonce.model.tiny_qwen import QWEN_BUILDERS
+from tuneonce.util.files import staged_folder
 
 FLOW_KINDS: tuple[str, ...] = ("flux-dev", "flux-schnell", "chroma", "sd3", "zimage", "qwen-image")  # last two: tiny_qwen.py
 T5_MAX_LENGTH = 32  # tiny T5 context (the real ones use 256 / 512)
 T5_HIDDEN = 32
-
-# Published VAE latent statistics: (scaling_factor, shift_factor).
-FLUX_VAE_FACTORS = (0.3611, 0.1159)
-SD3_VAE_FACTORS = (1.5305, 0.0609)
 
 # Published scheduler settings (FLUX.1-dev and Chroma: resolution-dependent shift; schnell: none; SD3: 3.0).
 DYNAMIC_SHIFT = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
@@ -57,16 +57,6 @@ def _t5(tokenizer: T5Tokenizer) -> T5EncoderModel:
         dense_act_fn="gelu_new", is_gated_act=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     return T5EncoderModel(config)
-
-
-def _vae(factors: tuple[float, float]) -> AutoencoderKL:
-    # Flux/SD3's VAE: 16 latent channels, no quant convs; three stages (64 px -> 16x16 latents).
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
-        scaling_factor=factors[0], shift_factor=factors[1], use_quant_conv=False, use_post_quant_conv=False,
-        force_upcast=False,
-    )  # fmt: skip
 
 
 def tiny_flux_transformer(guidance: bool, latent_channels: int = 16) -> FluxTransformer2DModel:
@@ -124,8 +114,6 @@ def _build_sd3() -> StableDiffusion3Pipeline:
 
 def build_tiny_flow_pipeline(kind: str, seed: int = 0):
     """A tiny pipeline of `kind` (FLOW_KINDS) with weights determined by `seed`."""
-    from tuneonce.model.tiny_qwen import QWEN_BUILDERS  # imported here: it builds on this module's VAE
-
     builders = {"flux-dev": lambda: _build_flux(True), "flux-schnell": lambda: _build_flux(False),
                 "chroma": _build_chroma, "sd3": _build_sd3, **QWEN_BUILDERS}  # fmt: skip
     if kind not in builders:
@@ -145,7 +133,6 @@ def tiny_flow_pipeline_dir(kind: str, where, seed: int = 0) -> Path:
     base = Path(where.getbasetemp()) if hasattr(where, "getbasetemp") else Path(where)
     folder = base / f"tiny_{kind}_seed{seed}"
     if not (folder / "model_index.json").is_file():
-        staging = base / f".tiny_{kind}_seed{seed}.partial"
-        build_tiny_flow_pipeline(kind, seed).save_pretrained(staging, safe_serialization=True)
-        staging.replace(folder)  # the folder appears complete or not at all
+        with staged_folder(folder) as staging:  # the folder appears complete or not at all
+            build_tiny_flow_pipeline(kind, seed).save_pretrained(staging, safe_serialization=True)
     return folder

@@ -24,8 +24,7 @@ from diffusers import (
 )
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
-from tuneonce.model.tiny import TOKENIZER_WORDS, _bpe, _bytes_to_unicode
-from tuneonce.model.tiny_flow import FLUX_VAE_FACTORS, _vae
+from tuneonce.model.tiny import FLUX_VAE_FACTORS, TOKENIZER_WORDS, _bpe, _bytes_to_unicode, flow_vae
 
 QWEN_TOKENIZER_MAX_LENGTH = 96  # tiny context: Qwen-Image's 34-token system prefix + up to 62 prompt tokens
 QWEN_HIDDEN = 32
@@ -113,7 +112,7 @@ def build_zimage() -> ZImagePipeline:
         n_kv_heads=2, cap_feat_dim=QWEN_HIDDEN, axes_dims=[8, 12, 12], axes_lens=[256, 64, 64],
     )  # fmt: skip
     return ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **ZIMAGE_SHIFT), vae=_vae(FLUX_VAE_FACTORS),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **ZIMAGE_SHIFT), vae=flow_vae(FLUX_VAE_FACTORS),
         text_encoder=_qwen3(tokenizer), tokenizer=tokenizer, transformer=transformer,
     )  # fmt: skip
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tuneonce.trainer.masked_loss import weighted_squared_error
+from tuneonce.model.masked_loss import weighted_squared_error
 
 
 def needs_concept_loss(batch: dict[str, Any]) -> bool:

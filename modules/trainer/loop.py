@@ -15,8 +15,8 @@ import torch
 
 from tuneonce.model.families.base import ModelFamily, TextEmbeddings
 from tuneonce.trainer.concepts import adapters_off, concept_loss, needs_concept_loss
-from tuneonce.trainer.masked_loss import latent_weights
-from tuneonce.trainer.objective import make_noise
+from tuneonce.model.masked_loss import latent_weights
+from tuneonce.model.objective import make_noise
 
 
 @dataclass

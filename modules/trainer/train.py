@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from tuneonce.trainer.checkpoint import (
     trained_parameters,
 )  # fmt: skip
 from tuneonce.trainer.ema import EMA
+from tuneonce.trainer.layout import RunPaths  # noqa: F401  (callers import it from here too)
 from tuneonce.trainer.guard import Diverged, NonFiniteGuard
 from tuneonce.trainer.loop import LoopHooks, StepParts, StopTraining, TrainState, endless, run_loop
 from tuneonce.trainer.metrics import METRICS_FILE, MetricsLogger, progress_bar
@@ -43,24 +46,6 @@ logger = logging.getLogger("tuneonce.train")
 
 EXIT_DIVERGED = 3  # the CLI's exit code when training diverged (cli.py lists them all)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class RunPaths:
-    output_dir: Path
-    log_dir: Path
-    samples_dir: Path
-    cache_dir: Path
-
-    @classmethod
-    def from_config(cls, config: Any) -> RunPaths:
-        out = Path(config.saving.output_dir)
-        return cls(
-            output_dir=out,
-            log_dir=Path(config.logging.log_dir) if config.logging.log_dir else out / "logs",
-            samples_dir=out / "samples",
-            cache_dir=Path(config.data.cache_dir) if config.data.cache_dir else out / "cache",
-        )
 
 
 @dataclass
@@ -81,31 +66,24 @@ class RunResult:
 
 
 # ---- model ----------------------------------------------------------------------------------------------------------
-DEMO_BASES = ("tiny_sdxl_base", "tiny_sdxl_base_v1", "tiny_flux_base")  # tuneonce.demo's folders (test_demo checks)
+BASE_PREPARERS = "tuneonce.base_preparers"  # entry-point group: folder name -> preparer (tuneonce.demo.bases)
+
+
+def base_preparer(name: str) -> Callable[[Path], bool] | None:
+    """The preparer registered for a base folder named `name`, loaded only when one is (others never import it)."""
+    found = entry_points(group=BASE_PREPARERS, name=name)
+    return next(iter(found)).load() if found else None
 
 
 def ensure_base_model(config: Any) -> None:
-    """The embedded demo's base (a folder named like tuneonce.demo's: workspace/demo/tiny_sdxl_base, or base v1's
-    tiny_sdxl_base_v1) and its concept datasets are prepared beside it on first use (cached: later calls return at
-    once). A folder of that name without the demo's marker file is someone's own model and left alone. Other names
-    never import the demo code (diffusers): a wrong path is reported at once."""
+    """A base folder named like a registered preparer's (the embedded demo's: workspace/demo/tiny_sdxl_base, base v1's
+    tiny_sdxl_base_v1, tiny_flux_base) is prepared on first use, with its concept datasets beside it (cached: later
+    calls return at once); the preparer leaves a folder of that name without its marker file alone (someone's own
+    model). Other names load no preparer (the demo code imports diffusers): a wrong path is reported at once."""
     base = Path(config.model.base_model)
-    if base.name in DEMO_BASES:
-        from tuneonce.demo import demo_paths, prepare_demo_base
-        from tuneonce.demo.prepare import MARKER_NAME
-
-        demo = demo_paths(base.parent)
-        if base.name in (demo.base.name, demo.base_v1.name) and (not base.exists() or (base / MARKER_NAME).is_file()):
-            if base.name == demo.base_v1.name:
-                prepare_demo_base(base.parent, unet=None)
-            else:
-                prepare_demo_base(base.parent)
-            return
-        if base.name == "tiny_flux_base" and (not base.exists() or (base / MARKER_NAME).is_file()):
-            from tuneonce.demo.flux import prepare_flux_demo_base  # the Flux demo's base, beside the SDXL demo's
-
-            prepare_flux_demo_base(base.parent)
-            return
+    prepare = base_preparer(base.name)
+    if prepare is not None and prepare(base):
+        return
     if base.suffix == ".safetensors":  # a single-file checkpoint: family.load checks it and components_from
         return
     if not (base / "model_index.json").is_file():

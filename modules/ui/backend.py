@@ -18,6 +18,7 @@ import yaml
 
 from tuneonce.config import schema as config_schema
 from tuneonce.config.loading import dump_config
+from tuneonce.trainer.layout import RunPaths
 from tuneonce.trainer.metrics import METRICS_FILE
 from tuneonce.ui import schema as ui_schema
 from tuneonce import paths
@@ -235,14 +236,9 @@ def validate_dict(config: dict) -> list[tuple[str, str]]:
 
 
 def run_paths(config: config_schema.TrainConfig) -> tuple[Path, Path, Path]:
-    """(output_dir, log_dir, samples_dir) of a run, by the rule of tuneonce.trainer.train.RunPaths.
-
-    Restated here because importing the trainer loads torch, which would make the first Start
-    take seconds; tests/test_ui_backend.py checks that both agree.
-    """
-    out = Path(config.saving.output_dir)
-    log_dir = Path(config.logging.log_dir) if config.logging.log_dir else out / "logs"
-    return out, log_dir, out / "samples"
+    """(output_dir, log_dir, samples_dir) of a run (tuneonce.trainer.layout, torch-free: the first Start stays fast)."""
+    paths = RunPaths.from_config(config)
+    return paths.output_dir, paths.log_dir, paths.samples_dir
 
 
 def warnings_for(config: dict) -> list[str]:

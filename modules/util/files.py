@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,4 +46,21 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staged_folder(folder: Path | str) -> Iterator[Path]:
+    """Write a folder whole or not at all: yields a fresh empty staging folder beside `folder` (same file system);
+    when the block ends normally the staging folder replaces `folder` (any old one is removed first), so a reader never
+    sees it half-written; when the block raises, the staging folder is removed and `folder` is left as it was."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        yield staging
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.replace(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise

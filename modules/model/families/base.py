@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tuneonce.trainer.objective import DiffusionObjective
+from tuneonce.model.objective import DiffusionObjective
 
 TextEmbeddings = dict[str, torch.Tensor]
 

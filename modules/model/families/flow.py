@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tuneonce.model.families.base import ModelFamily
-from tuneonce.trainer.flow_objective import FlowMatchObjective
+from tuneonce.model.flow_objective import FlowMatchObjective
 
 T5_ATTENTION = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o")
 T5_FEED_FORWARD = ("DenseReluDense.wi_0", "DenseReluDense.wi_1", "DenseReluDense.wo")

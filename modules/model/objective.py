@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from tuneonce.trainer.masked_loss import weighted_squared_error
+from tuneonce.model.masked_loss import weighted_squared_error
 
 PredictionType = Literal["epsilon", "v_prediction"]
 TimestepSampling = Literal["uniform", "logit_normal"]
@@ -123,7 +123,7 @@ class DiffusionObjective:
     def loss(self, prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
              pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Mean over the batch of the (weighted) per-sample MSE, computed in fp32; `pixel_weights` (B, 1, h, w): the
-        masked loss's weights on the latent grid (modules/trainer/masked_loss.py)."""
+        masked loss's weights on the latent grid (modules/model/masked_loss.py)."""
         per_sample = self.per_sample_loss(prediction, latents, noise, t, pixel_weights)
         weights = self.loss_weights(t)
         if weights is not None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from tuneonce.sweep.spec import ModelSpec
+from lab.sweep.spec import ModelSpec
+from tuneonce.util.files import staged_folder
 
 MARKER = "tuneonce_sweep_model.json"
 
@@ -139,13 +140,10 @@ def prepare_model(spec: ModelSpec, cache_dir: Path) -> Path:
 
             pretrain(pipe, dataclasses.replace(DemoSettings(seed=spec.seed), unet_steps=spec.pretrain_steps))
             how = f"demo recipe, {spec.pretrain_steps} UNet steps"
-    staging = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(staging, safe_serialization=True)
-    (staging / MARKER).write_text(json.dumps({"digest": digest, "spec": dataclasses.asdict(spec), "weights": how,
-                                              **measured}))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.replace(folder)
+    with staged_folder(folder) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / MARKER).write_text(json.dumps({"digest": digest, "spec": dataclasses.asdict(spec), "weights": how,
+                                                  **measured}))
     return folder
 
 

@@ -1,10 +1,10 @@
 """LR sweep: short LoRA finetunes over a factor-2 LR grid per optimizer x rank x model (see sweeps/*.yaml).
 
-``tuneonce-sweep`` or ``python scripts/sweep_lr.py``:
+``python scripts/sweep_lr.py`` from a checkout (lab code: not in the wheel, no console script):
 
-    tuneonce-sweep --config sweeps/default.yaml --out runs/sweep_default
-    tuneonce-sweep --quick --out /tmp/sweep_quick      # sweeps/quick.yaml, the toy end-to-end check
-    tuneonce-sweep --config sweeps/default.yaml --out runs/sweep_default --report-only
+    python scripts/sweep_lr.py --config sweeps/default.yaml --out runs/sweep_default
+    python scripts/sweep_lr.py --quick --out /tmp/sweep_quick      # sweeps/quick.yaml, the toy end-to-end check
+    python scripts/sweep_lr.py --config sweeps/default.yaml --out runs/sweep_default --report-only
 
 Writes <out>/results.jsonl (one line per run; rerunning skips runs already there), <out>/table.md and
 <out>/lr_<axis>.png. Needs matplotlib for the plots (pip install -e ".[sweep]"; --no-plot skips them).
@@ -15,13 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from tuneonce import paths
-
-SWEEPS = paths.shipped_root() / "sweeps"  # the checkout's sweeps/, or the wheel's copy
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"  # the checkout's sweeps/ (the lab runs from a checkout)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tuneonce-sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="sweep_lr.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="sweep file (default: sweeps/default.yaml, or quick.yaml with --quick)")
     parser.add_argument("--quick", action="store_true", help="run sweeps/quick.yaml (toy size, for tests)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (results.jsonl, table.md, PNGs)")
@@ -35,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
 
-    from tuneonce.sweep.report import write_outputs
-    from tuneonce.sweep.runner import RESULTS_NAME, read_results, run_sweep
-    from tuneonce.sweep.spec import SweepError, load_sweep, restrict
+    from lab.sweep.report import write_outputs
+    from lab.sweep.runner import RESULTS_NAME, read_results, run_sweep
+    from lab.sweep.spec import SweepError, load_sweep, restrict
 
     path = args.config or SWEEPS / ("quick.yaml" if args.quick else "default.yaml")
     try:

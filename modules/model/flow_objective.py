@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from tuneonce.trainer.masked_loss import weighted_squared_error
-from tuneonce.trainer.objective import TimestepSampling, sample_unit_interval
+from tuneonce.model.masked_loss import weighted_squared_error
+from tuneonce.model.objective import TimestepSampling, sample_unit_interval
 
 
 def dynamic_shift_mu(

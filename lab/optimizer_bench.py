@@ -1,4 +1,4 @@
-"""Optimizer step benchmark on the exact tensor shapes of a real backbone (scripts/bench_optimizer.py).
+"""Optimizer step benchmark on the exact tensor shapes of a real backbone (scripts/bench_optimizer.py; lab code, not in the wheel).
 
 The backbone is built on the meta device from its published config (modules/model/builtin.py), a PEFT LoRA
 is injected on the default targets (or, with full=True, a representative slice of the backbone's own weights

@@ -42,7 +42,7 @@ class ModelSpec:
     pretrain_steps: int = 0
     kind: str = ""
     seed: int = 0
-    pretrain_lr: float = 0.0  # added later: tuneonce.sweep.models leaves it out of the cache key at its default
+    pretrain_lr: float = 0.0  # added later: lab.sweep.models leaves it out of the cache key at its default
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tuneonce.sweep.models import prepare_data, prepare_model
-from tuneonce.sweep.spec import RunPlan, SweepSpec, override_strings
+from lab.sweep.models import prepare_data, prepare_model
+from lab.sweep.spec import RunPlan, SweepSpec, override_strings
 
 RESULTS_NAME = "results.jsonl"
 

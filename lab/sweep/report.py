@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneonce.sweep.spec import SweepSpec
+from lab.sweep.spec import SweepSpec
 
 DIVERGED = math.inf  # a run whose validation loss is not finite ranks last
 
