@@ -9,13 +9,11 @@ from torch import nn
 
 from tuneonce.model.families.base import TextEmbeddings
 from tuneonce.model.families.flux import FluxFamily
+from tuneonce.model.families.rows.chroma import CHROMA
 
 
 class ChromaFamily(FluxFamily):
-    name = "chroma"
-    pipeline_class_name = "ChromaPipeline"
-    text_encoders = ("text_encoder",)
-    tokenizers = ("tokenizer",)
+    facts = CHROMA
     t5_tokenizer = "tokenizer"
 
     def encode_text(self, components: dict[str, Any], captions: list[str]) -> TextEmbeddings:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from tuneonce.model.families.base import ModelFamily, TextEmbeddings
+from tuneonce.model.families.rows.sdxl import SDXL
 
 
 def _pairs(values: Any, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -18,10 +19,7 @@ def _pairs(values: Any, batch_size: int, device: torch.device) -> torch.Tensor:
 
 
 class SDXLFamily(ModelFamily):
-    name = "sdxl"
-    pipeline_class_name = "StableDiffusionXLPipeline"
-    text_encoders = ("text_encoder", "text_encoder_2")
-    tokenizers = ("tokenizer", "tokenizer_2")
+    facts = SDXL
 
     def encode_text(self, components: dict[str, Any], captions: list[str]) -> TextEmbeddings:
         hidden_states, pooled = [], None
