@@ -53,8 +53,7 @@ class ModelFamily(ABC):
                 setattr(cls, field, getattr(row, field))
 
     def backbone_target_presets(self) -> dict[str, tuple[str, ...] | None]:
-        attn, ff = self.backbone_attention, self.backbone_feed_forward
-        return {"default": attn + ff + self.backbone_projections, "attn": attn, "all_linear": None}
+        return {"default": self.facts.backbone_default_targets, "attn": self.backbone_attention, "all_linear": None}
 
     def text_encoder_target_presets(self) -> dict[str, tuple[str, ...] | None]:
         attn, ff = self.text_attention, self.text_feed_forward

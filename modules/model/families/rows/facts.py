@@ -51,5 +51,10 @@ class FamilyFacts:
     builtin: str | None = None  # built-in architecture (tuneonce.model.builtin) the GUI falls back on
 
     @property
+    def backbone_default_targets(self) -> tuple[str, ...]:
+        """The "default" LoRA preset of the backbone (training's lora.targets default, inspect_model's table)."""
+        return self.backbone_attention + self.backbone_feed_forward + self.backbone_projections
+
+    @property
     def flow(self) -> bool:
         return self.objective == "flow"
