@@ -1,4 +1,4 @@
-"""The family rows (tuneonce.model.families.rows) are the one source of family facts: they import no torch, name
+"""The family rows (tuneonce.config.families) are the one source of family facts: they import no torch, name
 the same families as the config schema and the family classes, the classes carry their row's values, and the
 architecture table that inspect_model reads (tuneonce.model.architectures) adapts the same layers inside the blocks
 as training's default LoRA preset."""
@@ -16,14 +16,14 @@ from tuneonce.config.schema import Family
 from tuneonce.model.architectures import ARCHITECTURES
 from tuneonce.model.families import FAMILIES, get_family
 from tuneonce.model.families.base import ROW_FIELDS
-from tuneonce.model.families.rows import FAMILY_FACTS, FamilyFacts
+from tuneonce.config.families import FAMILY_FACTS, FamilyFacts
 
 TINY_KIND = {"sd15": "sd15", "sd2": "sd15", "sdxl": "sdxl", "flux": "flux-dev", "chroma": "chroma", "sd3": "sd3",
              "zimage": "zimage", "qwenimage": "qwen-image"}  # fmt: skip
 
 
 def test_rows_and_config_rules_import_no_torch():
-    code = ("import sys, tuneonce.model.families.rows, tuneonce.config.rules, tuneonce.config.schema; "
+    code = ("import sys, tuneonce.config.families, tuneonce.config.rules, tuneonce.config.schema; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -43,6 +43,11 @@ def test_family_class_carries_its_row(name):
         assert getattr(family, field) == getattr(row, field), field
     # LoRA-trainable text encoders are text encoders the family loads
     assert set(row.lora_text_encoders) <= set(row.text_encoders)
+    # the row's objective is the one the class trains (flow matching families subclass FlowMatchingFamily)
+    from tuneonce.model.families.flow import FlowMatchingFamily
+
+    assert isinstance(family, FlowMatchingFamily) == row.flow == (row.objective == "flow")
+    assert row.objective in ("eps/v", "flow")
 
 
 def test_rules_tables_are_read_from_the_rows():

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tuneonce.model.families.rows import FAMILY_FACTS, ROWS, families_where
+from tuneonce.config.families import FAMILY_FACTS, ROWS, families_where
 
 if TYPE_CHECKING:
     from tuneonce.config.schema import TrainConfig
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 Problem = tuple[str, str]
 MUON_FAMILY = ("muon_adv", "adamuon_adv", "lora_muon")
 
-# Derived from the family rows (tuneonce.model.families.rows), kept under their old names for callers.
+# Derived from the family rows (tuneonce.config.families), kept under their old names for callers.
 FAMILY_TEXT_ENCODERS: dict[str, tuple[str, ...]] = {row.name: row.lora_text_encoders for row in ROWS}
 FLOW_FAMILIES = families_where(lambda row: row.flow)
 # Families whose full finetune saves as one original-layout file (tuneonce.model.saving.SINGLE_FILE_WRITERS).

@@ -34,7 +34,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from torch import nn
 
-from tuneonce.model.families.rows import ROWS
+from tuneonce.config.families import ROWS
 
 logger = logging.getLogger(__name__)
 

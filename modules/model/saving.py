@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from tuneonce.config.families import FAMILY_FACTS, ROWS
 from tuneonce.model import lycoris_files
-from tuneonce.model.families.rows import FAMILY_FACTS, ROWS
 from tuneonce.model.lora_files import (
     LORA_ADAPTER_METADATA_KEY,
     LoraModuleWeights,

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tuneonce.model.families.rows import ROWS
+from tuneonce.config.families import ROWS
 
 # config family -> built-in architecture name (modules/model/builtin.py) used when no local folder exists
 FAMILY_BUILTIN = {row.name: row.builtin for row in ROWS if row.builtin is not None}

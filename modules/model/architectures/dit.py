@@ -3,12 +3,12 @@
 Joint two-stream blocks (Flux/SD3 "double" blocks) count once each. ``refiners`` are the lists that
 refine one stream before the main stack (Z-Image/Lumina2 noise/context refiners): the longest adds.
 
-The LoRA targets of the classes a trainable family uses are that family's row (tuneonce.model.families.rows), so
+The LoRA targets of the classes a trainable family uses are that family's row (tuneonce.config.families), so
 inspect_model and training read one list; tests/test_family_rows.py checks the block lists against the rows.
 """
 from __future__ import annotations
 
-from tuneonce.model.families.rows import FAMILY_FACTS
+from tuneonce.config.families import FAMILY_FACTS
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _JOINT_ATTN = _ATTN + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")

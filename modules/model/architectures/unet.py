@@ -5,7 +5,7 @@ and up paths is on the main path (SDXL: 17 resnets + 70 transformer blocks = 87)
 """
 from __future__ import annotations
 
-from tuneonce.model.families.rows import FAMILY_FACTS
+from tuneonce.config.families import FAMILY_FACTS
 
 _UNET_BLOCKS = (
     "down_blocks.*.resnets",

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tuneonce.model.families.rows import FamilyFacts
+from tuneonce.config.families import FamilyFacts
 from tuneonce.trainer.objective import DiffusionObjective
 
 TextEmbeddings = dict[str, torch.Tensor]

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tuneonce.config.families.chroma import CHROMA
 from tuneonce.model.families.base import TextEmbeddings
 from tuneonce.model.families.flux import FluxFamily
-from tuneonce.model.families.rows.chroma import CHROMA
 
 
 class ChromaFamily(FluxFamily):

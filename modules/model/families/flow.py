@@ -45,7 +45,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 class FlowMatchingFamily(ModelFamily):
-    # Targets, blocks and text encoders come from the rows (tuneonce.model.families.rows.flux.FLOW_TARGETS).
+    # Targets, blocks and text encoders come from the rows (tuneonce.config.families.flux.FLOW_TARGETS).
     t5_tokenizer: ClassVar[str] = "tokenizer_2"
     t5_max_length: ClassVar[int] = 512  # the pipeline's default max_sequence_length
     latent_patch_size: ClassVar[int] = 2  # latent pixels per token side (for the resolution-dependent shift)

@@ -7,9 +7,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tuneonce.config.families.flux import FLUX
 from tuneonce.model.families.base import TextEmbeddings
 from tuneonce.model.families.flow import FlowMatchingFamily, latent_image_ids, pack_latents, unpack_latents, unwrap
-from tuneonce.model.families.rows.flux import FLUX
 
 
 class FluxFamily(FlowMatchingFamily):

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tuneonce.config.families.qwenimage import QWENIMAGE
 from tuneonce.model.families.base import TextEmbeddings
 from tuneonce.model.families.flow import FlowMatchingFamily, pack_latents, unpack_latents
-from tuneonce.model.families.rows.qwenimage import QWENIMAGE
 
 # QwenImagePipeline.prompt_template_encode and prompt_template_encode_start_idx (the template's prefix length in
 # tokens of the published tokenizer).

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tuneonce.config.families.sd15 import SD2, SD15
 from tuneonce.model.families.base import ModelFamily, TextEmbeddings
-from tuneonce.model.families.rows.sd15 import SD2, SD15
 
 
 class SD15Family(ModelFamily):

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuneonce.config.families.sd3 import SD3
 from tuneonce.model.families.base import TextEmbeddings
 from tuneonce.model.families.flow import FlowMatchingFamily, unwrap
-from tuneonce.model.families.rows.sd3 import SD3
 
 
 class SD3Family(FlowMatchingFamily):

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from tuneonce.config.families.sdxl import SDXL
 from tuneonce.model.families.base import ModelFamily, TextEmbeddings
-from tuneonce.model.families.rows.sdxl import SDXL
 
 
 def _pairs(values: Any, batch_size: int, device: torch.device) -> torch.Tensor:

@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tuneonce.config.families.zimage import ZIMAGE
 from tuneonce.model.families.base import TextEmbeddings
 from tuneonce.model.families.flow import FlowMatchingFamily
-from tuneonce.model.families.rows.zimage import ZIMAGE
 
 
 def masked_rows(hidden: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:

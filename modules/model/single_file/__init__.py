@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tuneonce.model.families.rows import families_where
+from tuneonce.config.families import families_where
 from tuneonce.model.single_file.flux_bfl import COMFY_PREFIX, bfl_to_diffusers, diffusers_to_bfl
 
 if TYPE_CHECKING:

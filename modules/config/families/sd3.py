@@ -1,6 +1,6 @@
 """Row of SD3 / SD3.5 (class: tuneonce.model.families.sd3)."""
-from tuneonce.model.families.rows.facts import FamilyFacts
-from tuneonce.model.families.rows.flux import FLOW_TARGETS
+from tuneonce.config.families.facts import FamilyFacts
+from tuneonce.config.families.flux import FLOW_TARGETS
 
 SD3 = FamilyFacts(
     name="sd3",

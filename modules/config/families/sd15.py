@@ -1,5 +1,5 @@
 """Rows of Stable Diffusion 1.x and 2.x (class: tuneonce.model.families.sd15)."""
-from tuneonce.model.families.rows.facts import FamilyFacts
+from tuneonce.config.families.facts import FamilyFacts
 
 SD15 = FamilyFacts(
     name="sd15",

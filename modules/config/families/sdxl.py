@@ -1,5 +1,5 @@
 """Row of SDXL (class: tuneonce.model.families.sdxl)."""
-from tuneonce.model.families.rows.facts import FamilyFacts
+from tuneonce.config.families.facts import FamilyFacts
 
 SDXL = FamilyFacts(
     name="sdxl",

@@ -1,6 +1,6 @@
 """Row of Qwen-Image (class: tuneonce.model.families.qwenimage)."""
-from tuneonce.model.families.rows.facts import LLM_ATTENTION, LLM_FEED_FORWARD, FamilyFacts
-from tuneonce.model.families.rows.flux import FLOW_TARGETS
+from tuneonce.config.families.facts import LLM_ATTENTION, LLM_FEED_FORWARD, FamilyFacts
+from tuneonce.config.families.flux import FLOW_TARGETS
 
 QWENIMAGE = FamilyFacts(
     name="qwenimage",

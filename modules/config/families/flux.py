@@ -1,5 +1,5 @@
 """Row of Flux.1 dev/schnell (class: tuneonce.model.families.flux)."""
-from tuneonce.model.families.rows.facts import (
+from tuneonce.config.families.facts import (
     CLIP_ATTENTION, CLIP_BLOCKS, CLIP_FEED_FORWARD, JOINT_ATTENTION, JOINT_FEED_FORWARD, T5_ATTENTION, T5_FEED_FORWARD,
     FamilyFacts,
 )

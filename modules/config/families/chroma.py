@@ -1,7 +1,7 @@
 """Row of Chroma (class: tuneonce.model.families.chroma): Flux's layout, T5 only."""
 from dataclasses import replace
 
-from tuneonce.model.families.rows.flux import FLUX
+from tuneonce.config.families.flux import FLUX
 
 CHROMA = replace(
     FLUX,

@@ -1,6 +1,6 @@
 """Row of Z-Image (class: tuneonce.model.families.zimage)."""
-from tuneonce.model.families.rows.facts import LLM_ATTENTION, LLM_FEED_FORWARD, FamilyFacts
-from tuneonce.model.families.rows.flux import FLOW_TARGETS
+from tuneonce.config.families.facts import LLM_ATTENTION, LLM_FEED_FORWARD, FamilyFacts
+from tuneonce.config.families.flux import FLOW_TARGETS
 
 ZIMAGE = FamilyFacts(
     name="zimage",
