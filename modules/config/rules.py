@@ -8,27 +8,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from tuneonce.config.families import FAMILY_FACTS, ROWS, families_where
+
 if TYPE_CHECKING:
     from tuneonce.config.schema import TrainConfig
 
 Problem = tuple[str, str]
 MUON_FAMILY = ("muon_adv", "adamuon_adv", "lora_muon")
 
-# Text encoders of each family (diffusers component names).
-FAMILY_TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
-    "sd15": ("text_encoder",),
-    "sd2": ("text_encoder",),
-    "sdxl": ("text_encoder", "text_encoder_2"),
-    "flux": ("text_encoder",),  # CLIP-L; its T5 (text_encoder_2) LoRA is not loaded by diffusers' Flux loader
-    "chroma": (),
-    "sd3": ("text_encoder", "text_encoder_2"),  # CLIP-L, CLIP-G (diffusers' SD3 loader skips T5)
-    "zimage": (),  # diffusers' Z-Image and Qwen-Image LoRA loaders take the transformer only
-    "qwenimage": (),
-}
-FLOW_FAMILIES = ("flux", "chroma", "sd3", "zimage", "qwenimage")
+# Derived from the family rows (tuneonce.config.families), kept under their old names for callers.
+FAMILY_TEXT_ENCODERS: dict[str, tuple[str, ...]] = {row.name: row.lora_text_encoders for row in ROWS}
+FLOW_FAMILIES = families_where(lambda row: row.flow)
 # Families whose full finetune saves as one original-layout file (tuneonce.model.saving.SINGLE_FILE_WRITERS).
-SINGLE_FILE_FAMILIES = ("flux", "chroma", "sd3", "sdxl", "sd15")
-
+SINGLE_FILE_FAMILIES = families_where(lambda row: row.single_file_writer is not None)
+LYCORIS_FAMILIES = families_where(lambda row: row.lycoris)  # kohya-layout UNet files (model/lycoris_files.py)
 
 def dora_vs_spectral(cfg: TrainConfig) -> list[Problem]:
     """DoRA with spectral scaling (Muon family) is an error unless lora.force_dora_with_spectral."""
@@ -188,7 +181,7 @@ def flow_family_settings(cfg: TrainConfig) -> list[Problem]:
         out.append(("training.min_snr_gamma", f"min-SNR weighting is for epsilon/v-prediction models, not {family}; set it null"))
     if cfg.sampling.sampler != "default":
         out.append(("sampling.sampler", f"{family} samples with its flow-matching scheduler; set it to default"))
-    if cfg.method == "lora" and cfg.saving.format == "kohya" and family not in ("flux", "chroma"):
+    if cfg.method == "lora" and cfg.saving.format == "kohya" and not FAMILY_FACTS[family].kohya_lora:
         out.append(("saving.format", f"the kohya layout is not written for {family} yet; set saving.format: diffusers"))
     return out
 
@@ -212,8 +205,6 @@ def init_lora_is_safetensors(cfg: TrainConfig) -> list[Problem]:
         return [("lora.init_lora", f"must be a .safetensors file, got {path!r}")]
     return []
 
-
-LYCORIS_FAMILIES = ("sd15", "sd2", "sdxl")  # kohya-layout UNet files (modules/model/lycoris_files.py)
 
 
 def lycoris_settings(cfg: TrainConfig) -> list[Problem]:

@@ -102,8 +102,9 @@ def resolve_model(model: str) -> tuple[dict[str, nn.Module], str | None]:
 def add_lora(components: Mapping[str, nn.Module], rank: int, *, alpha: float | None = None, names: list[str] | None = None,
              kind: str = "lora") -> None:
     """Freeze everything, then put a PEFT LoRA / LoHa / LoKr (`kind`; default targets, alpha = rank unless given)
-    on `names`."""
-    from peft import LoraConfig, inject_adapter_in_model
+    on `names`, through the trainer's injection (tuneonce.model.adapters.add_lora)."""
+    from tuneonce.model.adapters import LoraSettings
+    from tuneonce.model.adapters import add_lora as inject
 
     if rank < 1:
         raise ValueError(f"--lora-rank: expected a positive integer, got {rank}")
@@ -115,16 +116,9 @@ def add_lora(components: Mapping[str, nn.Module], rank: int, *, alpha: float | N
         module.requires_grad_(False)
     for name in names:
         module = components[name]
-        if kind != "lora":  # LyCORIS through PEFT, initialised as tuneonce trains it
-            from tuneonce.model import lycoris
-
-            config = lycoris.peft_config(kind, rank=rank, alpha=alpha if alpha is not None else rank,
-                                         target_modules=default_lora_targets(module))
-            inject_adapter_in_model(config, module)
-            lycoris.init_like_lycoris(module)
-            continue
-        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=default_lora_targets(module))
-        inject_adapter_in_model(config, module)
+        settings = LoraSettings(rank=rank, alpha=alpha if alpha is not None else rank,
+                                targets=tuple(default_lora_targets(module)), kind=kind)
+        inject(module, settings, component=name)
 
 
 def _group_numbers(info: ParamInfo, *, weight_decay: float, adam_eps: float, adam_weight_decay: float) -> dict:

@@ -34,6 +34,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from torch import nn
 
+from tuneonce.config.families import ROWS
+
 logger = logging.getLogger(__name__)
 
 # Module paths that diffusers' kohya converter (which turns "_" into "." and repairs known names) cannot recover
@@ -128,7 +130,8 @@ def is_sdxl_like(components: Mapping[str, nn.Module]) -> bool:
     return getattr(config, "addition_embed_type", None) == "text_time"
 
 
-FLUX_LIKE_TRANSFORMERS = ("FluxTransformer2DModel", "ChromaTransformer2DModel")
+# Transformers whose kohya-layout LoRA uses BFL's module names (the rows of Flux and Chroma).
+FLUX_LIKE_TRANSFORMERS = tuple(row.backbone_class for row in ROWS if row.kohya_lora and row.backbone == "transformer")
 KOHYA_T5_PREFIX = "lora_te3"  # sd-scripts' prefix for the T5 encoder of Flux / SD3
 
 

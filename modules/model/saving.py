@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from tuneonce.config.families import FAMILY_FACTS, ROWS
 from tuneonce.model import lycoris_files
 from tuneonce.model.lora_files import (
     LORA_ADAPTER_METADATA_KEY,
@@ -69,26 +70,23 @@ def base_model_version(components: Mapping[str, nn.Module], sdxl: bool | None = 
     model = unwrapped_backbone(components)
     name = type(model).__name__
     config = getattr(model, "config", None)
-    if name == "FluxTransformer2DModel":
-        dev = bool(getattr(config, "guidance_embeds", True))
-        return "flux1", "flux-1-dev" if dev else "flux-1-schnell"
-    if name == "ChromaTransformer2DModel":
-        return "chroma", "chroma"
-    if name == "SD3Transformer2DModel":
-        return "sd3", "stable-diffusion-3"
-    if name == "ZImageTransformer2DModel":  # no sd-scripts value known; named after the model
-        return "z_image", "z-image"
-    if name == "QwenImageTransformer2DModel":
-        return "qwen_image", "qwen-image"
+    for row in ROWS:  # a transformer class names its family; the UNet families share one class
+        if row.backbone != "unet" and row.backbone_class == name:
+            plain = row.modelspec_without_guidance is not None and not getattr(config, "guidance_embeds", True)
+            return row.kohya_version, row.modelspec_without_guidance if plain else row.modelspec_architecture
     if is_sdxl_like(components) if sdxl is None else sdxl:
-        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
-    if getattr(config, "cross_attention_dim", None) == 1024:
-        return "sd_v2", "stable-diffusion-v2"
-    return "sd_v1", "stable-diffusion-v1"
+        row = FAMILY_FACTS["sdxl"]
+    elif getattr(config, "cross_attention_dim", None) == 1024:
+        row = FAMILY_FACTS["sd2"]
+    else:
+        row = FAMILY_FACTS["sd15"]
+    return row.kohya_version, row.modelspec_architecture
 
 
 # kohya sd-scripts' network module per ss_base_model_version (its Flux trainer writes lora_flux, also for Chroma).
-KOHYA_NETWORK_MODULES = {"flux1": "networks.lora_flux", "chroma": "networks.lora_flux", "sd3": "networks.lora_sd3"}
+KOHYA_NETWORK_MODULES = {
+    row.kohya_version: row.kohya_network_module for row in ROWS if row.kohya_network_module != "networks.lora"
+}
 
 
 def run_metadata(
@@ -152,7 +150,8 @@ def lora_metadata(
     rank/alpha/components. ``version`` None picks SDXL or SD1 from ``sdxl``.
     """
     if version is None:
-        version = ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base") if sdxl else ("sd_v1", "stable-diffusion-v1")
+        row = FAMILY_FACTS["sdxl" if sdxl else "sd15"]
+        version = (row.kohya_version, row.modelspec_architecture)
     rank = Counter(w.rank for w in weights).most_common(1)[0][0]
     alpha = Counter(w.alpha for w in weights).most_common(1)[0][0]
     dora = any(w.magnitude is not None for w in weights)
@@ -366,7 +365,8 @@ def _mmdit_state(components: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]
 def _ldm_state(components: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
     from tuneonce.model.single_file.ldm import ldm_checkpoint
 
-    if base_model_version(components)[0] == "sd_v2":  # the writer knows CLIP-L, not SD2's OpenCLIP-H layout
+    # The writer knows CLIP-L, not SD2's OpenCLIP-H layout.
+    if base_model_version(components)[0] == FAMILY_FACTS["sd2"].kohya_version:
         raise ValueError("saving.finetune_format: single_file has no writer for SD2 (OpenCLIP-H); use diffusers")
     return ldm_checkpoint(dict(components))
 
@@ -384,8 +384,11 @@ BFL = SingleFileWriter("bfl", "https://github.com/black-forest-labs/flux", _bfl_
 STABILITY = "https://github.com/Stability-AI/generative-models"  # modelspec.implementation of Stability's layouts
 MMDIT = SingleFileWriter("mmdit", STABILITY, _mmdit_state)  # transformer only
 LDM = SingleFileWriter("ldm", STABILITY, _ldm_state)  # UNet + VAE + CLIP
-# Must name the same families as tuneonce.config.rules.SINGLE_FILE_FAMILIES (tested).
-SINGLE_FILE_WRITERS: dict[str, SingleFileWriter] = {"flux": BFL, "chroma": BFL, "sd3": MMDIT, "sdxl": LDM, "sd15": LDM}
+WRITERS = {writer.layout: writer for writer in (BFL, MMDIT, LDM)}
+# The families whose row names a writer (as tuneonce.config.rules.SINGLE_FILE_FAMILIES).
+SINGLE_FILE_WRITERS: dict[str, SingleFileWriter] = {
+    row.name: WRITERS[row.single_file_writer] for row in ROWS if row.single_file_writer is not None
+}
 
 
 def single_file_writer(family: str) -> SingleFileWriter:

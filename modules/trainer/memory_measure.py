@@ -68,12 +68,12 @@ def step_inputs(model: nn.Module, resolution: int, batch: int, text_tokens: int,
 
 
 def add_default_lora(model: nn.Module, rank: int) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
-
+    """Freeze `model` and put a LoRA of `rank` on its default targets, through the trainer's injection."""
+    from tuneonce.model.adapters import LoraSettings, add_lora
     from tuneonce.model.builtin import default_lora_targets
 
-    model.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=default_lora_targets(model)), model)
+    settings = LoraSettings(rank=rank, alpha=rank, targets=tuple(default_lora_targets(model)))
+    add_lora(model, settings, component=type(model).__name__)
 
 
 def _tensor_bytes(tensors) -> int:

@@ -16,8 +16,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from tuneonce.config.families import ROWS
+
 # config family -> built-in architecture name (modules/model/builtin.py) used when no local folder exists
-FAMILY_BUILTIN = {"sd15": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
+FAMILY_BUILTIN = {row.name: row.builtin for row in ROWS if row.builtin is not None}
 SKIPPED_COMPONENTS = ("vae", "scheduler", "tokenizer", "tokenizer_2", "tokenizer_3", "feature_extractor",
                       "image_encoder", "safety_checker")  # fmt: skip
 COLUMNS = ["component", "L", "d", "ns_eps W", "ns_eps B", "AdaMuon eps", "decay/step"]

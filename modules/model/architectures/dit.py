@@ -2,26 +2,29 @@
 
 Joint two-stream blocks (Flux/SD3 "double" blocks) count once each. ``refiners`` are the lists that
 refine one stream before the main stack (Z-Image/Lumina2 noise/context refiners): the longest adds.
+
+The LoRA targets of the classes a trainable family uses are that family's row (tuneonce.config.families), so
+inspect_model and training read one list; tests/test_family_rows.py checks the block lists against the rows.
 """
 from __future__ import annotations
+
+from tuneonce.config.families import FAMILY_FACTS
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 _JOINT_ATTN = _ATTN + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 _GELU_FF = ("ff.net.0.proj", "ff.net.2")
-_GELU_FF_CONTEXT = ("ff_context.net.0.proj", "ff_context.net.2")
 
-_FLUX_LORA = _JOINT_ATTN + _GELU_FF + _GELU_FF_CONTEXT + ("proj_mlp", "proj_out")
 
 ENTRIES: dict[str, dict] = {
     # Flux.1 dev/schnell: 19 double + 38 single = 57
     "FluxTransformer2DModel": {
         "blocks": ("transformer_blocks", "single_transformer_blocks"),
-        "lora_targets": _FLUX_LORA,
+        "lora_targets": FAMILY_FACTS["flux"].backbone_default_targets,
     },
     # Chroma: Flux layout; the distilled guidance MLP is off the main path
     "ChromaTransformer2DModel": {
         "blocks": ("transformer_blocks", "single_transformer_blocks"),
-        "lora_targets": _FLUX_LORA,
+        "lora_targets": FAMILY_FACTS["chroma"].backbone_default_targets,
     },
     # Flux.2 dev / Klein: fused qkv+mlp projection in the single blocks
     "Flux2Transformer2DModel": {
@@ -32,13 +35,13 @@ ENTRIES: dict[str, dict] = {
     },
     "SD3Transformer2DModel": {
         "blocks": ("transformer_blocks",),
-        "lora_targets": _JOINT_ATTN + ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
-        + _GELU_FF + _GELU_FF_CONTEXT,
+        # the suffixes also reach SD3.5 Medium's second attention (attn2.to_q ...) of its dual-attention blocks
+        "lora_targets": FAMILY_FACTS["sd3"].backbone_default_targets,
     },
     "ZImageTransformer2DModel": {
         "blocks": ("layers",),
         "refiners": ("noise_refiner", "context_refiner"),
-        "lora_targets": _ATTN + ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
+        "lora_targets": FAMILY_FACTS["zimage"].backbone_default_targets,
     },
     "Lumina2Transformer2DModel": {
         "blocks": ("layers",),
@@ -47,7 +50,7 @@ ENTRIES: dict[str, dict] = {
     },
     "QwenImageTransformer2DModel": {
         "blocks": ("transformer_blocks",),
-        "lora_targets": _JOINT_ATTN + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"),
+        "lora_targets": FAMILY_FACTS["qwenimage"].backbone_default_targets,
     },
     "HiDreamImageTransformer2DModel": {
         "blocks": ("double_stream_blocks", "single_stream_blocks"),

@@ -5,6 +5,8 @@ and up paths is on the main path (SDXL: 17 resnets + 70 transformer blocks = 87)
 """
 from __future__ import annotations
 
+from tuneonce.config.families import FAMILY_FACTS
+
 _UNET_BLOCKS = (
     "down_blocks.*.resnets",
     "down_blocks.*.attentions.*.transformer_blocks",
@@ -13,8 +15,8 @@ _UNET_BLOCKS = (
     "up_blocks.*.resnets",
     "up_blocks.*.attentions.*.transformer_blocks",
 )
-# attention (self + cross), feed-forward and the Transformer2DModel in/out projections
-_UNET_LORA = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+# attention (self + cross), feed-forward and the Transformer2DModel in/out projections: the SD rows' default preset
+_UNET_LORA = FAMILY_FACTS["sd15"].backbone_default_targets
 
 ENTRIES: dict[str, dict] = {
     "UNet2DConditionModel": {"blocks": _UNET_BLOCKS, "lora_targets": _UNET_LORA},

@@ -1,4 +1,8 @@
-"""Model families keyed by the config's `model.family` name; the generic loop only talks to these objects."""
+"""Model families keyed by the config's `model.family` name; the generic loop only talks to these objects.
+
+What each family *is* (pipeline class, text encoders, LoRA targets, saving layouts) is its torch-free row in
+``tuneonce.config.families``; the classes here add the torch code and read their row (``facts``).
+"""
 from __future__ import annotations
 
 from tuneonce.model.families.base import ModelFamily

@@ -15,31 +15,45 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tuneonce.config.families import FamilyFacts
 from tuneonce.model.objective import DiffusionObjective
 
 TextEmbeddings = dict[str, torch.Tensor]
+# Row fields the classes carry as attributes (the hooks below read them as self.<field>).
+ROW_FIELDS = (
+    "name", "pipeline_class_name", "backbone", "text_encoders", "tokenizers", "backbone_attention",
+    "backbone_feed_forward", "backbone_projections", "text_attention", "text_feed_forward", "backbone_blocks",
+    "text_encoder_blocks",
+)
 
 
 class ModelFamily(ABC):
+    # The family's row; a subclass that sets it gets the row's shared fields below as class attributes.
+    facts: ClassVar[FamilyFacts]
     name: ClassVar[str]
     pipeline_class_name: ClassVar[str]  # diffusers pipeline class (model_index.json "_class_name")
-    backbone: ClassVar[str] = "unet"
-    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
-    tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    backbone: ClassVar[str]
+    text_encoders: ClassVar[tuple[str, ...]]
+    tokenizers: ClassVar[tuple[str, ...]]
     # LoRA target presets (config lora.targets) as module-name suffixes; None = every Linear layer.
-    backbone_attention: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
-    backbone_feed_forward: ClassVar[tuple[str, ...]] = ("ff.net.0.proj", "ff.net.2")
-    backbone_projections: ClassVar[tuple[str, ...]] = ("proj_in", "proj_out")
-    text_attention: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
-    text_feed_forward: ClassVar[tuple[str, ...]] = ("fc1", "fc2")
+    backbone_attention: ClassVar[tuple[str, ...]]
+    backbone_feed_forward: ClassVar[tuple[str, ...]]
+    backbone_projections: ClassVar[tuple[str, ...]]
+    text_attention: ClassVar[tuple[str, ...]]
+    text_feed_forward: ClassVar[tuple[str, ...]]
     # Where the residual blocks live ("all_linear" adapts every Linear under these prefixes).
-    backbone_blocks: ClassVar[tuple[str, ...]] = ("down_blocks.", "mid_block.", "up_blocks.")
-    # CLIP layers: transformers 4 (and 5's CLIPTextModelWithProjection) under text_model., 5's CLIPTextModel without.
-    text_encoder_blocks: ClassVar[tuple[str, ...]] = ("text_model.encoder.layers.", "encoder.layers.")
+    backbone_blocks: ClassVar[tuple[str, ...]]
+    text_encoder_blocks: ClassVar[tuple[str, ...]]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        row = cls.__dict__.get("facts")
+        if row is not None:
+            for field in ROW_FIELDS:
+                setattr(cls, field, getattr(row, field))
 
     def backbone_target_presets(self) -> dict[str, tuple[str, ...] | None]:
-        attn, ff = self.backbone_attention, self.backbone_feed_forward
-        return {"default": attn + ff + self.backbone_projections, "attn": attn, "all_linear": None}
+        return {"default": self.facts.backbone_default_targets, "attn": self.backbone_attention, "all_linear": None}
 
     def text_encoder_target_presets(self) -> dict[str, tuple[str, ...] | None]:
         attn, ff = self.text_attention, self.text_feed_forward

@@ -7,15 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from tuneonce.config.families.chroma import CHROMA
 from tuneonce.model.families.base import TextEmbeddings
 from tuneonce.model.families.flux import FluxFamily
 
 
 class ChromaFamily(FluxFamily):
-    name = "chroma"
-    pipeline_class_name = "ChromaPipeline"
-    text_encoders = ("text_encoder",)
-    tokenizers = ("tokenizer",)
+    facts = CHROMA
     t5_tokenizer = "tokenizer"
 
     def encode_text(self, components: dict[str, Any], captions: list[str]) -> TextEmbeddings:

@@ -14,8 +14,6 @@ from torch import nn
 from tuneonce.model.families.base import ModelFamily
 from tuneonce.model.flow_objective import FlowMatchObjective
 
-T5_ATTENTION = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o")
-T5_FEED_FORWARD = ("DenseReluDense.wi_0", "DenseReluDense.wi_1", "DenseReluDense.wo")
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -47,14 +45,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 class FlowMatchingFamily(ModelFamily):
-    backbone = "transformer"
-    backbone_attention = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-    backbone_feed_forward = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-    backbone_projections: ClassVar[tuple[str, ...]] = ()
-    backbone_blocks = ("transformer_blocks.",)
-    text_attention = ModelFamily.text_attention + T5_ATTENTION
-    text_feed_forward = ModelFamily.text_feed_forward + T5_FEED_FORWARD
-    text_encoder_blocks = ModelFamily.text_encoder_blocks + ("encoder.block.",)  # + T5
+    # Targets, blocks and text encoders come from the rows (tuneonce.config.families.flux.FLOW_TARGETS).
     t5_tokenizer: ClassVar[str] = "tokenizer_2"
     t5_max_length: ClassVar[int] = 512  # the pipeline's default max_sequence_length
     latent_patch_size: ClassVar[int] = 2  # latent pixels per token side (for the resolution-dependent shift)

@@ -7,17 +7,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tuneonce.config.families.flux import FLUX
 from tuneonce.model.families.base import TextEmbeddings
 from tuneonce.model.families.flow import FlowMatchingFamily, latent_image_ids, pack_latents, unpack_latents, unwrap
 
 
 class FluxFamily(FlowMatchingFamily):
-    name = "flux"
-    pipeline_class_name = "FluxPipeline"
-    text_encoders = ("text_encoder", "text_encoder_2")
-    tokenizers = ("tokenizer", "tokenizer_2")
-    backbone_projections = ("proj_mlp", "proj_out")  # the single-stream blocks' fused MLP in / attention+MLP out
-    backbone_blocks = ("transformer_blocks.", "single_transformer_blocks.")
+    facts = FLUX
     # Guidance the distilled dev model is conditioned on while training (OneTrainer's default; samples use the
     # prompt's cfg). Schnell has no guidance input.
     train_guidance: ClassVar[float] = 1.0

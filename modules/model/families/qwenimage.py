@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tuneonce.config.families.qwenimage import QWENIMAGE
 from tuneonce.model.families.base import TextEmbeddings
 from tuneonce.model.families.flow import FlowMatchingFamily, pack_latents, unpack_latents
-from tuneonce.model.families.zimage import LLM_ATTENTION, LLM_FEED_FORWARD
 
 # QwenImagePipeline.prompt_template_encode and prompt_template_encode_start_idx (the template's prefix length in
 # tokens of the published tokenizer).
@@ -30,14 +30,7 @@ def latent_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 class QwenImageFamily(FlowMatchingFamily):
-    name = "qwenimage"
-    pipeline_class_name = "QwenImagePipeline"
-    text_encoders = ("text_encoder",)
-    tokenizers = ("tokenizer",)
-    backbone_feed_forward = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
-    text_attention = LLM_ATTENTION
-    text_feed_forward = LLM_FEED_FORWARD
-    text_encoder_blocks = ("model.language_model.layers.", "model.layers.")  # transformers >= 4.52, older
+    facts = QWENIMAGE
     t5_tokenizer = "tokenizer"
     t5_max_length = 512  # QwenImagePipeline's default max_sequence_length (prompt tokens after the template prefix)
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from tuneonce.config.families.sd15 import SD2, SD15
 from tuneonce.model.families.base import ModelFamily, TextEmbeddings
 
 
 class SD15Family(ModelFamily):
-    name = "sd15"
-    pipeline_class_name = "StableDiffusionPipeline"
+    facts = SD15
 
     def build_pipeline(self, components: dict[str, Any]):
         # Training runs never carry a safety checker; say so, or diffusers warns on every sample.
@@ -24,4 +24,4 @@ class SD15Family(ModelFamily):
 class SD2Family(SD15Family):
     """SD 2.x differs only in its text encoder (OpenCLIP-H) and default v-prediction, both read from the folder."""
 
-    name = "sd2"
+    facts = SD2

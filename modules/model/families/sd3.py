@@ -8,15 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuneonce.config.families.sd3 import SD3
 from tuneonce.model.families.base import TextEmbeddings
 from tuneonce.model.families.flow import FlowMatchingFamily, unwrap
 
 
 class SD3Family(FlowMatchingFamily):
-    name = "sd3"
-    pipeline_class_name = "StableDiffusion3Pipeline"
-    text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
-    tokenizers = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    facts = SD3
     t5_tokenizer = "tokenizer_3"
     t5_max_length = 256  # StableDiffusion3Pipeline's default max_sequence_length
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from tuneonce.config.families.sdxl import SDXL
 from tuneonce.model.families.base import ModelFamily, TextEmbeddings
 
 
@@ -18,10 +19,7 @@ def _pairs(values: Any, batch_size: int, device: torch.device) -> torch.Tensor:
 
 
 class SDXLFamily(ModelFamily):
-    name = "sdxl"
-    pipeline_class_name = "StableDiffusionXLPipeline"
-    text_encoders = ("text_encoder", "text_encoder_2")
-    tokenizers = ("tokenizer", "tokenizer_2")
+    facts = SDXL
 
     def encode_text(self, components: dict[str, Any], captions: list[str]) -> TextEmbeddings:
         hidden_states, pooled = [], None

@@ -8,11 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tuneonce.config.families.zimage import ZIMAGE
 from tuneonce.model.families.base import TextEmbeddings
 from tuneonce.model.families.flow import FlowMatchingFamily
-
-LLM_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-LLM_FEED_FORWARD = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def masked_rows(hidden: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -22,16 +20,7 @@ def masked_rows(hidden: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
 
 
 class ZImageFamily(FlowMatchingFamily):
-    name = "zimage"
-    pipeline_class_name = "ZImagePipeline"
-    text_encoders = ("text_encoder",)
-    tokenizers = ("tokenizer",)
-    backbone_attention = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
-    backbone_feed_forward = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-    backbone_blocks = ("layers.", "noise_refiner.", "context_refiner.")
-    text_attention = LLM_ATTENTION
-    text_feed_forward = LLM_FEED_FORWARD
-    text_encoder_blocks = ("layers.", "model.layers.")
+    facts = ZIMAGE
     t5_tokenizer = "tokenizer"  # the long-context tokenizer whose length sampling_kwargs passes
     t5_max_length = 512  # ZImagePipeline's default max_sequence_length
     text_layer: ClassVar[int] = -2  # hidden_states index the pipeline reads

@@ -25,13 +25,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tuneonce.config.families import families_where
 from tuneonce.model.single_file.flux_bfl import COMFY_PREFIX, bfl_to_diffusers, diffusers_to_bfl
 
 if TYPE_CHECKING:
     from tuneonce.model.families.base import ModelFamily
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-FLUX_LIKE = ("flux", "chroma")
+# Families whose checkpoints are a transformer in BFL's layout, loaded through load_flux_transformer.
+FLUX_LIKE = families_where(lambda row: row.single_file_writer == "bfl")
 
 
 def is_single_file(path: str | Path) -> bool:
