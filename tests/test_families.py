@@ -10,7 +10,6 @@ import torch
 from tuneonce.config.schema import OptimizerConfig
 from tuneonce.model.adapters import LoraSettings, add_lora, check_dora_compatible, lora_target_names
 from tuneonce.model.families import get_family
-from tuneonce.model.tiny import tiny_pipeline_dir
 from tuneonce.optimizer.factory import OptimizerChain, build_optimizer
 from tuneonce.optimizer.groups import peft_param_infos
 from tuneonce.model.objective import DiffusionObjective, make_noise
@@ -18,13 +17,8 @@ from tuneonce.trainer.schedule import build_lr_scheduler, schedule_factor
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    return tiny_pipeline_dir("sdxl", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def sdxl(sdxl_dir):
-    return get_family("sdxl").load(sdxl_dir)
+def sdxl(sdxl_base):
+    return get_family("sdxl").load(sdxl_base)
 
 
 # ---- objective ------------------------------------------------------------------------------------------------------
@@ -105,11 +99,11 @@ def test_schedule_factors():
 
 
 # ---- families -------------------------------------------------------------------------------------------------------
-def test_registry_and_folder_checks(sdxl_dir, tmp_path):
+def test_registry_and_folder_checks(sdxl_base, tmp_path):
     with pytest.raises(ValueError, match="unknown family 'flux2'"):
         get_family("flux2")
     with pytest.raises(ValueError, match="holds a StableDiffusionXLPipeline, not a sd15"):
-        get_family("sd15").load(sdxl_dir)
+        get_family("sd15").load(sdxl_base)
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         get_family("sdxl").load(tmp_path)
 
@@ -139,9 +133,9 @@ def test_objective_reads_prediction_type(sdxl):
 
 
 # ---- adapters -------------------------------------------------------------------------------------------------------
-def test_lora_targets_filter_and_freeze(sdxl_dir):
+def test_lora_targets_filter_and_freeze(sdxl_base):
     family = get_family("sdxl")
-    unet = family.load(sdxl_dir)["unet"]
+    unet = family.load(sdxl_base)["unet"]
     presets = family.backbone_target_presets()
     attn = lora_target_names(unet, presets["attn"])
     assert attn and all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0") for n in attn)

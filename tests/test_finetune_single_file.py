@@ -23,7 +23,7 @@ from tuneonce.model.single_file.flux_bfl import bfl_to_diffusers
 from tuneonce.model.tiny import build_tiny_pipeline, tiny_pipeline_dir
 from tuneonce.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
 from tuneonce.trainer.train import train
-from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
+from tests.builders import FLOW_RUN, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,11 +32,6 @@ FINETUNE = {
     "validation": {"every_n_steps": 0, "folder": None},
     "saving": {"finetune_format": "single_file", "save_every_n_steps": 1},
 }
-
-
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-    return concept_data_dirs(tmp_path_factory.mktemp("single_file_data"), train_count=4)
 
 
 def _metadata(path) -> dict[str, str]:

@@ -15,7 +15,7 @@ from tuneonce.model.families.flow import latent_image_ids, pack_latents, unpack_
 from tuneonce.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
 from tuneonce.model.flow_objective import FlowMatchObjective, dynamic_shift_mu, shift_sigmas
 from tuneonce.trainer.train import train
-from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
+from tests.builders import FLOW_RUN, tiny_train_config
 from tests.lora_checks import assert_adapters_trained, check_lora_file_reproduces
 
 CPU = torch.device("cpu")
@@ -108,11 +108,6 @@ def test_family_prediction_matches_one_pipeline_euler_step(kind, family_name):
 
 
 # ---- training runs ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-    return concept_data_dirs(tmp_path_factory.mktemp("flow_data"), train_count=4)
-
-
 def make_config(family: str, base: Path, data_dirs, out: Path, **sections) -> TrainConfig:
     return tiny_train_config(family, base, data_dirs, out, defaults=FLOW_RUN, **sections)
 

@@ -28,7 +28,7 @@ from tuneonce.optimizer.groups import build_param_groups
 from tuneonce.optimizer.muon_adv import Muon_adv
 from tuneonce.optimizer.param_spec import Role
 from tuneonce.trainer.train import train
-from tests.builders import concept_data_dirs, tiny_train_config
+from tests.builders import tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,11 +42,6 @@ COMFY_SUFFIXES = {
              {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "alpha"},
              {"lokr_w1_a", "lokr_w1_b", "lokr_w2", "alpha"}],
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def sd15_base(tmp_path_factory):
-    return tiny_pipeline_dir("sd15", tmp_path_factory)
 
 
 def comfy_key_map(base, pipeline_class=StableDiffusionPipeline) -> dict[str, tuple[int, ...]]:
@@ -196,11 +191,6 @@ def test_roles_and_muon_groups(sd15_base):
         moved = [n for n, i in by_name.items() if not torch.equal(before[n], i.param)]
         assert len(moved) == len(infos)
         assert all(bool(torch.isfinite(i.param.detach()).all()) for i in infos)
-
-
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-    return concept_data_dirs(tmp_path_factory.mktemp("lycoris_data"), train_count=4)
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr"])

@@ -10,23 +10,12 @@ from torch import nn
 from tuneonce.config.loading import dump_config
 from tuneonce.model.families import get_family
 from tuneonce.model.quantize import QuantLinear
-from tuneonce.model.tiny_flow import tiny_flow_pipeline_dir
 from tuneonce.trainer import cli, parking
 from tuneonce.trainer.memory_plan import GIB, HEADROOM, PlanSettings, plan_memory, settings_from_config
 from tuneonce.trainer.train import train
-from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
+from tests.builders import FLOW_RUN, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-    return concept_data_dirs(tmp_path_factory.mktemp("budget_data"), train_count=4)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_flow_pipeline_dir("flux-dev", tmp_path_factory)
 
 
 def test_parking_moves_out_and_borrows_back(monkeypatch):
@@ -49,7 +38,7 @@ def test_parking_moves_out_and_borrows_back(monkeypatch):
     assert moves == []
 
 
-def test_run_parks_encoders_after_caching_and_borrows_them_for_samples(monkeypatch, tmp_path, base, data_dirs):
+def test_run_parks_encoders_after_caching_and_borrows_them_for_samples(monkeypatch, tmp_path, flux_base, data_dirs):
     events = []
 
     def spy_move(module, device):
@@ -62,7 +51,8 @@ def test_run_parks_encoders_after_caching_and_borrows_them_for_samples(monkeypat
 
     real_sample = sampling.sample_images
     monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: events.append(("sample",)) or real_sample(*a, **k))
-    cfg = tiny_train_config("flux", base, data_dirs, tmp_path / "out", defaults=FLOW_RUN, schedule={"max_steps": 2},
+    cfg = tiny_train_config("flux", flux_base, data_dirs, tmp_path / "out", defaults=FLOW_RUN,
+                            schedule={"max_steps": 2},
                             sampling={"at_end": True, "prompts": [{"prompt": "a red square", "steps": 1, "cfg": 1.0,
                                                                    "width": 64, "height": 64}]})  # fmt: skip
     result = train(cfg, show_progress=False)
@@ -72,7 +62,8 @@ def test_run_parks_encoders_after_caching_and_borrows_them_for_samples(monkeypat
     assert events[3:] == parked + [("sample",)] + parked  # borrowed for the samples (CPU here), parked again
     # without the caches nothing is parked
     events.clear()
-    cfg = tiny_train_config("flux", base, data_dirs, tmp_path / "plain", defaults=FLOW_RUN, schedule={"max_steps": 1},
+    cfg = tiny_train_config("flux", flux_base, data_dirs, tmp_path / "plain", defaults=FLOW_RUN,
+                            schedule={"max_steps": 1},
                             data={"cache_latents": False, "cache_text_embeddings": False})  # fmt: skip
     train(cfg, show_progress=False)
     assert events == []
@@ -83,8 +74,8 @@ def tiny_components(base):
     return family, family.load(base, dtype=torch.float32)
 
 
-def test_planner_counts_parked_components_only_while_caching_and_sampling(base):
-    _, components = tiny_components(base)
+def test_planner_counts_parked_components_only_while_caching_and_sampling(flux_base):
+    _, components = tiny_components(flux_base)
     resident = plan_memory(components, PlanSettings(resolution=64, train_dtype="float32", text_tokens=8))
     lot = PlanSettings(resolution=64, train_dtype="float32", text_tokens=8,
                        parked=["vae", "text_encoder", "text_encoder_2"])  # fmt: skip
@@ -100,10 +91,11 @@ def test_planner_counts_parked_components_only_while_caching_and_sampling(base):
     assert sampled.sampling_peak == pytest.approx(resident.peak - resident.activations)
 
 
-def test_budget_turns_on_quantization_and_says_so(capsys, tmp_path, base, data_dirs):
-    cfg = tiny_train_config("flux", base, data_dirs, tmp_path / "out", defaults=FLOW_RUN, schedule={"max_steps": 1},
+def test_budget_turns_on_quantization_and_says_so(capsys, tmp_path, flux_base, data_dirs):
+    cfg = tiny_train_config("flux", flux_base, data_dirs, tmp_path / "out", defaults=FLOW_RUN,
+                            schedule={"max_steps": 1},
                             validation={"every_n_steps": 0})  # fmt: skip
-    family, components = tiny_components(base)
+    family, components = tiny_components(flux_base)
     settings, _ = settings_from_config(cfg, backbone="transformer")
     checkpointed = plan_memory(components, PlanSettings(**{**settings.__dict__, "checkpointing": True}))
     unplanned = plan_memory(components, settings)
@@ -119,8 +111,8 @@ def test_budget_turns_on_quantization_and_says_so(capsys, tmp_path, base, data_d
     assert quantized and {m.mode for m in quantized} == {"int8"} and result.steps == 1
 
 
-def test_impossible_budget_is_one_line_exit_2(capsys, tmp_path, base, data_dirs):
-    cfg = tiny_train_config("flux", base, data_dirs, tmp_path / "out", defaults=FLOW_RUN,
+def test_impossible_budget_is_one_line_exit_2(capsys, tmp_path, flux_base, data_dirs):
+    cfg = tiny_train_config("flux", flux_base, data_dirs, tmp_path / "out", defaults=FLOW_RUN,
                             memory={"budget_gb": 1e-6})  # fmt: skip
     path = tmp_path / "run.yaml"
     path.write_text(dump_config(cfg))
@@ -130,5 +122,5 @@ def test_impossible_budget_is_one_line_exit_2(capsys, tmp_path, base, data_dirs)
     assert "memory.quantize.denoiser: nf4" in err[0] and "predicted peak" in err[0]
     assert not list((tmp_path / "out").glob("*.safetensors"))
     with pytest.raises(ValidationError, match="memory.budget_gb: the memory planner plans LoRA runs"):
-        tiny_train_config("flux", base, data_dirs, tmp_path, defaults=FLOW_RUN, method="finetune",
+        tiny_train_config("flux", flux_base, data_dirs, tmp_path, defaults=FLOW_RUN, method="finetune",
                           memory={"budget_gb": 8})  # fmt: skip

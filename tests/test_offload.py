@@ -14,7 +14,7 @@ from tuneonce.model.offload import BlockOffloader, block_names
 from tuneonce.model.tiny_flow import tiny_flow_pipeline_dir
 from tuneonce.trainer.memory_measure import add_default_lora, reduced_model, step_inputs
 from tuneonce.trainer.train import train
-from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
+from tests.builders import FLOW_RUN, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -76,11 +76,6 @@ def test_unknown_block_and_too_many_blocks_are_named():
 
     with pytest.raises(ValueError, match="memory.offload_blocks: 9 is more than the 2 residual blocks"):
         offload_backbone(model, ("transformer_blocks.", "single_transformer_blocks."), 9, compute="cpu")
-
-
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-    return concept_data_dirs(tmp_path_factory.mktemp("offload_data"), train_count=4)
 
 
 def test_offloaded_training_is_bit_identical(tmp_path_factory, data_dirs):

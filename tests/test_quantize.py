@@ -15,21 +15,15 @@ from tuneonce.model.adapters import LoraSettings, add_lora
 from tuneonce.model.families import get_family
 from tuneonce.model.quantize import NF4_LEVELS, QuantLinear, quantize_linears, quantize_weight, weight_bytes_by_dtype
 from tuneonce.model.roles import param_infos
-from tuneonce.model.tiny_flow import tiny_flow_pipeline_dir
 from tuneonce.optimizer.groups import build_param_groups
 from tuneonce.trainer.train import train
-from tests.builders import FLOW_RUN, concept_data_dirs, flux_transformer_inputs, tiny_train_config
+from tests.builders import FLOW_RUN, flux_transformer_inputs, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Relative L2 error of the tiny Flux transformer's output, quantized vs float32 (measured: bf16 0.2%, int8 0.6%,
 # float8 3.6%, nf4 13%); bounds about twice that, far below what a broken format gives (~100%).
 TOLERANCE = {"bfloat16": 0.01, "int8": 0.02, "float8": 0.08, "nf4": 0.25}
-
-
-@pytest.fixture(scope="module")
-def flux_base(tmp_path_factory):
-    return tiny_flow_pipeline_dir("flux-dev", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +96,6 @@ def test_optimizer_sees_identical_roles_fans_and_depth(transformer):
     quantized = copy.deepcopy(transformer)
     quantize_linears(quantized, "nf4")
     assert lora_groups(quantized) == float_groups and len(float_groups) > 1
-
-
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-    return concept_data_dirs(tmp_path_factory.mktemp("quant_data"), train_count=4)
 
 
 def test_lora_on_nf4_base_trains_and_loads_on_the_float_base(flux_base, data_dirs, tmp_path):

@@ -14,14 +14,10 @@ from tuneonce.model.families import get_family
 from tuneonce.model.tiny import tiny_pipeline_dir
 from tuneonce.trainer.metrics import read_metrics
 from tuneonce.trainer.train import train
-from tests.builders import concept_data_dirs, tiny_train_config
+from tests.builders import tiny_train_config
 
 
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-    return concept_data_dirs(tmp_path_factory.mktemp("data"), train_count=6)
-
-
+DATA_TRAIN_IMAGES = 6  # the conftest data_dirs fixture's training images
 make_config = tiny_train_config
 
 

@@ -7,23 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuneonce.model.tiny import tiny_pipeline_dir
 from tuneonce.trainer.train import train
-from tests.builders import concept_data_dirs, tiny_train_config
+from tests.builders import tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TRAIN_IMAGES, BATCH = 4, 2  # two optimizer steps per epoch
-
-
-@pytest.fixture(scope="module")
-def sdxl_base(tmp_path_factory):
-    return tiny_pipeline_dir("sdxl", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-    return concept_data_dirs(tmp_path_factory.mktemp("options_data"), train_count=TRAIN_IMAGES)
+DATA_TRAIN_IMAGES = TRAIN_IMAGES  # the conftest data_dirs fixture's training images
 
 
 def run(sdxl_base, data_dirs, out, **sections):

@@ -10,12 +10,17 @@ Field names mirror the optimizer constructors 1:1 (``optimizer:`` section), so
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Re-exported: the rules live in their own module; TrainConfig runs them after field validation.
 from tuneonce.config.rules import FAMILY_TEXT_ENCODERS, MUON_FAMILY, check_rules, config_warnings  # noqa: F401
+# The optimizer hyperparameters' defaults, bounds and descriptions are defined once, beside the optimizers.
+from tuneonce.optimizer.hparams import (
+    HPARAMS, LORA_A_OPTIMIZERS, LORA_SPECTRAL_TARGETS, ORTHO_ROUTES, ORTHOGONALIZERS, SPECS, STATE_DTYPES,
+    AdaMuonHParams, LoRAMuonHParams, MuonHParams,
+)  # fmt: skip
 
 CONFIG_VERSION = 2  # bump together with a step in migrations.py
 
@@ -277,24 +282,17 @@ class TextEncoderLR(Section):
     text_encoder_3: float | None = Field(default=None, ge=0, description="LR of the third text encoder; null = lr.")
 
 
-# Constructor keywords of each optimizer class (modules/optimizer), in signature order.
-MUON_KEYS = (
-    "lr", "beta1", "nesterov", "weight_decay", "ns_steps", "ns_eps", "orthogonalizer", "ortho_route",
-    "spectral_scaling", "lora_spectral_target", "depth_scaled_eps", "width_scaled_weight_decay",
-    "lora_b_orthogonalize", "lora_a_optimizer", "state_dtype",
-    "adam_lr", "adam_betas", "adam_eps", "adam_weight_decay",
-)  # fmt: skip
-ADAMUON_KEYS = MUON_KEYS + ("beta2", "eps")
-LORA_MUON_KEYS = (
-    "lr", "beta1", "weight_decay", "spectral_scaling", "width_scaled_weight_decay",
-    "rebalance_every", "rebalance_power", "state_dtype",
-    "adam_lr", "adam_betas", "adam_eps", "adam_weight_decay",
-)  # fmt: skip
-CONSTRUCTOR_KEYS: dict[str, tuple[str, ...]] = {
-    "muon_adv": MUON_KEYS,
-    "adamuon_adv": ADAMUON_KEYS,
-    "lora_muon": LORA_MUON_KEYS,
-}
+# Constructor keywords of each optimizer class (modules/optimizer), in field order of its hyperparameter dataclass.
+MUON_KEYS = MuonHParams.keys()
+ADAMUON_KEYS = AdaMuonHParams.keys()
+LORA_MUON_KEYS = LoRAMuonHParams.keys()
+CONSTRUCTOR_KEYS: dict[str, tuple[str, ...]] = {kind: cls.keys() for kind, cls in HPARAMS.items()}
+
+
+def _hparam(name: str) -> Any:
+    """The config field of an optimizer hyperparameter: default, bounds and description from hparams.SPECS."""
+    spec = SPECS[name]
+    return Field(default=spec.default, description=spec.description, **spec.bounds)
 
 
 class OptimizerConfig(Section):
@@ -309,67 +307,29 @@ class OptimizerConfig(Section):
             "weight_decay, adam_betas, adam_eps and the prodigy_* fields)."
         ),
     )
-    lr: float = Field(
-        default=1e-3, ge=0, description="Peak learning rate (Muon family: the transferable 1e-3; prodigy: 1.0)."
-    )
-    beta1: float = Field(default=0.95, ge=0, lt=1, description="Momentum coefficient.")
-    nesterov: bool = Field(default=True, description="Nesterov momentum (muon_adv, adamuon_adv, torch_muon).")
-    weight_decay: float = Field(
-        default=0.1,
-        ge=0,
-        description=(
-            "Decoupled weight decay, applied with the schedule factor lr_t/lr (not multiplied by lr); "
-            "divided by fan_in when width_scaled_weight_decay."
-        ),
-    )
-    ns_steps: int = Field(default=5, ge=1, le=50, description="Orthogonalization iterations (Newton-Schulz steps).")
-    ns_eps: float = Field(
-        default=1e-7, ge=0, description="Base damping of the Frobenius normalization; used when depth_scaled_eps is off."
-    )
-    orthogonalizer: Literal["newton_schulz", "polar_express", "exact"] = Field(
-        default="newton_schulz",
-        description=(
-            "How updates are orthogonalized: newton_schulz (quintic, coefficients 3.4445, -4.7750, 2.0315), "
-            "polar_express (per-step coefficients, converges faster) or exact (SVD polar factor U V^T)."
-        ),
-    )
-    ortho_route: Literal["auto", "iterative", "gram"] = Field(
-        default="auto",
-        description=(
-            "iterative: matrix products on the whole matrix; gram: the same map from one small r x r "
-            "eigendecomposition (fast for low-rank factors); auto picks per shape."
-        ),
-    )
-    spectral_scaling: bool = Field(
-        default=True, description="Scale each update to spectral norm lr*sqrt(fan_out/fan_in) (spectral/muP step)."
-    )
-    lora_spectral_target: Literal["factor", "product"] = Field(
-        default="factor", description="Spectral target per LoRA factor's own shape, or for the product B*A's shape."
-    )
-    depth_scaled_eps: bool = Field(
-        default=True,
-        description=(
-            "Damping from depth L and width: ns_eps = sqrt(fan_in/fan_out)/L, AdaMuon eps = 1/(L*sqrt(fan_in*fan_out))."
-        ),
-    )
-    width_scaled_weight_decay: bool = Field(default=True, description="Weight decay divided by fan_in (1/width).")
-    lora_b_orthogonalize: bool = Field(default=True, description="Orthogonalize LoRA B (up) factors with Muon.")
-    lora_a_optimizer: Literal["muon", "adam", "signsgd"] = Field(
-        default="muon", description="How LoRA A (down) factors are trained: muon | adam (auxiliary Adam) | signsgd."
-    )
-    state_dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of optimizer state.")
-    adam_lr: float = Field(default=1e-4, ge=0, description="LR of the auxiliary Adam (biases, norms, embeddings).")
-    adam_betas: tuple[Beta, Beta] = Field(default=(0.9, 0.999), description="Betas of the auxiliary Adam.")
-    adam_eps: float = Field(default=1e-8, gt=0, description="eps of the auxiliary Adam.")
-    adam_weight_decay: float = Field(default=0.0, ge=0, description="Weight decay of the auxiliary Adam.")
-    beta2: float = Field(default=0.95, ge=0, lt=1, description="AdaMuon second-moment coefficient (adamuon_adv).")
-    eps: float = Field(
-        default=1e-8, gt=0, description="AdaMuon second-moment eps (depth-scaled when depth_scaled_eps; adamuon_adv)."
-    )
-    rebalance_every: int = Field(
-        default=0, ge=0, description="LoRA-Muon gauge rebalancing every N steps (0 = never; lora_muon)."
-    )
-    rebalance_power: float = Field(default=1.0, gt=0, description="LoRA-Muon rebalancing exponent alpha (lora_muon).")
+    lr: float = _hparam("lr")
+    beta1: float = _hparam("beta1")
+    nesterov: bool = _hparam("nesterov")
+    weight_decay: float = _hparam("weight_decay")
+    ns_steps: int = _hparam("ns_steps")
+    ns_eps: float = _hparam("ns_eps")
+    orthogonalizer: Literal[ORTHOGONALIZERS] = _hparam("orthogonalizer")
+    ortho_route: Literal[ORTHO_ROUTES] = _hparam("ortho_route")
+    spectral_scaling: bool = _hparam("spectral_scaling")
+    lora_spectral_target: Literal[LORA_SPECTRAL_TARGETS] = _hparam("lora_spectral_target")
+    depth_scaled_eps: bool = _hparam("depth_scaled_eps")
+    width_scaled_weight_decay: bool = _hparam("width_scaled_weight_decay")
+    lora_b_orthogonalize: bool = _hparam("lora_b_orthogonalize")
+    lora_a_optimizer: Literal[LORA_A_OPTIMIZERS] = _hparam("lora_a_optimizer")
+    state_dtype: Literal[STATE_DTYPES] = _hparam("state_dtype")
+    adam_lr: float = _hparam("adam_lr")
+    adam_betas: tuple[Beta, Beta] = _hparam("adam_betas")
+    adam_eps: float = _hparam("adam_eps")
+    adam_weight_decay: float = _hparam("adam_weight_decay")
+    beta2: float = _hparam("beta2")
+    eps: float = _hparam("eps")
+    rebalance_every: int = _hparam("rebalance_every")
+    rebalance_power: float = _hparam("rebalance_power")
     text_encoder_lr: TextEncoderLR = Field(
         default_factory=TextEncoderLR, description="Separate peak LR per text encoder (null = optimizer.lr)."
     )

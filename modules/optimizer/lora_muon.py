@@ -38,10 +38,11 @@ import torch
 from torch import Tensor
 
 from tuneonce.optimizer import distributed, scaling
+from tuneonce.optimizer.hparams import STATE_DTYPES, LoRAMuonHParams
 from tuneonce.optimizer.aux_adam import adamw_step
 from tuneonce.optimizer.param_spec import Role, infer_spec
 
-_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_STATE_DTYPES = dict(zip(STATE_DTYPES, (torch.float32, torch.bfloat16), strict=True))
 
 
 def _state_dtype(group: dict, p: Tensor) -> torch.dtype:
@@ -111,46 +112,39 @@ class LoRAMuon(torch.optim.Optimizer):
 
     report_nonfinite = True  # warn when a step is skipped; the training loop's guard reports instead (trainer/guard.py)
 
+    HParams = LoRAMuonHParams  # the keywords, their defaults and bounds (hparams.py)
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
-        lr: float = 1e-3,
-        beta1: float = 0.95,
-        weight_decay: float = 0.1,
-        spectral_scaling: bool = True,
-        width_scaled_weight_decay: bool = True,
-        rebalance_every: int = 0,
-        rebalance_power: float = 1.0,
-        state_dtype: str = "float32",
-        adam_lr: float = 1e-4,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        adam_weight_decay: float = 0.0,
+        lr: float | None = None,
+        *,
+        hparams: LoRAMuonHParams | None = None,
+        **overrides: object,
     ) -> None:
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not 0 <= beta1 < 1:
-            raise ValueError(f"beta1 must be in [0, 1), got {beta1}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if not isinstance(rebalance_every, int) or rebalance_every < 0:
-            raise ValueError(f"rebalance_every must be an integer >= 0, got {rebalance_every!r}")
-        if not rebalance_power > 0:
-            raise ValueError(f"rebalance_power must be > 0, got {rebalance_power}")
-        if state_dtype not in _STATE_DTYPES:
-            raise ValueError(f"state_dtype must be one of {tuple(_STATE_DTYPES)}, got {state_dtype!r}")
-        if not adam_lr >= 0:
-            raise ValueError(f"adam_lr must be >= 0, got {adam_lr}")
-        if not (0 <= adam_betas[0] < 1 and 0 <= adam_betas[1] < 1):
-            raise ValueError(f"adam_betas must be in [0, 1), got {adam_betas}")
-        if not adam_eps > 0:
-            raise ValueError(f"adam_eps must be > 0, got {adam_eps}")
-        defaults = dict(
-            lr=lr, beta1=beta1, weight_decay=weight_decay, spectral_scaling=spectral_scaling,
-            width_scaled_weight_decay=width_scaled_weight_decay, rebalance_every=rebalance_every,
-            rebalance_power=rebalance_power, state_dtype=state_dtype, adam_lr=adam_lr,
-            adam_betas=tuple(adam_betas), adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
-        )  # fmt: skip
+        """``hparams`` (default: ``HParams()``) with any keyword of ``HParams`` overriding it."""
+        if lr is not None:
+            overrides["lr"] = lr
+        hp = self.HParams.build(type(self).__name__, hparams, **overrides)
+        if not hp.lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {hp.lr}")
+        if not 0 <= hp.beta1 < 1:
+            raise ValueError(f"beta1 must be in [0, 1), got {hp.beta1}")
+        if not hp.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {hp.weight_decay}")
+        if not isinstance(hp.rebalance_every, int) or hp.rebalance_every < 0:
+            raise ValueError(f"rebalance_every must be an integer >= 0, got {hp.rebalance_every!r}")
+        if not hp.rebalance_power > 0:
+            raise ValueError(f"rebalance_power must be > 0, got {hp.rebalance_power}")
+        if hp.state_dtype not in _STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {tuple(_STATE_DTYPES)}, got {hp.state_dtype!r}")
+        if not hp.adam_lr >= 0:
+            raise ValueError(f"adam_lr must be >= 0, got {hp.adam_lr}")
+        if not (0 <= hp.adam_betas[0] < 1 and 0 <= hp.adam_betas[1] < 1):
+            raise ValueError(f"adam_betas must be in [0, 1), got {hp.adam_betas}")
+        if not hp.adam_eps > 0:
+            raise ValueError(f"adam_eps must be > 0, got {hp.adam_eps}")
+        defaults = hp.as_dict()
         self._plan: tuple[dict[tuple, list[_Pair]], list[dict]] | None = None
         self.orthogonalized_last_step = 0  # LoRA pairs this process stepped in its last step (distributed.py)
         super().__init__(params, defaults)

@@ -31,17 +31,18 @@ import torch
 from torch import Tensor
 
 from tuneonce.optimizer import aux_adam, distributed, scaling
+from tuneonce.optimizer.hparams import (
+    LORA_A_OPTIMIZERS, LORA_SPECTRAL_TARGETS, STATE_DTYPES, AdaMuonHParams, MuonHParams,
+)  # fmt: skip
 from tuneonce.optimizer.orthogonalize import METHODS, ROUTES, choose_route, gram_factor, orthogonalize, small_gram
 from tuneonce.optimizer.param_spec import Role, infer_spec
 
-_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_LORA_A_OPTIMIZERS = ("muon", "adam", "signsgd")
-_LORA_TARGETS = ("factor", "product")
-# Group keys whose change requires rebuilding the bucketing plan (everything but the learning rate).
-_PLAN_KEYS = (
-    "beta1", "beta2", "nesterov", "weight_decay", "ns_steps", "ns_eps", "orthogonalizer", "ortho_route",
-    "spectral_scaling", "lora_spectral_target", "depth_scaled_eps", "width_scaled_weight_decay",
-    "lora_b_orthogonalize", "lora_a_optimizer", "state_dtype", "adam_betas", "adam_eps", "adam_weight_decay", "eps",
+_STATE_DTYPES = dict(zip(STATE_DTYPES, (torch.float32, torch.bfloat16), strict=True))
+_LORA_A_OPTIMIZERS = LORA_A_OPTIMIZERS
+_LORA_TARGETS = LORA_SPECTRAL_TARGETS
+# Group keys whose change requires rebuilding the bucketing plan: the hyperparameters marked so in hparams.py
+# (everything but the learning rates) and the parameter spec keys of param_spec.py.
+_PLAN_KEYS = AdaMuonHParams.plan_keys() + (
     "role", "fan_in", "fan_out", "base_fan_in", "base_fan_out", "lora_scale", "depth",
 )  # fmt: skip
 
@@ -140,45 +141,17 @@ class Muon_adv(torch.optim.Optimizer):
     """
 
     _adaptive = False
-    _extra_keys: tuple[str, ...] = ()  # subclass hyperparameters passed through **extra
+    HParams: type[MuonHParams] = MuonHParams  # the keywords, their defaults and bounds (hparams.py)
 
     report_nonfinite = True  # warn when a step is skipped; the training loop's guard reports instead (trainer/guard.py)
 
     def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        beta1: float = 0.95,
-        nesterov: bool = True,
-        weight_decay: float = 0.1,
-        ns_steps: int = 5,
-        ns_eps: float = 1e-7,
-        orthogonalizer: str = "newton_schulz",
-        ortho_route: str = "auto",
-        spectral_scaling: bool = True,
-        lora_spectral_target: str = "factor",
-        depth_scaled_eps: bool = True,
-        width_scaled_weight_decay: bool = True,
-        lora_b_orthogonalize: bool = True,
-        lora_a_optimizer: str = "muon",
-        state_dtype: str = "float32",
-        adam_lr: float = 1e-4,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        adam_weight_decay: float = 0.0,
-        **extra: float,
+        self, params: Iterable, lr: float | None = None, *, hparams: MuonHParams | None = None, **overrides: object
     ) -> None:
-        unknown = set(extra) - set(self._extra_keys)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}")
-        defaults = dict(
-            lr=lr, beta1=beta1, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps, ns_eps=ns_eps,
-            orthogonalizer=orthogonalizer, ortho_route=ortho_route, spectral_scaling=spectral_scaling,
-            lora_spectral_target=lora_spectral_target, depth_scaled_eps=depth_scaled_eps,
-            width_scaled_weight_decay=width_scaled_weight_decay, lora_b_orthogonalize=lora_b_orthogonalize,
-            lora_a_optimizer=lora_a_optimizer, state_dtype=state_dtype, adam_lr=adam_lr,
-            adam_betas=tuple(adam_betas), adam_eps=adam_eps, adam_weight_decay=adam_weight_decay, **extra,
-        )  # fmt: skip
+        """``hparams`` (default: ``HParams()``) with any keyword of ``HParams`` overriding it."""
+        if lr is not None:
+            overrides["lr"] = lr
+        defaults = self.HParams.build(type(self).__name__, hparams, **overrides).as_dict()
         self._plan: _Plan | None = None
         self.orthogonalized_last_step = 0  # matrices this process orthogonalized in its last step (distributed.py)
         super().__init__(params, defaults)
@@ -578,10 +551,7 @@ class AdaMuon_adv(Muon_adv):
     """
 
     _adaptive = True
-    _extra_keys = ("beta2", "eps")
-
-    def __init__(self, params: Iterable, lr: float = 1e-3, *args, beta2: float = 0.95, eps: float = 1e-8, **kwargs) -> None:
-        super().__init__(params, lr, *args, beta2=beta2, eps=eps, **kwargs)
+    HParams = AdaMuonHParams
 
     def _second_moment(self, bucket: _Bucket, out: Tensor, members: list[_Member], index: Tensor | None) -> Tensor:
         """Precondition ``out`` in place; returns its σ_max per matrix.

@@ -15,7 +15,7 @@ from tuneonce.model.families.flow import pack_latents, unpack_latents
 from tuneonce.model.families.qwenimage import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
 from tuneonce.model.tiny_flow import build_tiny_flow_pipeline, tiny_flow_pipeline_dir
 from tuneonce.trainer.train import train
-from tests.builders import FLOW_RUN, concept_data_dirs, tiny_train_config
+from tests.builders import FLOW_RUN, tiny_train_config
 from tests.lora_checks import assert_adapters_trained, check_lora_file_reproduces
 
 CPU = torch.device("cpu")
@@ -112,11 +112,6 @@ def test_qwen_image_latents_invert_the_pipelines_decode_normalization(pipes):
 
 
 # ---- training runs ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-    return concept_data_dirs(tmp_path_factory.mktemp("new_family_data"), train_count=4)
-
-
 # Qwen-Image's last block: its text-stream output is discarded, so the text queries, attention output and MLP get no
 # gradient (the text keys and values still feed the image tokens).
 QWEN_IDLE = ("transformer_blocks.2.attn.add_q_proj", "transformer_blocks.2.attn.to_add_out", "transformer_blocks.2.txt_mlp.net.0.proj", "transformer_blocks.2.txt_mlp.net.2")
