@@ -79,6 +79,7 @@ def sweep_demo_base() -> Path:
     return prepare_demo_base(unet=None)
 
 
+DEMO_DIT_SOURCES = ("demo_flux", "demo_sd3")
 DEMO_FLUX_INPUTS = (("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"))
 
 
@@ -99,6 +100,10 @@ def build_demo_flux(spec: ModelSpec, sdxl_base: Path, workdir: Path):
     base = prepare_flux_demo_base(workdir, sdxl_base=sdxl_base, pretrain=None)  # at init: pretrained below
     pipe = FluxPipeline.from_pretrained(base, local_files_only=True)
     shutil.rmtree(workdir, ignore_errors=True)
+    if spec.source == "demo_sd3":
+        pipe = demo_sd3_pipeline(pipe, spec)
+    elif spec.width_multiplier != 1 or spec.depth_multiplier != 1:
+        pipe.register_modules(transformer=scaled_flow_transformer(pipe.transformer, spec))
     if not spec.pretrain_steps:
         return pipe, "Flux demo base, transformer at its deterministic init", {}
     settings, lr = DemoSettings(seed=spec.seed), spec.pretrain_lr or FLUX_PRETRAIN_LR
@@ -106,8 +111,50 @@ def build_demo_flux(spec: ModelSpec, sdxl_base: Path, workdir: Path):
     before = held_out.loss(pipe.transformer)
     pretrain_flux_transformer(pipe, settings, spec.pretrain_steps, lr)
     after = held_out.loss(pipe.transformer)
-    how = f"Flux demo base, transformer pretrained {spec.pretrain_steps} flow-matching steps at lr {lr:g}"
+    kind = "SD3-type" if spec.source == "demo_sd3" else "Flux demo"
+    how = f"{kind} base, transformer pretrained {spec.pretrain_steps} flow-matching steps at lr {lr:g}"
     return pipe, how, {"held_out_flow_loss": {"init": before, "pretrained": after}}
+
+
+def scaled_flow_transformer(transformer, spec: ModelSpec):
+    """The same DiT class at `width_multiplier` x the attention heads (head dimension kept, as muP widens a
+    transformer) and `depth_multiplier` x the blocks of every stack, at a fresh init from spec.seed."""
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    config["num_attention_heads"] *= spec.width_multiplier
+    for key in ("num_layers", "num_single_layers"):
+        if key in config:
+            config[key] *= spec.depth_multiplier
+    if "caption_projection_dim" in config:  # SD3 projects the text to the transformer's width
+        config["caption_projection_dim"] *= spec.width_multiplier
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return type(transformer).from_config(config)
+
+
+def demo_sd3_pipeline(flux_pipe, spec: ModelSpec):
+    """An SD3-type (MMDiT) pipeline on the same VAE as the Flux demo (the SDXL demo base v1's, 4 latent channels):
+    6 joint blocks at width 32 (2 heads of 16, Flux demo's width and block count), SD3.5's qk norm, 2x2 patches; the
+    tiny SD3 pipeline's own CLIP-L/CLIP-G/T5 text encoders at their fixed-seed init (the captions reach the
+    transformer through token identities, as the Flux demo's T5 does)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from tuneonce.model.tiny_flow import build_tiny_flow_pipeline
+
+    tiny = build_tiny_flow_pipeline("sd3", spec.seed)
+    latent = flux_pipe.vae.config.latent_channels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=latent, out_channels=latent, num_layers=6,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=tiny.transformer.config.joint_attention_dim,
+            caption_projection_dim=32, pooled_projection_dim=tiny.transformer.config.pooled_projection_dim,
+            pos_embed_max_size=32, qk_norm="rms_norm",
+        )  # fmt: skip
+    components = {**tiny.components, "vae": flux_pipe.vae, "transformer": transformer}
+    pipe = StableDiffusion3Pipeline(**components)
+    if spec.width_multiplier != 1 or spec.depth_multiplier != 1:
+        pipe.register_modules(transformer=scaled_flow_transformer(pipe.transformer, spec))
+    return pipe
 
 
 def prepare_model(spec: ModelSpec, cache_dir: Path) -> Path:
@@ -115,7 +162,7 @@ def prepare_model(spec: ModelSpec, cache_dir: Path) -> Path:
     if spec.source == "demo":
         return sweep_demo_base()
     folder = cache_dir / spec.name
-    sdxl_base = sweep_demo_base() if spec.source == "demo_flux" else None
+    sdxl_base = sweep_demo_base() if spec.source in DEMO_DIT_SOURCES else None
     # demo_flux copies the demo base's VAE and CLIP: a changed file there must rebuild it
     inputs = {n: _file_digest(sdxl_base / n / f) for n, f in DEMO_FLUX_INPUTS} if sdxl_base else None
     digest = _spec_digest(spec, inputs)
@@ -130,7 +177,7 @@ def prepare_model(spec: ModelSpec, cache_dir: Path) -> Path:
 
         pipe = build_tiny_flow_pipeline(spec.kind, spec.seed)
         how = "deterministic init"
-    elif spec.source == "demo_flux":
+    elif spec.source in DEMO_DIT_SOURCES:
         pipe, how, measured = build_demo_flux(spec, sdxl_base, cache_dir / f".{spec.name}.build")
     else:
         pipe = build_tiny_sdxl_variant(spec)

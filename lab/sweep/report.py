@@ -89,12 +89,22 @@ class OneLrCost:
     seeds: int
 
 
-def kept_lr(spec: SweepSpec, table: dict[tuple[str, str, int], Cell], optimizer: str) -> float | None:
-    """The LR a user of `optimizer` keeps everywhere: its fixed LR, or the best LR of the base point."""
+def reference_cell(spec: SweepSpec, axis) -> tuple[str, int]:
+    """(model, rank) whose best LR is kept across `axis`: its own reference value, else the sweep's base point."""
+    if axis is None or axis.reference is None:
+        return spec.base_model, spec.base_rank
+    if axis.varies == "model":
+        return axis.reference, spec.base_rank
+    return spec.base_model, int(axis.reference)
+
+
+def kept_lr(spec: SweepSpec, table: dict[tuple[str, str, int], Cell], optimizer: str, axis=None) -> float | None:
+    """The LR a user of `optimizer` keeps across `axis`: its fixed LR, or the best LR of the axis's reference
+    (default: the base point)."""
     fixed = spec.optimizers[optimizer].fixed_lr
     if fixed is not None:
         return fixed
-    base = table.get((optimizer, spec.base_model, spec.base_rank))
+    base = table.get((optimizer, *reference_cell(spec, axis)))
     return base.best.lr if base is not None and base.best is not None else None
 
 
@@ -188,8 +198,9 @@ def cost_table(spec: SweepSpec, table: dict[tuple[str, str, int], Cell], axis) -
              f"| optimizer | LR kept | {header} | worst |", "|---" * (len(axis.values) + 3) + "|"]  # fmt: skip
     cells_by_opt = axis_cells(spec, table, axis.name)
     for optimizer in axis.optimizers:
-        lr = kept_lr(spec, table, optimizer)
-        how = "fixed" if spec.optimizers[optimizer].fixed_lr is not None else "base point's best"
+        lr = kept_lr(spec, table, optimizer, axis)
+        reference = "base point" if axis.reference is None else str(axis.reference)
+        how = "fixed" if spec.optimizers[optimizer].fixed_lr is not None else f"{reference}'s best"
         entries, worst = [], None
         for value in axis.values:
             cell = cells_by_opt.get(optimizer, {}).get(value)

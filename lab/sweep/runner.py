@@ -36,9 +36,10 @@ def run_config(spec: SweepSpec, plan: RunPlan, base_model: Path, data: tuple[Pat
     model = spec.models[plan.model]
     own = {
         "model.family": model.family, "model.base_model": str(base_model),
-        "lora.rank": plan.rank, "optimizer.lr": plan.lr, "training.seed": plan.seed, "schedule.max_steps": plan.steps,
+        "lora.rank": plan.rank, "training.seed": plan.seed, "schedule.max_steps": plan.steps,
         "data.folders": [{"path": str(data[0])}], "validation.folder": str(data[1]),
         "data.cache_dir": str(run_dir.parent.parent / "cache"), "saving.output_dir": str(run_dir),
+        spec.optimizers[plan.optimizer].grid_key: plan.lr,  # the grid's value (the LR, or e.g. Prodigy's d_coef)
     }  # fmt: skip
     layers = {**spec.overrides, **spec.optimizers[plan.optimizer].overrides, **own}
     return load_config(spec.base_config, override_strings(layers))

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 AXES = ("rank", "model")  # what an axis varies: the LoRA rank, or the base model (width, depth, family)
-MODEL_SOURCES = ("demo", "tiny_sdxl", "tiny_flow", "demo_flux")
+MODEL_SOURCES = ("demo", "tiny_sdxl", "tiny_flow", "demo_flux", "demo_sd3")
 
 
 class SweepError(ValueError):
@@ -53,6 +53,10 @@ class OptimizerVariant:
     # The LR a user keeps everywhere: None = the best LR of the base point (tuned once); a number = never tuned
     # (Prodigy's lr 1). The report's "cost of one LR" is measured at it.
     fixed_lr: float | None = None
+    # The config key the grid varies: optimizer.lr, or e.g. optimizer.prodigy_d_coef (Prodigy at lr 1 tunes d_coef).
+    # Records keep the grid value under "lr".
+    grid_key: str = "optimizer.lr"
+    points: int = 0  # grid points of this optimizer (0: the sweep's lr_points)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,9 @@ class AxisSpec:
     varies: str  # "rank" or "model"
     values: tuple[Any, ...]
     optimizers: tuple[str, ...]
+    # The value whose best LR a user keeps across this axis (None: the sweep's base point), e.g. the narrowest DiT
+    # of a DiT width axis.
+    reference: Any = None
 
 
 @dataclass(frozen=True)
@@ -102,8 +109,9 @@ class SweepSpec:
     def lr_grid(self, optimizer: str) -> list[float]:
         """`lr_points` LRs in factor-2 steps, centred on the optimizer's lr_center (one more above if even)."""
         center = self.optimizers[optimizer].lr_center
-        low = -((self.lr_points - 1) // 2)
-        return [center * 2.0**k for k in range(low, low + self.lr_points)]
+        points = self.optimizers[optimizer].points or self.lr_points
+        low = -((points - 1) // 2)
+        return [center * 2.0**k for k in range(low, low + points)]
 
     def runs(self) -> list[RunPlan]:
         """Every run of every axis, without duplicates, in axis order (the base point first)."""
@@ -172,8 +180,10 @@ def _model(name: str, data: Any, where: str) -> ModelSpec:
                          f"got {spec.pretrain_lr}")
     if source == "tiny_flow" and not spec.kind:
         raise SweepError(f"{where}.kind: a tiny_flow model needs a kind (e.g. flux-schnell)")
-    if source == "demo_flux" and spec.family != "flux":
-        raise SweepError(f"{where}.family: a demo_flux model is a Flux pipeline; set family: flux, not {spec.family!r}")
+    wanted = {"demo_flux": "flux", "demo_sd3": "sd3"}.get(source)
+    if wanted and spec.family != wanted:
+        raise SweepError(f"{where}.family: a {source} model is a {wanted} pipeline; set family: {wanted}, "
+                         f"not {spec.family!r}")
     return spec
 
 
@@ -193,13 +203,14 @@ def load_sweep(path: str | Path) -> SweepSpec:
     models = {name: _model(name, m, f"{where}: models.{name}") for name, m in _require(data, "models", where).items()}
     optimizers = {}
     for name, o in _require(data, "optimizers", where).items():
-        o = _check_keys(o, {"lr_center", "overrides", "fixed_lr"}, f"{where}: optimizers.{name}")
+        o = _check_keys(o, {"lr_center", "overrides", "fixed_lr", "grid_key", "points"}, f"{where}: optimizers.{name}")
         center = float(_require(o, "lr_center", f"{where}: optimizers.{name}"))
         if not (center > 0 and math.isfinite(center)):
             raise SweepError(f"{where}: optimizers.{name}.lr_center: must be a positive number, got {center}")
         fixed = o.get("fixed_lr")
         optimizers[name] = OptimizerVariant(name, center, dict(o.get("overrides") or {}),
-                                            None if fixed is None else float(fixed))
+                                            None if fixed is None else float(fixed),
+                                            str(o.get("grid_key", "optimizer.lr")), int(o.get("points", 0)))
     base = _check_keys(_require(data, "base_point", where), {"model", "rank"}, f"{where}: base_point")
     base_model, base_rank = str(_require(base, "model", f"{where}: base_point")), int(_require(base, "rank", f"{where}: base_point"))
     if base_model not in models:
@@ -207,7 +218,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     axes = []
     for name, a in _require(data, "axes", where).items():
         aw = f"{where}: axes.{name}"
-        a = _check_keys(a, {"varies", "values", "optimizers"}, aw)
+        a = _check_keys(a, {"varies", "values", "optimizers", "reference"}, aw)
         varies = _require(a, "varies", aw)
         if varies not in AXES:
             raise SweepError(f"{aw}.varies: {varies!r} is not one of {', '.join(AXES)}")
@@ -223,7 +234,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         for n in names:
             if n not in optimizers:
                 raise SweepError(f"{aw}.optimizers: {n!r} is not in optimizers ({', '.join(optimizers)})")
-        axes.append(AxisSpec(name, varies, values, names))
+        reference = a.get("reference")
+        if reference is not None and reference not in values:
+            raise SweepError(f"{aw}.reference: {reference!r} is not one of its values {list(values)}")
+        axes.append(AxisSpec(name, varies, values, names, reference))
     seeds = tuple(int(s) for s in _require(data, "seeds", where))
     steps, lr_points = int(_require(data, "steps", where)), int(data.get("lr_points", 5))
     if not seeds or steps < 1 or lr_points < 1:

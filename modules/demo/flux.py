@@ -180,10 +180,14 @@ def _pretrain_here(pipe: FluxPipeline, settings: DemoSettings, recipe: FluxPretr
 HELD_OUT_SEED_OFFSET = 500  # held-out draws of the domain (its pretraining set: seed + 100, the decoder's: + 300)
 
 
-def _family_parts(pipe: FluxPipeline, timestep_sampling: str = "uniform"):
+def _family_parts(pipe, timestep_sampling: str = "uniform"):
+    """The family (by the pipeline's class: Flux, or another flow DiT such as SD3 for the LR sweep), its components
+    and objective."""
+    from tuneonce.config.families import ROWS
     from tuneonce.model.families import get_family
 
-    family = get_family("flux")
+    names = [row.name for row in ROWS if row.pipeline_class_name == type(pipe).__name__]
+    family = get_family(names[0] if names else "flux")
     components = dict(pipe.components)
     return family, components, family.build_objective(components, timestep_sampling=timestep_sampling)
 
@@ -233,11 +237,12 @@ def held_out_validator(pipe: FluxPipeline, settings: DemoSettings = DemoSettings
                      device=torch.device("cpu"), dtype=torch.float32, encode_text_each_time=False)
 
 
-def pretrain_flux_transformer(pipe: FluxPipeline, settings: DemoSettings = DemoSettings(), steps: int = 1000,
+def pretrain_flux_transformer(pipe, settings: DemoSettings = DemoSettings(), steps: int = 1000,
                               lr: float = FLUX_PRETRAIN_LR, *, timestep_sampling: str = "uniform",
                               log_every: int = 100, concept: synthetic.Concept = synthetic.PRETRAIN_CONCEPT,
                               images: int | None = None, data_seed: int | None = None) -> list[float]:
-    """Train `pipe.transformer` (in place) on the rectified-flow loss over `images` draws (default
+    """Train `pipe.transformer` (in place; a Flux or other flow-DiT pipeline, trained through its family's encoding,
+    objective and prediction) on the rectified-flow loss over `images` draws (default
     `settings.pretrain_images`) of `concept` with `data_seed` (default `settings.seed + 100`); the defaults are the
     SDXL demo base v1's pretraining images, as the LR sweep's `flux_pre` uses. AdamW with the demo's cosine
     schedule, batch `settings.batch_size`, caption dropout `settings.caption_dropout` (the empty caption, as the data
