@@ -210,3 +210,55 @@ def test_bad_sweep_files_fail_with_one_line(tmp_path: Path, edit: dict, message:
     with pytest.raises(SweepError) as info:
         load_sweep(path)
     assert message in str(info.value) and "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+V2 = REPO / "sweeps" / "v2.yaml"
+
+
+def test_v2_prodigy_grid_varies_d_coef_at_lr_1_and_axes_keep_their_reference(tmp_path: Path) -> None:
+    from lab.sweep.runner import run_config
+    from lab.sweep.spec import RunPlan
+
+    spec = load_sweep(V2)
+    assert spec.lr_grid("prodigy") == [0.5, 1.0, 2.0]  # its own 3 points, not the sweep's 6
+    assert len(spec.lr_grid("adamw")) == spec.lr_points == 6
+    plan = RunPlan("prodigy", spec.base_model, 8, 2.0, 0, spec.steps)
+    config = run_config(spec, plan, Path("base"), (tmp_path / "a", tmp_path / "b"), tmp_path / "runs" / "x")
+    assert config.optimizer.prodigy_d_coef == 2.0 and config.optimizer.lr == 1.0
+    plan = RunPlan("adamw", spec.base_model, 8, 5e-4, 0, spec.steps)
+    config = run_config(spec, plan, Path("base"), (tmp_path / "a", tmp_path / "b"), tmp_path / "runs" / "x")
+    assert config.optimizer.lr == 5e-4 and config.schedule.scheduler == "cosine" and config.schedule.max_steps >= 200
+    # width's LR is kept from the narrowest DiT (its reference), rank's from the base point
+    width = next(a for a in spec.axes if a.name == "width")
+    records = [{**_record("adamw", 8, lr, 0, loss), "model": model}
+               for model, best in (("flux_pre", 4e-3), (spec.base_model, 1e-3))
+               for lr, loss in ((1e-3, 0.3 if best != 1e-3 else 0.1), (4e-3, 0.2 if best == 4e-3 else 0.4))]
+    table = cells(records)
+    assert kept_lr(spec, table, "adamw", width) == 4e-3
+    assert kept_lr(spec, table, "adamw") == 1e-3
+
+
+def test_reference_must_be_one_of_the_axis_values(tmp_path: Path) -> None:
+    text = V2.read_text().replace("reference: flux_pre}", "reference: sd3_pre}", 1)
+    bad = tmp_path / "v2.yaml"
+    bad.write_text(text.replace("base_config: ../", f"base_config: {REPO}/"))
+    with pytest.raises(SweepError, match=r"axes.width.reference: 'sd3_pre' is not one of its values"):
+        load_sweep(bad)
+
+
+def test_dit_width_and_depth_variants_scale_heads_and_blocks() -> None:
+    import dataclasses
+
+    from lab.sweep.models import scaled_flow_transformer
+    from lab.sweep.spec import ModelSpec
+    from tuneonce.model.tiny_flow import tiny_flux_transformer
+
+    base = tiny_flux_transformer(guidance=True, latent_channels=4)
+    spec = ModelSpec("x", "flux", "demo_flux", width_multiplier=4)
+    wide = scaled_flow_transformer(base, spec)
+    assert wide.config.num_attention_heads == 4 * base.config.num_attention_heads
+    assert wide.config.attention_head_dim == base.config.attention_head_dim  # head dimension kept (muP's widening)
+    assert wide.x_embedder.weight.shape[0] == 4 * base.x_embedder.weight.shape[0]
+    deep = scaled_flow_transformer(base, dataclasses.replace(spec, width_multiplier=1, depth_multiplier=2))
+    assert (len(deep.transformer_blocks), len(deep.single_transformer_blocks)) == (
+        2 * len(base.transformer_blocks), 2 * len(base.single_transformer_blocks))
