@@ -128,7 +128,7 @@ def _text(text):
     return lambda env, tmp: {"config_text": text}
 
 
-def _newer_version(env, tmp):  # in the file: --set config_version is not read as the file's version
+def _newer_version(env, tmp):  # in the file (--set config_version is refused: see its own case)
     return {"config_text": yaml.safe_dump(dict(env.config, config_version=99))}
 
 
@@ -204,6 +204,7 @@ CASES = {
     "wrong type": Case(["lora.rank=abc"], says=("lora.rank", "abc")),
     "negative LR": Case(["optimizer.lr=-1"], says=("optimizer.lr", "-1")),
     "newer config version": Case(prepare=_newer_version, says=("config_version", "99")),
+    "config version by --set": Case(["config_version=99"], says=("--set", "config_version", "cannot be overridden")),
     "old config version migrates": Case(rc=0, prepare=_old_version, check=_migrated),
     "resolution not a multiple of 8": Case(["data.resolution=100"], says=("data.resolution", "100")),
     # found when the run opens data and model: one line, exit 2 as well

@@ -12,6 +12,7 @@ Writes <out>/results.jsonl (one line per run; rerunning skips runs already there
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds of the sweep")
     parser.add_argument("--optimizers", nargs="+", help="run only these optimizer variants")
     parser.add_argument("--axes", nargs="+", help="run only these axes")
+    parser.add_argument("--steps", type=int,
+                        help="train this many steps instead of the file's (e.g. 2x, to check a best LR holds at length)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite table and plots from results.jsonl")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
@@ -40,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.config or SWEEPS / ("quick.yaml" if args.quick else "default.yaml")
     try:
         full = load_sweep(path)
+        if args.steps is not None:
+            if args.steps < 1:
+                raise SweepError(f"--steps: must be >= 1, got {args.steps}")
+            full = dataclasses.replace(full, steps=args.steps)
         spec = restrict(full, seeds=args.seeds, optimizers=args.optimizers, axes=args.axes)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)

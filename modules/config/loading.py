@@ -295,6 +295,9 @@ def resolve_config_dict(path: str | Path, overrides: Iterable[str] = ()) -> tupl
     merged, origin = load_layers(path)
     for text in overrides:
         key, value = parse_override(text)
+        if key == "config_version":  # a file's version says which migrations its keys need; an override has none
+            raise ConfigError("cannot be overridden: it belongs to the file (which migrations its "
+                              "keys need); edit the file instead", source=OVERRIDE_SOURCE, key=key)
         apply_override(merged, key, value)
         origin[key] = OVERRIDE_SOURCE
         for sub in _dotted_keys(value, key + "."):
