@@ -262,3 +262,24 @@ def test_dit_width_and_depth_variants_scale_heads_and_blocks() -> None:
     deep = scaled_flow_transformer(base, dataclasses.replace(spec, width_multiplier=1, depth_multiplier=2))
     assert (len(deep.transformer_blocks), len(deep.single_transformer_blocks)) == (
         2 * len(base.transformer_blocks), 2 * len(base.single_transformer_blocks))
+
+
+def test_a_run_stopped_by_a_signal_is_not_recorded_and_stops_the_sweep(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM/Ctrl-C stop the training loop after a step; a sweep must not file that half run as finished."""
+    from lab.sweep import runner
+    from tuneonce.trainer import train as train_module
+
+    calls = []
+
+    def stopped_train(config, show_progress=False):
+        calls.append(config)
+        return train_module.RunResult(steps=3, final_loss=0.1, val_losses=[(0, 0.5)], interrupted=True)
+
+    monkeypatch.setattr(train_module, "train", stopped_train)
+    monkeypatch.setattr(runner, "prepare_model", lambda spec, cache: tmp_path / "model")
+    monkeypatch.setattr(runner, "prepare_data", lambda root, n, m: (tmp_path / "a", tmp_path / "b"))
+    spec = restrict(load_sweep(QUICK), seeds=[0])
+    logged = []
+    records = run_sweep(spec, tmp_path / "out", log=logged.append)
+    assert len(calls) == 1 and records == []  # stopped at the first run, nothing filed
+    assert any("stopped" in line and "rerun" in line for line in logged)

@@ -60,6 +60,8 @@ def run_one(spec: SweepSpec, plan: RunPlan, base_model: Path, data: tuple[Path, 
         result = train(config, show_progress=False)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)  # LoRA files and logs of a sweep run are not kept
+    if result.interrupted:  # Ctrl-C / SIGTERM: the run is not finished, so it must not enter results.jsonl
+        raise KeyboardInterrupt(f"{plan.run_id} stopped at step {result.steps}")
     curve = [[step, _finite(loss)] for step, loss in result.val_losses]
     final = curve[-1][1] if curve else None
     return {
@@ -90,6 +92,9 @@ def run_sweep(spec: SweepSpec, out_dir: Path, *, limit: int | None = None,
             models[plan.model] = prepare_model(spec.models[plan.model], out_dir / "models")
         try:
             record = run_one(spec, plan, models[plan.model], data, out_dir)
+        except KeyboardInterrupt as e:
+            log(f"stopped: {e}; rerun the same command to go on")
+            break
         except Exception as e:  # recorded and retried on the next invocation; the sweep goes on
             record = {"id": plan.run_id, "error": f"{type(e).__name__}: {e}"}
         with results_path.open("a", encoding="utf-8") as f:
