@@ -259,6 +259,10 @@ def test_dit_width_and_depth_variants_scale_heads_and_blocks() -> None:
     assert wide.config.num_attention_heads == 4 * base.config.num_attention_heads
     assert wide.config.attention_head_dim == base.config.attention_head_dim  # head dimension kept (muP's widening)
     assert wide.x_embedder.weight.shape[0] == 4 * base.x_embedder.weight.shape[0]
+    narrow = scaled_flow_transformer(base, dataclasses.replace(spec, width_multiplier=0.5))
+    assert narrow.config.num_attention_heads * 2 == base.config.num_attention_heads
+    with pytest.raises(ValueError, match="0.25 gives 0.5 attention heads"):
+        scaled_flow_transformer(base, dataclasses.replace(spec, width_multiplier=0.25))
     deep = scaled_flow_transformer(base, dataclasses.replace(spec, width_multiplier=1, depth_multiplier=2))
     assert (len(deep.transformer_blocks), len(deep.single_transformer_blocks)) == (
         2 * len(base.transformer_blocks), 2 * len(base.single_transformer_blocks))

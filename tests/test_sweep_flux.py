@@ -146,6 +146,7 @@ def test_existing_model_specs_keep_their_cache_key() -> None:
         ({"family": "sdxl", "source": "demo_flux", "pretrain_steps": 10}, "set family: flux, not 'sdxl'"),
         ({"family": "flux", "source": "demo_flux", "pretrain_lr": -1.0}, "pretrain_lr: must be a number >= 0"),
         ({"family": "flux", "source": "demo_sd3", "pretrain_steps": 10}, "set family: sd3, not 'flux'"),
+        ({"family": "flux", "source": "demo_flux", "width_multiplier": 0}, "width_multiplier must be > 0"),
     ],
 )
 def test_bad_demo_flux_models_fail_with_one_line(tmp_path: Path, model: dict, message: str) -> None:

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train this many steps instead of the file's (e.g. 2x, to check a best LR holds at length)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite table and plots from results.jsonl")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--probe", action="store_true",
+                        help="only write <out>/layer_stats.json: per model the adapted layers' input RMS, gain and "
+                             "spectral ratio (lab/sweep/probe.py; builds models that are not built yet)")
     args = parser.parse_args(argv)
 
     from lab.sweep.report import write_outputs
@@ -51,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.probe:
+        from lab.sweep.probe import write_layer_statistics
+
+        print(f"wrote {write_layer_statistics(spec, args.out)}")
+        return 0
     if args.report_only:
         records = read_results(args.out / RESULTS_NAME)
     else:

@@ -120,12 +120,15 @@ def scaled_flow_transformer(transformer, spec: ModelSpec):
     """The same DiT class at `width_multiplier` x the attention heads (head dimension kept, as muP widens a
     transformer) and `depth_multiplier` x the blocks of every stack, at a fresh init from spec.seed."""
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-    config["num_attention_heads"] *= spec.width_multiplier
+    heads = config["num_attention_heads"] * spec.width_multiplier
+    if not heads >= 1 or not float(heads).is_integer():
+        raise ValueError(f"width_multiplier {spec.width_multiplier} gives {heads} attention heads; need a whole number")
+    config["num_attention_heads"] = int(heads)
     for key in ("num_layers", "num_single_layers"):
         if key in config:
             config[key] *= spec.depth_multiplier
     if "caption_projection_dim" in config:  # SD3 projects the text to the transformer's width
-        config["caption_projection_dim"] *= spec.width_multiplier
+        config["caption_projection_dim"] = int(config["caption_projection_dim"] * spec.width_multiplier)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         return type(transformer).from_config(config)

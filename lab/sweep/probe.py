@@ -75,6 +75,25 @@ def layer_statistics(model_dir: Path, concept_dir: Path, *, images: int = 8, see
     return [stats[n] for n in names if n in stats]
 
 
+def write_layer_statistics(spec, out_dir: Path) -> Path:
+    """<out_dir>/layer_stats.json: {model: {"summary": medians, "layers": rows}} for every model of `spec`'s axes."""
+    import json
+
+    from lab.sweep.models import prepare_data, prepare_model
+
+    torch.manual_seed(0)
+    concept, _ = prepare_data(out_dir / "data", spec.train_images, spec.val_images)
+    names = dict.fromkeys(v if a.varies == "model" else spec.base_model for a in spec.axes for v in a.values)
+    result = {}
+    for name in names:
+        rows = layer_statistics(prepare_model(spec.models[name], out_dir / "models"), concept)
+        result[name] = {"summary": summary(rows), "layers": rows}
+        print(name, {k: round(v, 4) for k, v in result[name]["summary"].items()}, flush=True)
+    path = out_dir / "layer_stats.json"
+    path.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return path
+
+
 def summary(rows: list[dict]) -> dict:
     """Medians over layers (and the count)."""
     keys = ("fan_in", "fan_out", "sigma_in", "gain", "spectral_ratio")

@@ -37,7 +37,7 @@ class ModelSpec:
     name: str
     family: str
     source: str
-    width_multiplier: int = 1
+    width_multiplier: float = 1  # an int when whole (keeps cache keys of older models); 0.5 halves a DiT's heads
     depth_multiplier: int = 1
     pretrain_steps: int = 0
     kind: str = ""
@@ -169,12 +169,15 @@ def _model(name: str, data: Any, where: str) -> ModelSpec:
     if source not in MODEL_SOURCES:
         raise SweepError(f"{where}.source: {source!r} is not one of {', '.join(MODEL_SOURCES)}")
     spec = ModelSpec(name=name, family=str(_require(data, "family", where)), source=source,
-                     width_multiplier=int(data.get("width_multiplier", 1)),
+                     width_multiplier=_whole_if_possible(float(data.get("width_multiplier", 1))),
                      depth_multiplier=int(data.get("depth_multiplier", 1)),
                      pretrain_steps=int(data.get("pretrain_steps", 0)), kind=str(data.get("kind", "")),
                      seed=int(data.get("seed", 0)), pretrain_lr=float(data.get("pretrain_lr", 0.0)))  # fmt: skip
-    if spec.width_multiplier < 1 or spec.depth_multiplier < 1 or spec.pretrain_steps < 0:
-        raise SweepError(f"{where}: multipliers must be >= 1 and pretrain_steps >= 0")
+    if not spec.width_multiplier > 0 or spec.depth_multiplier < 1 or spec.pretrain_steps < 0:
+        raise SweepError(f"{where}: width_multiplier must be > 0, depth_multiplier >= 1 and pretrain_steps >= 0")
+    if spec.width_multiplier < 1 and source != "demo_flux":
+        raise SweepError(f"{where}.width_multiplier: below 1 only for a demo_flux DiT (fewer heads), "
+                         f"got {spec.width_multiplier}")
     if not (spec.pretrain_lr >= 0 and math.isfinite(spec.pretrain_lr)):
         raise SweepError(f"{where}.pretrain_lr: must be a number >= 0 (0 = the source's default), "
                          f"got {spec.pretrain_lr}")
@@ -185,6 +188,10 @@ def _model(name: str, data: Any, where: str) -> ModelSpec:
         raise SweepError(f"{where}.family: a {source} model is a {wanted} pipeline; set family: {wanted}, "
                          f"not {spec.family!r}")
     return spec
+
+
+def _whole_if_possible(x: float) -> float | int:
+    return int(x) if x.is_integer() else x
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
