@@ -287,3 +287,15 @@ def test_a_run_stopped_by_a_signal_is_not_recorded_and_stops_the_sweep(tmp_path:
     records = run_sweep(spec, tmp_path / "out", log=logged.append)
     assert len(calls) == 1 and records == []  # stopped at the first run, nothing filed
     assert any("stopped" in line and "rerun" in line for line in logged)
+
+
+def test_restrict_to_models_keeps_their_model_cells_and_rank_axes_only_with_the_base_model() -> None:
+    spec = load_sweep(V2)
+    only_dit = restrict(spec, models=["flux_pre"])
+    assert {p.model for p in only_dit.runs()} == {"flux_pre"}
+    assert "rank" not in {a.name for a in only_dit.axes}
+    with_base = restrict(spec, axes=["rank", "family"], models=[spec.base_model])
+    assert {p.model for p in with_base.runs()} == {spec.base_model}
+    assert {p.rank for p in with_base.runs()} == {2, 8, 64}
+    with pytest.raises(SweepError, match="--models: 'nope' is not in the sweep"):
+        restrict(spec, models=["nope"])

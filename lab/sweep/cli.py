@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds of the sweep")
     parser.add_argument("--optimizers", nargs="+", help="run only these optimizer variants")
     parser.add_argument("--axes", nargs="+", help="run only these axes")
+    parser.add_argument("--models", nargs="+", help="run only these models (rank axes: only with the base model)")
     parser.add_argument("--steps", type=int,
                         help="train this many steps instead of the file's (e.g. 2x, to check a best LR holds at length)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite table and plots from results.jsonl")
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.steps < 1:
                 raise SweepError(f"--steps: must be >= 1, got {args.steps}")
             full = dataclasses.replace(full, steps=args.steps)
-        spec = restrict(full, seeds=args.seeds, optimizers=args.optimizers, axes=args.axes)
+        spec = restrict(full, seeds=args.seeds, optimizers=args.optimizers, axes=args.axes,
+                        models=args.models)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

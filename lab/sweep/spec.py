@@ -129,8 +129,12 @@ class SweepSpec:
 
 
 def restrict(spec: SweepSpec, *, seeds: list[int] | None = None, optimizers: list[str] | None = None,
-             axes: list[str] | None = None) -> SweepSpec:
-    """The same sweep limited to some seeds, optimizers and axes (run ids are unchanged, so results are shared)."""
+             axes: list[str] | None = None, models: list[str] | None = None) -> SweepSpec:
+    """The same sweep limited to some seeds, optimizers, axes and models (run ids are unchanged, so results are
+    shared; `models` keeps the values of model axes that are listed, and rank axes only if the base model is)."""
+    for name in models or ():
+        if name not in spec.models:
+            raise SweepError(f"--models: {name!r} is not in the sweep ({', '.join(spec.models)})")
     for name in optimizers or ():
         if name not in spec.optimizers:
             raise SweepError(f"--optimizers: {name!r} is not in the sweep ({', '.join(spec.optimizers)})")
@@ -142,8 +146,12 @@ def restrict(spec: SweepSpec, *, seeds: list[int] | None = None, optimizers: lis
         if axes and axis.name not in axes:
             continue
         names = tuple(o for o in axis.optimizers if not optimizers or o in optimizers)
-        if names:
-            kept.append(dataclasses.replace(axis, optimizers=names))
+        values = axis.values
+        if models:
+            values = tuple(v for v in values if v in models) if axis.varies == "model" else (
+                values if spec.base_model in models else ())
+        if names and values:
+            kept.append(dataclasses.replace(axis, optimizers=names, values=values))
     return dataclasses.replace(spec, seeds=tuple(seeds) if seeds else spec.seeds, axes=tuple(kept))
 
 
