@@ -4,16 +4,18 @@ causal LM, measured with the diffusion sweep's metric (the cost of one LR, lab.s
 Language: "op x1..x8 = y1..y8" over Z_17 with y_i = x_i + k (mod 17). A transformers LlamaForCausalLM (head dim 16,
 width = the axis, no download) is pretrained with AdamW on the shifts k in {0, 1, 2, 3}; the finetune teaches a rule
 it has not seen, k = -1 (a new op token), with LoRA on every attention and MLP projection (alpha = rank). A share of
-the finetune answers is replaced by random tokens, so the best reachable loss is a known floor above 0 and the ratio
-of two losses stays meaningful when a cell learns the rule. Llama, not GPT-2: GPT-2's Conv1D stores its weight as
-(in, out), and tuneonce.optimizer.groups.peft_param_infos reads the base layer's fans from weight.shape, swapped.
+every answer (pretraining and finetune) is replaced by a random number, so the best reachable loss is a known floor
+above 0 (the ratio of two losses stays meaningful when a cell learns the rule) and the pretrained model is not
+arbitrarily confident (a noise-free pretraining put the best finetune LRs above the v2 grids: >= 6.4e-2 for
+muon_tuned). Llama, not GPT-2: GPT-2's Conv1D stores its weight as (in, out), and
+tuneonce.optimizer.groups.peft_param_infos reads the base layer's fans from weight.shape, swapped.
 
 Optimizers come from tuneonce's own construction (peft_param_infos + build_optimizer with a pydantic
 OptimizerConfig) at the residual depth tuneonce.model.depth counts (one per decoder layer); the schedule is
 tuneonce's warm-up + cosine and the gradient is clipped at 1, as in the diffusion sweep's preset.
 
     python scripts/sweep_lm.py --out runs/lm_sweep [--axes width] [--optimizers adamw muon_tuned] [--seeds 0]
-    python scripts/sweep_lm.py --out runs/lm_sweep --variant 'muon_adam_a={"like": "muon_tuned", "lora_a_optimizer": "adam"}'
+    python scripts/sweep_lm.py --out runs/lm_sweep --variant 'a_adam={"like": "muon_tuned", "lora_a_optimizer": "adam"}'
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ MOD, LIST_LEN, VOCAB = 17, 8, 32
 EQ, OP0 = MOD, MOD + 1  # tokens: 0..16 numbers, 17 '=', 18.. one op token per shift
 PRETRAIN_SHIFTS, FINETUNE_SHIFT = (0, 1, 2, 3), -1
 SEQ = 2 + 2 * LIST_LEN  # op, x1..x8, '=', y1..y8
-LABEL_NOISE = 0.1  # share of finetune answer tokens drawn uniformly (train and validation)
+LABEL_NOISE = 0.1  # share of answer tokens drawn uniformly (pretraining, finetune train and validation)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The variants of sweeps/v2.yaml, as OptimizerConfig fields (lr_center: the grid's centre; grid_key: what it varies)
 VARIANTS: dict[str, dict] = {
@@ -59,7 +61,7 @@ class Recipe:
     layers: int = 4
     widths: tuple[int, ...] = (32, 64, 128)
     ranks: tuple[int, ...] = (2, 8, 32)
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3
     pretrain_batch: int = 64
     steps: int = 200
@@ -106,7 +108,8 @@ def build_model(width: int, layers: int) -> torch.nn.Module:
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
                          num_attention_heads=width // 16, num_key_value_heads=width // 16, max_position_embeddings=32,
-                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)  # fmt: skip
+                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                         pad_token_id=None)  # fmt: skip
     return LlamaForCausalLM(config).float()
 
 
@@ -118,7 +121,8 @@ def pretrained(width: int, recipe: Recipe, cache: Path, log: Callable[[str], Non
     from tuneonce.trainer.schedule import build_lr_scheduler
 
     fields = ("layers", "pretrain_steps", "pretrain_lr", "pretrain_batch")
-    key = {"task": [MOD, LIST_LEN, VOCAB, PRETRAIN_SHIFTS], "width": width, **{f: getattr(recipe, f) for f in fields}}
+    key = {"task": [MOD, LIST_LEN, VOCAB, PRETRAIN_SHIFTS, LABEL_NOISE], "width": width,
+           **{f: getattr(recipe, f) for f in fields}}
     path = cache / f"w{width}_{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]}.safetensors"
     if path.is_file():
         log(f"pretrained w{width}: loaded {path}")
@@ -131,14 +135,14 @@ def pretrained(width: int, recipe: Recipe, cache: Path, log: Callable[[str], Non
     gen, started = torch.Generator().manual_seed(0), time.perf_counter()
     for _ in range(recipe.pretrain_steps):
         shift = PRETRAIN_SHIFTS[int(torch.randint(len(PRETRAIN_SHIFTS), (1,), generator=gen))]
-        loss = answer_loss(model, make_batch(shift, recipe.pretrain_batch, gen))
+        loss = answer_loss(model, make_batch(shift, recipe.pretrain_batch, gen, LABEL_NOISE))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad()
     val_gen = torch.Generator().manual_seed(12345)
     with torch.no_grad():
-        meta = {**key, "seconds": round(time.perf_counter() - started, 1),
-                "val_loss": {k: answer_loss(model, make_batch(k, 256, val_gen)).item() for k in PRETRAIN_SHIFTS}}
+        losses = {k: answer_loss(model, make_batch(k, 256, val_gen, LABEL_NOISE)).item() for k in PRETRAIN_SHIFTS}
+    meta = {**key, "seconds": round(time.perf_counter() - started, 1), "val_loss": losses}
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -213,10 +217,9 @@ def sweep_spec(recipe: Recipe, variants: dict[str, dict]) -> SweepSpec:
     base = names[len(names) // 2]
     models = {n: ModelSpec(name=n, family="llama", source="lm_task") for n in names}
     optimizers = {name: OptimizerVariant(name, float(v["lr_center"]), {k: x for k, x in v.items() if k not in _META},
-                                         v.get("fixed_lr"), v.get("grid_key", "lr"), int(v.get("points", 0)))
-                  for name, v in variants.items()}  # fmt: skip
-    if recipe.lr_points < 6:  # the quick toy: every grid has lr_points points
-        optimizers = {n: dataclasses.replace(o, points=recipe.lr_points) for n, o in optimizers.items()}
+                                         v.get("fixed_lr"), v.get("grid_key", "lr"),
+                                         min(int(v.get("points", 0)) or recipe.lr_points, recipe.lr_points))
+                  for name, v in variants.items()}  # fmt: skip (the quick toy caps every grid at its 2 points)
     axes = (AxisSpec("width", "model", tuple(names), tuple(variants)),
             AxisSpec("rank", "rank", recipe.ranks, tuple(variants)))  # fmt: skip
     return SweepSpec(name="lm_shift", base_config=Path(__file__), overrides={}, steps=recipe.steps, seeds=recipe.seeds,
@@ -304,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         records = run(spec, recipe, variants, args.out, args.limit)
     table = markdown_report(full, records) + (
         f"\nTask: LoRA finetune of a pretrained tiny Llama ({recipe.layers} layers) to the unseen rule y = x - 1 mod "
-        f"{MOD}; loss = answer-token cross-entropy on {recipe.val_size} held-out sequences, {LABEL_NOISE:.0%} of answers "
-        f"random (floor {noise_floor():.4f} nats). Prodigy's grid is its d_coef (kept: 1).\n")  # fmt: skip
+        f"{MOD}; loss = answer-token cross-entropy on {recipe.val_size} held-out sequences, "
+        f"{LABEL_NOISE:.0%} of answers random (floor {noise_floor():.4f} nats). "
+        "Prodigy's grid is its d_coef (kept: 1).\n")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / "table.md.tmp"
     tmp.write_text(table, encoding="utf-8")
