@@ -47,6 +47,8 @@ def test_quick_sweep_writes_one_finite_record_per_run(quick_out: Path) -> None:
 def test_table_has_the_cost_of_one_lr_computed_from_the_records(quick_out: Path) -> None:
     table = (quick_out / "table.md").read_text(encoding="utf-8")
     assert "Cost of one LR across width" in table and "Cost of one LR across rank" in table and "| worst |" in table
+    floor = lm_task.ideal_loss(lm_task.finetune_data(lm_task.QUICK)[1], lm_task.FINETUNE_SHIFT)
+    assert f"{floor:.4f} on this validation set" in table
     losses = {(r["model"], r["lr"]): r["val_loss"] for r in read_results(quick_out / RESULTS_NAME)
               if r["optimizer"] == "adamw" and r["rank"] == 8}  # fmt: skip
     kept = min((lr for m, lr in losses if m == "w64"), key=lambda lr: losses[("w64", lr)])
@@ -68,7 +70,7 @@ def test_rerun_skips_finished_runs_and_reuses_the_pretrained_cache(quick_out: Pa
     variant = 'adam_a={"like": "muon_tuned", "lora_a_optimizer": "adam"}'
     assert _main(["--quick", "--out", str(quick_out), "--variant", variant, "--limit", "1"]) == 0
     out = capsys.readouterr().out
-    assert "pretrained w32: loaded" in out and "adam_a|w32|r8|lr0.004|s0|n20" in out
+    assert "pretrained w32: loaded" in out and "adam_a|w32|r8|lr0.016|s0|n20" in out
     assert [p.stat().st_mtime_ns for p in models] == stamps
     new = read_results(quick_out / RESULTS_NAME)[-1]
     assert new["optimizer"] == "adam_a" and math.isfinite(new["val_loss"])
@@ -90,6 +92,8 @@ def test_data_follows_the_rule_and_the_noise_floor_matches_the_ideal_predictor()
     p_right, p_other = 0.9 + 0.1 / 17, 0.1 / 17  # the ideal predictor's probabilities; its loss is the floor
     ideal = -(right.float() * math.log(p_right) + (~right).float() * math.log(p_other)).mean().item()
     assert abs(ideal - lm_task.noise_floor(0.1)) < 0.01
+    assert lm_task.ideal_loss(noisy, -1, 0.1) == pytest.approx(ideal, rel=1e-5)
+    assert lm_task.ideal_loss(clean, 3, 0.1) == pytest.approx(-math.log(p_right), rel=1e-9)
 
 
 def test_tuneonce_optimizer_sees_llama_lora_fans_and_depth() -> None:
