@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from lab.sweep.report import markdown_report
 from lab.sweep.runner import RESULTS_NAME, read_results
@@ -257,13 +258,14 @@ def parse_variant(text: str, variants: dict[str, dict]) -> tuple[str, dict]:
     if like is not None and like not in variants:
         raise SweepError(f"--variant {name}: like {like!r} is not a variant ({', '.join(variants)})")
     variant = {**variants.get(like, {}), **fields}
-    if "lr_center" not in variant:
-        raise SweepError(f"--variant {name}: needs lr_center (or like)")
+    center = variant.get("lr_center")
+    if isinstance(center, bool) or not isinstance(center, (int, float)) or not (0 < center < math.inf):
+        raise SweepError(f"--variant {name}: lr_center must be a positive number (or use like), got {center!r}")
     try:
-        optimizer_config(variant, float(variant["lr_center"]))
-    except Exception as e:  # pydantic's ValidationError: report its first line of detail
-        detail = " ".join(str(e).splitlines()[1:3])
-        raise SweepError(f"--variant {name}: {detail}") from None
+        optimizer_config(variant, float(center))
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise SweepError(f"--variant {name}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     return name, variant
 
 

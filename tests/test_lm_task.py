@@ -124,7 +124,9 @@ def test_tuneonce_optimizer_sees_llama_lora_fans_and_depth() -> None:
     ("argv", "named"),
     [(["--axes", "depth"], "'depth'"), (["--optimizers", "sgd"], "'sgd'"),
      (["--variant", 'x={"like": "muon_tuned", "lora_a_optimiser": "adam"}'], "lora_a_optimiser"),
-     (["--variant", 'x={"like": "lion"}'], "'lion'"), (["--variant", "x={"], "not a JSON object")],
+     (["--variant", 'x={"like": "adamw", "weight_decay": -1}'], "weight_decay: Input should be greater"),
+     (["--variant", 'x={"like": "lion"}'], "'lion'"), (["--variant", "x={"], "not a JSON object"),
+     (["--variant", 'x={"type": "adamw"}'], "lr_center must be a positive number")],
 )  # fmt: skip
 def test_bad_flags_exit_2_with_one_line(tmp_path: Path, capsys, argv: list[str], named: str) -> None:
     assert _main(["--quick", "--out", str(tmp_path / "out"), *argv]) == 2
