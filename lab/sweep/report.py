@@ -148,7 +148,13 @@ def fmt_lr(lr: float) -> str:
 def in_sweep(spec: SweepSpec, records: list[dict]) -> list[dict]:
     """The records of this sweep's runs (a results file may also hold runs of an earlier grid)."""
     ids = {p.run_id for p in spec.runs()}
-    return [r for r in records if r.get("id") in ids]
+    seen: set[str] = set()
+    out = []
+    for r in records:  # the first finished record of a run (two workers may both have run it)
+        if r.get("id") in ids and "error" not in r and r["id"] not in seen:
+            seen.add(r["id"])
+            out.append(r)
+    return out
 
 
 def markdown_report(spec: SweepSpec, records: list[dict]) -> str:
@@ -185,6 +191,7 @@ def markdown_report(spec: SweepSpec, records: list[dict]) -> str:
             lines.append(f"| {optimizer} | " + " | ".join(entries) + f" | {transfer_verdict(row, complete)} |")
         lines.append("")
         lines += cost_table(spec, table, axis)
+        lines += versus_best_table(spec, table, axis)
     lines.append("Entries: best LR: final validation loss mean ± std over seeds at that LR. `*`: the best LR is the "
                  "lowest or highest LR that ran (the optimum may lie beyond it); (partial): not every LR or seed ran. Transfer: best LRs of all values within one "
                  "factor-2 step.")  # fmt: skip
@@ -213,6 +220,32 @@ def cost_table(spec: SweepSpec, table: dict[tuple[str, str, int], Cell], axis) -
         kept = f"{fmt_lr(lr)} ({how})" if lr is not None else "not run"
         shown = "not run" if worst is None else ("diverged" if not math.isfinite(worst) else f"{worst:.3f}")
         lines.append(f"| {optimizer} | {kept} | " + " | ".join(entries) + f" | {shown} |")
+    return lines + [""]
+
+
+def versus_best_table(spec: SweepSpec, table: dict[tuple[str, str, int], Cell], axis) -> list[str]:
+    """Markdown rows: per optimizer and axis value, its mean loss at the LR it keeps over the lowest mean loss any
+    optimizer of the axis reached in that cell (what a user loses by keeping this optimizer's one LR)."""
+    by_opt = axis_cells(spec, table, axis.name)
+    header = " | ".join(str(v) for v in axis.values)
+    lines = [f"Loss at the LR kept over the best loss of any optimizer in the cell, across {axis.name}:", "",
+             f"| optimizer | {header} | worst |", "|---" * (len(axis.values) + 2) + "|"]  # fmt: skip
+    lowest = {v: min((c[v].best.mean for c in by_opt.values() if v in c and c[v].best), default=None)
+              for v in axis.values}  # fmt: skip
+    for optimizer in axis.optimizers:
+        lr = kept_lr(spec, table, optimizer, axis)
+        entries, worst = [], None
+        for value in axis.values:
+            cell = by_opt.get(optimizer, {}).get(value)
+            kept = next((p for p in cell.points if lr and math.isclose(p.lr, lr, rel_tol=1e-9)), None) if cell else None
+            if kept is None or lowest[value] is None:
+                entries.append("not run")
+                continue
+            ratio = kept.mean / lowest[value]
+            entries.append("diverged" if not math.isfinite(ratio) else f"{ratio:.3f}")
+            worst = ratio if worst is None else max(worst, ratio)
+        shown = "not run" if worst is None else ("diverged" if not math.isfinite(worst) else f"{worst:.3f}")
+        lines.append(f"| {optimizer} | " + " | ".join(entries) + f" | {shown} |")
     return lines + [""]
 
 
