@@ -73,7 +73,7 @@ def build_tiny_sdxl_variant(spec: ModelSpec):
 
 def sweep_demo_base() -> Path:
     """The demo base the sweep's `demo` source stands for: base v1 (workspace/demo/tiny_sdxl_base_v1), the one
-    docs/lr_transfer.md measured; the demo itself moved on to v2 (a UNet pretrained longer, with stars)."""
+    docs/lr_transfer_v1.md measured; the demo itself moved on to v2 (a UNet pretrained longer, with stars)."""
     from tuneonce.demo import prepare_demo_base
 
     return prepare_demo_base(unet=None)

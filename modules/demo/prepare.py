@@ -9,7 +9,7 @@
 - ``concept/`` and ``concept_val/``: the new concept the demo LoRA learns (magenta striped stars, trigger word
   ``zxq``) and held-out validation images of it;
 - with ``unet=None``: ``tiny_sdxl_base_v1/``, base v1, whose UNet saw neither stars nor magenta, for 1000 steps;
-  the LR sweep (docs/lr_transfer.md) ran on it, so it is kept as it is.
+  the LR sweep (docs/lr_transfer_v1.md) ran on it, so it is kept as it is.
 
 Base v1's recipe has two steps: ``pretrain`` (VAE, then UNet; the sweeps build their width/depth variants with it
 too) and ``finetune_decoder``, which trains only the VAE decoder on the frozen encoder's latent means, so the pictures
@@ -106,7 +106,7 @@ class UNetSettings:
     shapes as well), on v1's VAE and text encoders. v1's UNet (1000 steps, neither) drew blobs, so a 200-step demo
     LoRA on it learned the concept's colour and stripes but not its shape; with stars but without magenta, it learned
     shape and stripes but drew them blue or orange. The concept's stripes and trigger word stay new. v1 stays as it
-    is: the LR sweep (docs/lr_transfer.md) ran on it."""
+    is: the LR sweep (docs/lr_transfer_v1.md) ran on it."""
 
     seed: int = 0  # the UNet's init and the training generator
     images: int = 768
