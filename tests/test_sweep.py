@@ -166,7 +166,8 @@ def test_default_sweep_grid_and_restriction() -> None:
     best_tables = 10 * 3 + 4 * (2 + 2 + 3)  # one entry per optimizer x axis value
     # and the LR kept and the worst per row; prodigy's kept LR is fixed (1.0), so it shows before any run (4 axes)
     cost_tables = 10 * (3 + 2) + 4 * ((2 + 2) + (2 + 2) + (3 + 2)) - 4
-    assert text.count("not run") == best_tables + cost_tables
+    versus_best = 10 * (3 + 1) + 4 * ((2 + 1) + (2 + 1) + (3 + 1))  # entries + worst, loss over the best optimizer
+    assert text.count("not run") == best_tables + cost_tables + versus_best
 
 
 def test_width_and_depth_variants_are_real_scaled_unets() -> None:
