@@ -102,7 +102,7 @@ def build_demo_flux(spec: ModelSpec, sdxl_base: Path, workdir: Path):
     shutil.rmtree(workdir, ignore_errors=True)
     if spec.source == "demo_sd3":
         pipe = demo_sd3_pipeline(pipe, spec)
-    elif spec.width_multiplier != 1 or spec.depth_multiplier != 1:
+    if spec.width_multiplier != 1 or spec.depth_multiplier != 1:
         pipe.register_modules(transformer=scaled_flow_transformer(pipe.transformer, spec))
     if not spec.pretrain_steps:
         return pipe, "Flux demo base, transformer at its deterministic init", {}
@@ -154,10 +154,7 @@ def demo_sd3_pipeline(flux_pipe, spec: ModelSpec):
             pos_embed_max_size=32, qk_norm="rms_norm",
         )  # fmt: skip
     components = {**tiny.components, "vae": flux_pipe.vae, "transformer": transformer}
-    pipe = StableDiffusion3Pipeline(**components)
-    if spec.width_multiplier != 1 or spec.depth_multiplier != 1:
-        pipe.register_modules(transformer=scaled_flow_transformer(pipe.transformer, spec))
-    return pipe
+    return StableDiffusion3Pipeline(**components)
 
 
 def prepare_model(spec: ModelSpec, cache_dir: Path) -> Path:
