@@ -98,3 +98,26 @@ def test_bad_input_names_the_parameter():
         build_param_groups([ParamInfo("a", p, matrix), ParamInfo("b", p, matrix)], lr=1e-3, weight_decay=0.0)
     with pytest.raises(ValueError, match="lr_overrides\\['vector'\\]"):
         build_param_groups([], lr=1e-3, weight_decay=0.0, lr_overrides={"vector": -1.0})
+
+
+def test_gpt2_conv1d_fans_read_in_out_not_swapped() -> None:
+    """transformers' Conv1D stores (in, out): a LoRA on GPT-2's c_fc (32 -> 128) has base fans 32 in, 128 out."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import GPT2Config, GPT2Model
+
+    from tuneonce.model.roles import param_infos
+
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=16, vocab_size=50))
+    fc = model.h[0].mlp.c_fc
+    assert tuple(fc.weight.shape) == (32, 128)  # the layout this test is about
+    full = {i.name: i.spec for i in param_infos({"text_encoder": model})}["h.0.mlp.c_fc.weight"]
+    assert (full.role, full.fan_in, full.fan_out) == (Role.MATRIX, 32, 128)
+
+    model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["c_fc"], fan_in_fan_out=True), model)
+    for infos in (peft_param_infos(model, depth=2), param_infos({"text_encoder": model})):
+        specs = {i.name: i.spec for i in infos}
+        a, b = specs["h.0.mlp.c_fc.lora_A.default.weight"], specs["h.0.mlp.c_fc.lora_B.default.weight"]
+        assert (a.base_fan_in, a.base_fan_out) == (b.base_fan_in, b.base_fan_out) == (32, 128)
+        assert (a.fan_in, a.fan_out, b.fan_in, b.fan_out) == (32, 4, 4, 128)

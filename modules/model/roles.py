@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tuneonce.model.depth import ComponentDepth, DepthOverride, DepthSource, model_depths
+from tuneonce.optimizer.groups import adapted_layer_fans
 from tuneonce.optimizer.param_spec import GroupSpec, ParamInfo, Role
 
 _PEFT_FACTORS = {"lora_A": Role.LORA_A, "lora_B": Role.LORA_B}
@@ -42,6 +43,9 @@ def _plain_spec(param: torch.Tensor, owner: nn.Module, local: str, depth: int) -
         return GroupSpec(Role.EMBEDDING, fan_in=param.shape[0], fan_out=param.shape[1], depth=depth)
     if isinstance(owner, nn.Linear):
         return GroupSpec(Role.MATRIX, fan_in=param.shape[1], fan_out=param.shape[0], depth=depth)
+    if type(owner).__name__ == "Conv1D" and local == "weight":  # transformers' (in, out) layout
+        fan_in, fan_out = adapted_layer_fans(owner)
+        return GroupSpec(Role.MATRIX, fan_in=fan_in, fan_out=fan_out, depth=depth)
     if isinstance(owner, nn.modules.conv._ConvNd):
         fan_in, fan_out = _fans(param.shape)
         return GroupSpec(Role.CONV, fan_in=fan_in, fan_out=fan_out, depth=depth)
@@ -178,12 +182,7 @@ class _Builder:
 def _base_fans(layer: nn.Module) -> tuple[int, int]:
     """fan_in, fan_out of the layer a PEFT adapter wraps (conv: in·kh·kw, out)."""
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else getattr(layer, "base_layer", layer)
-    weight = getattr(base, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
-        raise ValueError(f"cannot read the fans of the layer adapted by a LoRA ({type(base).__name__})")
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features
-    return _fans(weight.shape)
+    return adapted_layer_fans(base)
 
 
 def param_infos(

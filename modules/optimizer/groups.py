@@ -64,17 +64,23 @@ def build_param_groups(
     return list(groups.values())
 
 
-def _base_fans(base: nn.Module) -> tuple[int, int]:
-    """fan_in, fan_out of the adapted layer (conv: in/groups * kernel elements, out channels)."""
+def adapted_layer_fans(base: nn.Module) -> tuple[int, int]:
+    """fan_in, fan_out of the layer a LoRA adapts (conv: in/groups * kernel elements, out channels).
+
+    transformers' Conv1D (GPT-2) stores its weight as (in, out), the transpose of nn.Linear: read its
+    nx / nf instead of the weight's shape, or fan_in and fan_out come out swapped.
+    """
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
     if isinstance(base, nn.modules.conv._ConvNd):
         weight = base.weight
         return weight[0].numel(), weight.shape[0]
+    if type(base).__name__ == "Conv1D" and isinstance(getattr(base, "nf", None), int):
+        return base.weight.shape[0], base.nf
     weight = getattr(base, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
         return weight[0].numel(), weight.shape[0]
-    raise ValueError(f"cannot read fan_in/fan_out of base layer {type(base).__name__}")
+    raise ValueError(f"cannot read fan_in/fan_out of the layer adapted by a LoRA ({type(base).__name__})")
 
 
 def _factor_spec(weight: torch.Tensor, role: Role, base_in: int, base_out: int, scale: float, depth: int) -> GroupSpec:
@@ -121,7 +127,7 @@ def peft_param_infos(model: nn.Module, depth: int, component: str = "model") -> 
                 add(a_name, down.weight, infer_spec(down.weight, depth))
                 add(b_name, up.weight, infer_spec(up.weight, depth))
                 continue
-            base_in, base_out = _base_fans(base)
+            base_in, base_out = adapted_layer_fans(base)
             scale = module.scaling[adapter]
             pair = f"{path}:{adapter}"
             add(a_name, down.weight, _factor_spec(down.weight, Role.LORA_A, base_in, base_out, scale, depth), pair)
