@@ -9,7 +9,7 @@ import torch
 
 from tuneonce.config.schema import OptimizerConfig
 from tuneonce.model.adapters import LoraSettings, add_lora, check_dora_compatible, lora_target_names
-from tuneonce.model.families import get_family
+from tuneonce.model.families import family_of_pipeline, get_family
 from tuneonce.optimizer.factory import OptimizerChain, build_optimizer
 from tuneonce.optimizer.groups import peft_param_infos
 from tuneonce.model.objective import DiffusionObjective, make_noise
@@ -106,6 +106,12 @@ def test_registry_and_folder_checks(sdxl_base, tmp_path):
         get_family("sd15").load(sdxl_base)
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         get_family("sdxl").load(tmp_path)
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    for cls, name in ((StableDiffusionXLPipeline, "sdxl"), (StableDiffusion3Pipeline, "sd3")):
+        assert family_of_pipeline(cls.__new__(cls)).name == name  # matched by class, no weights needed
+    with pytest.raises(ValueError, match="no model family uses the pipeline class object"):
+        family_of_pipeline(object())
 
 
 def test_sdxl_text_and_conditioning_match_the_pipeline(sdxl):

@@ -23,14 +23,14 @@ def layer_statistics(model_dir: Path, concept_dir: Path, *, images: int = 8, see
     from diffusers import DiffusionPipeline
 
     from tuneonce.config.schema import LoraConfig
-    from tuneonce.demo.flux import _family_parts
+    from tuneonce.demo.flux import family_parts
     from tuneonce.demo.prepare import _image_tensor
     from tuneonce.model.adapters import lora_target_names
     from tuneonce.model.objective import make_noise
     from tuneonce.trainer.train import lora_settings
 
     pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
-    family, components, objective = _family_parts(pipe)
+    family, components, objective = family_parts(pipe)
     backbone = components[family.backbone]
     settings = lora_settings(family, LoraConfig(rank=8), text_encoder=False)
     names = lora_target_names(backbone, settings.targets, settings.layer_filter, settings.within)

@@ -180,14 +180,12 @@ def _pretrain_here(pipe: FluxPipeline, settings: DemoSettings, recipe: FluxPretr
 HELD_OUT_SEED_OFFSET = 500  # held-out draws of the domain (its pretraining set: seed + 100, the decoder's: + 300)
 
 
-def _family_parts(pipe, timestep_sampling: str = "uniform"):
-    """The family (by the pipeline's class: Flux, or another flow DiT such as SD3 for the LR sweep), its components
+def family_parts(pipe, timestep_sampling: str = "uniform"):
+    """The family of the pipeline (Flux, or another flow DiT such as SD3 for the LR sweep), its components
     and objective."""
-    from tuneonce.config.families import ROWS
-    from tuneonce.model.families import get_family
+    from tuneonce.model.families import family_of_pipeline
 
-    names = [row.name for row in ROWS if row.pipeline_class_name == type(pipe).__name__]
-    family = get_family(names[0] if names else "flux")
+    family = family_of_pipeline(pipe)
     components = dict(pipe.components)
     return family, components, family.build_objective(components, timestep_sampling=timestep_sampling)
 
@@ -201,7 +199,7 @@ def domain_latents(pipe: FluxPipeline, count: int, size: int, seed: int,
 
     from tuneonce.demo.prepare import _image_tensor
 
-    family, _, _ = _family_parts(pipe)
+    family, _, _ = family_parts(pipe)
     with tempfile.TemporaryDirectory() as scratch:
         paths = synthetic.write_dataset(Path(scratch), concept, count=count, size=size, seed=seed)
         images = _image_tensor(paths)
@@ -214,7 +212,7 @@ def domain_latents(pipe: FluxPipeline, count: int, size: int, seed: int,
 @torch.no_grad()
 def _encode_captions(pipe: FluxPipeline, captions: list[str]) -> dict[str, torch.Tensor]:
     """The family's text embeddings (T5 hidden states, CLIP pooled) of each caption, stacked in caption order."""
-    family, components, _ = _family_parts(pipe)
+    family, components, _ = family_parts(pipe)
     unique = sorted(set(captions))
     encoded = family.encode_text(components, unique)
     rows = torch.tensor([unique.index(c) for c in captions])
@@ -229,7 +227,7 @@ def held_out_validator(pipe: FluxPipeline, settings: DemoSettings = DemoSettings
     with fixed noise, so two states of the transformer compare exactly."""
     from tuneonce.trainer.validation import Validator
 
-    family, components, objective = _family_parts(pipe)
+    family, components, objective = family_parts(pipe)
     latents, captions = domain_latents(pipe, count, settings.image_size, settings.seed + HELD_OUT_SEED_OFFSET,
                                        concept)
     batches = [{"latents": latents[i:i + 16], "caption": captions[i:i + 16]} for i in range(0, count, 16)]
@@ -250,7 +248,7 @@ def pretrain_flux_transformer(pipe, settings: DemoSettings = DemoSettings(), ste
     `settings.seed`. Returns the training loss of every step."""
     if steps < 1 or not lr > 0:
         raise ValueError(f"pretrain_flux_transformer: steps must be >= 1 and lr > 0, got steps={steps}, lr={lr}")
-    family, components, objective = _family_parts(pipe, timestep_sampling)
+    family, components, objective = family_parts(pipe, timestep_sampling)
     images = settings.pretrain_images if images is None else images
     data_seed = settings.seed + 100 if data_seed is None else data_seed
     latents, captions = domain_latents(pipe, images, settings.image_size, data_seed, concept)

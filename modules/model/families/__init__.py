@@ -26,4 +26,12 @@ def get_family(name: str) -> ModelFamily:
         raise ValueError(f"model.family: unknown family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
 
 
-__all__ = ["FAMILIES", "ModelFamily", "get_family"]
+def family_of_pipeline(pipe: object) -> ModelFamily:
+    """The family whose diffusers pipeline class `pipe` is (the first row listed, where two share a class)."""
+    for cls in FAMILIES.values():
+        if cls.pipeline_class_name == type(pipe).__name__:
+            return cls()
+    raise ValueError(f"no model family uses the pipeline class {type(pipe).__name__}")
+
+
+__all__ = ["FAMILIES", "ModelFamily", "family_of_pipeline", "get_family"]
