@@ -141,6 +141,21 @@ def test_cost_of_one_lr_is_per_seed_loss_at_the_kept_lr_over_the_cells_best() ->
     assert one_lr_cost(cell, 1.6e-2) is None  # not on this cell's grid
 
 
+def test_step_off_table_shows_the_cost_one_step_either_side_of_the_cells_best() -> None:
+    """Best 2e-3 (mean over 2 seeds); one step below costs loss(1e-3)/loss(2e-3) per seed, one step above diverged."""
+    from lab.sweep.report import step_off_table
+
+    spec = load_sweep(DEFAULT)
+    losses = {1e-3: (0.30, 0.33), 2e-3: (0.20, 0.22), 4e-3: (None, 0.5)}
+    records = [{**_record("adamw", spec.base_rank, lr, seed, loss), "model": spec.base_model}
+               for lr, pair in losses.items() for seed, loss in enumerate(pair)]  # fmt: skip
+    rank_axis = next(a for a in spec.axes if a.varies == "rank")
+    rows = step_off_table(spec, cells(records), rank_axis)
+    below = statistics.fmean([0.30 / 0.20, 0.33 / 0.22])
+    row = next(line for line in rows if line.startswith("| adamw |"))
+    assert f"{below:.3f} / diverged" in row.split("|")[1 + 1 + rank_axis.values.index(spec.base_rank)]
+
+
 def test_kept_lr_is_the_base_points_best_or_the_fixed_one() -> None:
     spec = load_sweep(DEFAULT)
     base = [_record("adamw", spec.base_rank, lr, 0, loss) for lr, loss in ((1e-3, 0.3), (2e-3, 0.2), (4e-3, 0.25))]
@@ -167,7 +182,8 @@ def test_default_sweep_grid_and_restriction() -> None:
     # and the LR kept and the worst per row; prodigy's kept LR is fixed (1.0), so it shows before any run (4 axes)
     cost_tables = 10 * (3 + 2) + 4 * ((2 + 2) + (2 + 2) + (3 + 2)) - 4
     versus_best = 10 * (3 + 1) + 4 * ((2 + 1) + (2 + 1) + (3 + 1))  # entries + worst, loss over the best optimizer
-    assert text.count("not run") == best_tables + cost_tables + versus_best
+    step_off = best_tables  # one entry per optimizer x axis value, cost one grid step off its best
+    assert text.count("not run") == best_tables + cost_tables + versus_best + step_off
 
 
 def test_width_and_depth_variants_are_real_scaled_unets() -> None:

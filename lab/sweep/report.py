@@ -192,6 +192,7 @@ def markdown_report(spec: SweepSpec, records: list[dict]) -> str:
         lines.append("")
         lines += cost_table(spec, table, axis)
         lines += versus_best_table(spec, table, axis)
+        lines += step_off_table(spec, table, axis)
     lines.append("Entries: best LR: final validation loss mean ± std over seeds at that LR. `*`: the best LR is the "
                  "lowest or highest LR that ran (the optimum may lie beyond it); (partial): not every LR or seed ran. Transfer: best LRs of all values within one "
                  "factor-2 step.")  # fmt: skip
@@ -246,6 +247,30 @@ def versus_best_table(spec: SweepSpec, table: dict[tuple[str, str, int], Cell], 
             worst = ratio if worst is None else max(worst, ratio)
         shown = "not run" if worst is None else ("diverged" if not math.isfinite(worst) else f"{worst:.3f}")
         lines.append(f"| {optimizer} | " + " | ".join(entries) + f" | {shown} |")
+    return lines + [""]
+
+
+def step_off_table(spec: SweepSpec, table: dict[tuple[str, str, int], Cell], axis) -> list[str]:
+    """Markdown rows: per optimizer and axis value, the cost of one grid step below / above the cell's own best LR
+    (how sharp the optimum is: a cost of one LR near 1.000 means little where one step off costs little too)."""
+    by_opt = axis_cells(spec, table, axis.name)
+    header = " | ".join(str(v) for v in axis.values)
+    lines = [f"Cost of one step off the cell's best LR (×½ / ×2; '–': off the grid), across {axis.name}:", "",
+             f"| optimizer | {header} |", "|---" * (len(axis.values) + 1) + "|"]  # fmt: skip
+
+    def shown(cost: OneLrCost | None) -> str:
+        return "–" if cost is None else ("diverged" if not math.isfinite(cost.mean) else f"{cost.mean:.3f}")
+
+    for optimizer in axis.optimizers:
+        entries = []
+        for value in axis.values:
+            cell = by_opt.get(optimizer, {}).get(value)
+            best = cell.best if cell else None
+            if best is None:
+                entries.append("not run")
+                continue
+            entries.append(f"{shown(one_lr_cost(cell, best.lr / 2))} / {shown(one_lr_cost(cell, best.lr * 2))}")
+        lines.append(f"| {optimizer} | " + " | ".join(entries) + " |")
     return lines + [""]
 
 
