@@ -237,7 +237,7 @@ def test_v2_prodigy_grid_varies_d_coef_at_lr_1_and_axes_keep_their_reference(tmp
     from lab.sweep.spec import RunPlan
 
     spec = load_sweep(V2)
-    assert spec.lr_grid("prodigy") == [0.5, 1.0, 2.0]  # its own 3 points, not the sweep's 6
+    assert spec.lr_grid("prodigy") == [0.5, 1.0, 2.0, 4.0]  # its own 4 points, not the sweep's 6
     assert len(spec.lr_grid("adamw")) == spec.lr_points == 6
     plan = RunPlan("prodigy", spec.base_model, 8, 2.0, 0, spec.steps)
     config = run_config(spec, plan, Path("base"), (tmp_path / "a", tmp_path / "b"), tmp_path / "runs" / "x")
