@@ -316,3 +316,23 @@ def test_restrict_to_models_keeps_their_model_cells_and_rank_axes_only_with_the_
     assert {p.rank for p in with_base.runs()} == {2, 8, 64}
     with pytest.raises(SweepError, match="--models: 'nope' is not in the sweep"):
         restrict(spec, models=["nope"])
+
+
+def test_length_check_compares_best_lrs_and_costs_the_short_runs_lr_at_the_long_length(tmp_path: Path) -> None:
+    from lab.sweep.length import length_rows, main
+
+    short = {1e-3: [0.50, 0.52], 2e-3: [0.40, 0.42], 4e-3: [0.45, 0.47]}  # best 2e-3
+    long = {1e-3: [0.30, 0.32], 2e-3: [0.33, 0.33], 4e-3: [0.50, 0.55]}  # best moves one step down to 1e-3
+    records = [{**_record("a", 8, lr, s, v), "steps": n, "seconds": 2.0 * n / 200}
+               for n, grid in ((200, short), (400, long)) for lr, vs in grid.items() for s, v in enumerate(vs)]
+    records.append({**_record("b", 8, 1e-3, 0, 0.4), "steps": 200})  # only one length: no row
+    (row,) = length_rows(records, 200, 400)
+    assert (row["best_short"], row["best_long"], row["steps_apart"]) == (2e-3, 1e-3, 1)
+    assert row["cost"] == pytest.approx((0.33 / 0.30 + 0.33 / 0.32) / 2)
+    assert (row["seconds_short"], row["seconds_long"], row["seeds"]) == (12.0, 24.0, 2)
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main([str(path)]) == 0
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / "missing.jsonl")])
+    assert info.value.code == 2
