@@ -8,10 +8,9 @@ seed, as report.one_lr_cost) and the CPU seconds each length took. docs/lr_trans
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
-from lab.sweep.report import cells, fmt_lr, grid_steps, one_lr_cost
+from lab.sweep.report import cells, fmt_cost, fmt_lr, grid_steps, one_lr_cost
 from lab.sweep.runner import read_results
 
 
@@ -49,15 +48,9 @@ def markdown(rows: list[dict], short: int, long: int) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["cost"] is None:
-            cost = "not run"
-        elif not math.isfinite(r["cost"]):
-            cost = "diverged"
-        else:
-            cost = f"{r['cost']:.3f} ± {r['cost_std']:.3f}"
         edge = " (grid edge)" if r["edge"] else ""
         lines.append(f"| {r['optimizer']} | {r['model']} | {r['rank']} | {fmt_lr(r['best_short'])} | "
-                     f"{fmt_lr(r['best_long'])} | {r['steps_apart']}{edge} | {cost} | {r['seeds']} | "
+                     f"{fmt_lr(r['best_long'])} | {r['steps_apart']}{edge} | {fmt_cost(r['cost'], r['cost_std'])} | {r['seeds']} | "
                      f"{r['seconds_short']:.0f} / {r['seconds_long']:.0f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 

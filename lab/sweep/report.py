@@ -145,6 +145,15 @@ def fmt_lr(lr: float) -> str:
     return f"{lr:.3g}"
 
 
+def fmt_cost(mean: float | None, std: float | None = None) -> str:
+    """A cost of one LR as the tables show it: 'not run', 'diverged', or the ratio (± its std over seeds)."""
+    if mean is None:
+        return "not run"
+    if not math.isfinite(mean):
+        return "diverged"
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
 def in_sweep(spec: SweepSpec, records: list[dict]) -> list[dict]:
     """The records of this sweep's runs (a results file may also hold runs of an earlier grid)."""
     ids = {p.run_id for p in spec.runs()}
@@ -216,11 +225,10 @@ def cost_table(spec: SweepSpec, table: dict[tuple[str, str, int], Cell], axis) -
             if cost is None:
                 entries.append("not run")
                 continue
-            entries.append("diverged" if not math.isfinite(cost.mean) else f"{cost.mean:.3f} ± {cost.std:.3f}")
+            entries.append(fmt_cost(cost.mean, cost.std))
             worst = cost.mean if worst is None else max(worst, cost.mean)
         kept = f"{fmt_lr(lr)} ({how})" if lr is not None else "not run"
-        shown = "not run" if worst is None else ("diverged" if not math.isfinite(worst) else f"{worst:.3f}")
-        lines.append(f"| {optimizer} | {kept} | " + " | ".join(entries) + f" | {shown} |")
+        lines.append(f"| {optimizer} | {kept} | " + " | ".join(entries) + f" | {fmt_cost(worst)} |")
     return lines + [""]
 
 

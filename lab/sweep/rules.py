@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from lab.sweep.report import Cell, cells, in_sweep, one_lr_cost
+from lab.sweep.report import Cell, cells, fmt_cost, in_sweep, one_lr_cost
 from lab.sweep.runner import RESULTS_NAME, read_results
 from lab.sweep.spec import load_sweep
 
@@ -58,13 +58,10 @@ def markdown(rows: list[dict], statistic: str) -> str:
              "| optimizer | model | factor | best LR | log2(best/base best) | cost, base LR kept | rule LR | cost, rule |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
-    def cost(x):
-        return "not run" if x is None else ("diverged" if not math.isfinite(x) else f"{x:.3f}")
-
     for r in rows:
         lines.append(f"| {r['optimizer']} | {r['model']} | {r['factor']:.2f} | {r['best_lr']:.3g} | "
-                     f"{r['log2_best_over_base']:+.0f} | {cost(r['kept_cost'])} | {r['rule_lr']:.3g} | "
-                     f"{cost(r['rule_cost'])} |")  # fmt: skip
+                     f"{r['log2_best_over_base']:+.0f} | {fmt_cost(r['kept_cost'])} | {r['rule_lr']:.3g} | "
+                     f"{fmt_cost(r['rule_cost'])} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
